@@ -1,0 +1,62 @@
+"""Typed errors: every failure a user can cause carries a message and an exit code.
+
+Only cli.py prints and exits; the library raises these.
+"""
+
+from __future__ import annotations
+
+
+class AsapError(Exception):
+    """Base class. `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(AsapError):
+    """Bad flags or option values."""
+
+    exit_code = 2
+
+
+class ConfigError(AsapError):
+    """A model configuration that is invalid or does not fit the data."""
+
+    exit_code = 3
+
+
+class CheckpointError(AsapError):
+    """A checkpoint that cannot be read or does not match the model."""
+
+    exit_code = 4
+
+
+class InputError(AsapError):
+    """A label map, instance map or image that is unreadable or invalid."""
+
+    exit_code = 5
+
+
+class DatasetError(InputError):
+    """A dataset folder that is missing files or holds inconsistent pairs."""
+
+
+class MissingDependencyError(AsapError):
+    """An optional dependency (extra) is needed for this command."""
+
+    exit_code = 6
+
+
+def require_torch(feature: str):
+    """Import torch or raise a MissingDependencyError naming the extra to install."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - exercised in torch-free installs
+        raise MissingDependencyError(
+            f"{feature} needs PyTorch. Install it with: pip install 'asap-deploy[torch]' "
+            "(CPU-only machines: pip install torch==2.13.0 first, or use constraints.txt)."
+        ) from exc
+    return torch

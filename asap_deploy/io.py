@@ -1,0 +1,127 @@
+"""File I/O with validation and atomic writes. No torch here (inference-only installs use it)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import InputError
+
+# Refuse images whose header declares more pixels than this before decoding them.
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _cv2():
+    import cv2
+
+    return cv2
+
+
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from a PNG header, or None if the file is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image file unchanged (bit depth and channels kept), with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    size = _png_size(path)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise InputError(f"{path}: {size[0]}x{size[1]} pixels exceeds the limit of {max_pixels} pixels")
+    cv2 = _cv2()
+    data = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths work
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None or img.size == 0:
+        raise InputError(f"{path}: cannot decode the image (corrupt, truncated or not an image)")
+    if img.shape[0] * img.shape[1] > max_pixels:
+        raise InputError(f"{path}: {img.shape[1]}x{img.shape[0]} pixels exceeds the limit of {max_pixels} pixels")
+    return img
+
+
+def read_label_map(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A label-id PNG (8- or 16-bit, single channel) -> (H, W) array of ids."""
+    img = read_image(path, max_pixels)
+    if img.ndim == 3:
+        if img.shape[2] >= 3 and np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2]):
+            img = img[..., 0]
+        else:
+            raise InputError(f"{path}: a colour image, expected single-channel label ids")
+    return img.astype(np.int32) if img.dtype == np.uint16 else img
+
+
+def read_instance_map(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An instance-id PNG (8/16-bit gray) -> (H, W) int32."""
+    img = read_image(path, max_pixels)
+    if img.ndim != 2:
+        raise InputError(f"{path}: instance maps must be single-channel (8- or 16-bit), got {img.shape[2]} channels")
+    return img.astype(np.int32)
+
+
+def read_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A photo -> (H, W, 3) uint8 RGB."""
+    img = read_image(path, max_pixels)
+    cv2 = _cv2()
+    if img.dtype != np.uint8:
+        img = (img / 257).round().astype(np.uint8) if img.dtype == np.uint16 else img.astype(np.uint8)
+    if img.ndim == 2:
+        return np.repeat(img[..., None], 3, axis=2)
+    if img.shape[2] == 4:
+        img = img[..., :3]
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def write_png(path: str | os.PathLike, img: np.ndarray) -> Path:
+    """Write (H, W) ids or (H, W, 3) RGB uint8 as PNG, atomically."""
+    cv2 = _cv2()
+    arr = np.ascontiguousarray(img)
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise InputError(f"{path}: could not encode PNG from array of shape {img.shape} and dtype {img.dtype}")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.tobytes())
+    return Path(path)
+
+
+def to_uint8(rgb: np.ndarray) -> np.ndarray:
+    """[-1, 1] float -> uint8 with (x+1)/2*255, rounded and clipped."""
+    return np.clip(np.rint((rgb.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -1,0 +1,262 @@
+"""The ASAP-Net generator, computing exactly the authors' function (ASAPNET.md), faster.
+
+Input is label IDS (N, H, W), never a host-side one-hot. The low-res stream has the authors'
+module structure so their state dicts load with their key names. The pixelwise stage runs per
+tile, in chunks of tile rows, without any full-resolution intermediate of the authors' code:
+  * the positional encoding is one (S*S, 4 log2 S) table shared by every tile;
+  * layer 1 for one-hot inputs is a row gather of the tile's weight matrix by label id;
+  * bias is fused into each batched matmul (baddbmm).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DONTCARE_ID, ModelConfig
+from .errors import InputError
+
+# Pixels per chunk of the pixelwise stage: bounds its peak memory (~4 fp32 activations of
+# 64 channels per chunk: 4 * 2**16 * 64 * 4 B = 64 MiB) whatever the image size.
+DEFAULT_CHUNK_PIXELS = 2**16
+
+
+# ---- fixed, parameter-free pieces ----------------------------------------------------------
+def tent_kernel(stride: int) -> np.ndarray:
+    """1-D separable bilinear "tent" kernel [1,3,..,2s-1,2s-1,..,3,1]/sum (length 2s)."""
+    ramp = np.arange(1, 2 * stride + 1, 2, dtype=np.float64)
+    k = np.concatenate([ramp, ramp[::-1]])
+    return (k / k.sum()).astype(np.float32)
+
+
+def positional_encoding_table(S: int) -> np.ndarray:  # noqa: N803
+    """(S*S, 4*log2 S) encoding of the pixels of one tile, row-major (y, x) within the tile.
+
+    For f = S, S/2, ..., 2: cos(2pi(x mod f)/f), sin(..x..), cos(..y..), sin(..y..). Tiles are
+    S-aligned, so x mod f is the same in every tile: this table serves all of them.
+    """
+    ys, xs = np.meshgrid(np.arange(S), np.arange(S), indexing="ij")
+    x = xs.reshape(-1).astype(np.float32)
+    y = ys.reshape(-1).astype(np.float32)
+    cols, f = [], S
+    while f > 1:
+        ax = np.float32(2 * math.pi) * np.remainder(x, f) / np.float32(f)
+        ay = np.float32(2 * math.pi) * np.remainder(y, f) / np.float32(f)
+        cols += [np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay)]
+        f //= 2
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def instance_edges(instances: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) instance ids -> (N, 1, H, W) float edge map: 1 where a 4-neighbour differs."""
+    t = instances
+    edge = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+    dx = t[:, :, 1:] != t[:, :, :-1]
+    dy = t[:, 1:, :] != t[:, :-1, :]
+    edge[:, :, 1:] |= dx
+    edge[:, :, :-1] |= dx
+    edge[:, 1:, :] |= dy
+    edge[:, :-1, :] |= dy
+    return edge.unsqueeze(1).float()
+
+
+def label_channels(labels: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Label ids -> int64 channel index of the one-hot encoding, validated.
+
+    Ids 0..n_label_channels-1 map to themselves; id 255 (don't care) maps to the last channel
+    where the config has one. Anything else raises InputError.
+    """
+    idx = labels.long()
+    n = cfg.n_label_channels
+    if cfg.accepts_dontcare_id:
+        idx = torch.where(idx == DONTCARE_ID, torch.full_like(idx, n - 1), idx)
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n:
+            bad = hi if hi >= n else lo
+            allowed = f"0..{n - 1}" + (" or 255 (don't care)" if cfg.accepts_dontcare_id else "")
+            raise InputError(f"label id {bad} is out of range: this model takes ids {allowed}")
+    return idx
+
+
+def one_hot(channel_idx: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, H, W) int64 -> (N, n, H, W) one-hot."""
+    out = torch.zeros((channel_idx.shape[0], n, *channel_idx.shape[1:]), dtype=dtype, device=channel_idx.device)
+    return out.scatter_(1, channel_idx.unsqueeze(1), 1.0)
+
+
+class TentDownsample(nn.Module):
+    """Fixed separable tent downsample by `stride` (not learned, not in the state dict)."""
+
+    def __init__(self, stride: int, channels: int):
+        super().__init__()
+        self.stride, self.channels = stride, channels
+        k = torch.from_numpy(tent_kernel(stride))
+        self.register_buffer("kernel_h", k.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), persistent=False)
+        self.register_buffer("kernel_v", k.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, [self.stride // 2] * 4, mode="reflect")
+        x = F.conv2d(x, self.kernel_h, stride=(1, self.stride), groups=self.channels)
+        return F.conv2d(x, self.kernel_v, stride=(self.stride, 1), groups=self.channels)
+
+
+# ---- the low-res stream (the authors' module tree, so their key names load) ------------------
+def _conv_in(cin: int, cout: int, stride: int, padding: int) -> nn.Sequential:
+    """Conv3x3 without bias + InstanceNorm2d(affine): keys `.0.weight`, `.1.weight`, `.1.bias`."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=padding, bias=False),
+                         nn.InstanceNorm2d(cout, affine=True))
+
+
+class ConvBlock(nn.Module):
+    """[ReflectionPad] Conv3x3 + IN + ReLU, no residual (the authors' ASAPNetsBlock)."""
+
+    def __init__(self, width: int, reflection_pad: bool):
+        super().__init__()
+        layers: list[nn.Module] = [nn.ReflectionPad2d(1)] if reflection_pad else []
+        layers += [_conv_in(width, width, 1, 0 if reflection_pad else 1), nn.ReLU(inplace=True)]
+        self.conv_block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_block(x)
+
+
+class LowResStream(nn.Module):
+    """CNN on the (pre-downsampled) one-hot: predicts the per-tile MLP parameters."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        pad = 0 if cfg.reflection_pad else 1
+        refl = [nn.ReflectionPad2d(1)] if cfg.reflection_pad else []
+        width = cfg.lr_width
+        layers: list[nn.Module] = [*refl, _conv_in(cfg.n_lowres_inputs, width, 1, pad), nn.ReLU(inplace=True)]
+        n_ds = int(round(math.log2(cfg.learned_ds_factor)))
+        for i in range(n_ds):
+            out = cfg.lr_max_width if i == n_ds - 1 else width
+            layers += [*[nn.ReflectionPad2d(1)] * bool(refl), _conv_in(width, out, 2, pad), nn.ReLU(inplace=True)]
+            width = out
+        layers += [ConvBlock(width, cfg.reflection_pad) for _ in range(cfg.lr_depth)]
+        layers.append(nn.Conv2d(width, cfg.num_params, 1))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+# ---- the pixelwise stage ---------------------------------------------------------------------
+def split_params(params: torch.Tensor, cfg: ModelConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(N, P, h, w) public-layout grid -> per layer (weight (T, c_in, c_out), bias (T, 1, c_out)),
+    T = N*h*w tiles in (n, row, col) order."""
+    n, p, h, w = params.shape
+    flat = params.permute(0, 2, 3, 1).reshape(n * h * w, p)
+    out = []
+    for b0, w0, cin, cout in cfg.param_offsets():
+        out.append((flat[:, w0:w0 + cin * cout].view(-1, cin, cout), flat[:, b0:b0 + cout].view(-1, 1, cout)))
+    return out
+
+
+def pixelwise(channel_idx: torch.Tensor, params: torch.Tensor, cfg: ModelConfig,
+              chunk_pixels: int = DEFAULT_CHUNK_PIXELS) -> torch.Tensor:
+    """The spatially-varying per-pixel MLP. channel_idx (N, H, W) int64 (see `label_channels`),
+    params (N, P, H/S, W/S) -> RGB (N, H, W, 3) in [-1, 1], channels last."""
+    S = cfg.S  # noqa: N806
+    n, H, W = channel_idx.shape  # noqa: N806
+    h, w = H // S, W // S
+    if params.shape != (n, cfg.num_params, h, w):
+        raise InputError(f"parameter grid has shape {tuple(params.shape)}, expected {(n, cfg.num_params, h, w)}")
+    n_lab = cfg.n_label_channels
+    layers = split_params(params, cfg)
+    w1, b1 = layers[0]
+    w1_labels = w1[:, :n_lab].reshape(-1, w1.shape[-1])  # (T*n_lab, c1): row t*n_lab + label
+    w1_pe = w1[:, n_lab:]
+    pe = torch.from_numpy(positional_encoding_table(S)).to(params.device, params.dtype)
+    rows = channel_idx.reshape(n * h, S, w, S)  # tile rows over (n, row)
+    rows_per_chunk = max(1, chunk_pixels // (w * S * S))
+    leaky_inplace = not torch.is_grad_enabled()
+    chunks = []
+    for r0 in range(0, n * h, rows_per_chunk):
+        r1 = min(n * h, r0 + rows_per_chunk)
+        t0, t1 = r0 * w, r1 * w
+        idx = rows[r0:r1].permute(0, 2, 1, 3)  # (rc, w, S, S)
+        tile = torch.arange(t0, t1, device=params.device).view(r1 - r0, w, 1, 1)
+        gather = (idx + tile * n_lab).reshape(-1)
+        x = torch.baddbmm(b1[t0:t1], pe.expand(t1 - t0, -1, -1), w1_pe[t0:t1])
+        x = x + F.embedding(gather, w1_labels).view(t1 - t0, S * S, -1)
+        for wl, bl in layers[1:]:
+            x = F.leaky_relu(x, 0.01, inplace=leaky_inplace)
+            x = torch.baddbmm(bl[t0:t1], x, wl[t0:t1])
+        x = torch.tanh(x)
+        chunks.append(x.view(r1 - r0, w, S, S, -1).permute(0, 2, 1, 3, 4))  # (rc, S, w, S, 3)
+    out = torch.cat(chunks, 0) if len(chunks) > 1 else chunks[0].contiguous()
+    return out.reshape(n, H, W, -1)
+
+
+# ---- the generator ---------------------------------------------------------------------------
+class ASAPNetGenerator(nn.Module):
+    """ASAP-Net generator. `forward(labels, instances=None)` -> image (N, 3, H, W) in [-1, 1].
+
+    labels: (N, H, W) integer label ids; instances: (N, H, W) instance ids when the config uses
+    instance edges. Any batch and any H, W that are multiples of S, on every call.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.lowres_stream = LowResStream(cfg)
+        s1 = cfg.pre_downsample
+        self.pre_downsample = TentDownsample(s1, cfg.n_lowres_inputs) if s1 > 1 else nn.Identity()
+
+    # The two stages, usable on their own (export and benchmarks time them separately).
+    def check_inputs(self, labels: torch.Tensor, instances: torch.Tensor | None) -> None:
+        S = self.cfg.S  # noqa: N806
+        if labels.dim() != 3:
+            raise InputError(f"labels must be (N, H, W) ids, got shape {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise InputError(f"labels must be integer ids, got dtype {labels.dtype}")
+        _, H, W = labels.shape  # noqa: N806
+        if H % S or W % S or H == 0 or W == 0:
+            raise InputError(f"image size {H}x{W} (HxW) is not a positive multiple of S={S}: pad it to "
+                             f"{-(-H // S) * S}x{-(-W // S) * S}")
+        if self.cfg.instance_edges:
+            if instances is None:
+                raise InputError("this model uses instance edges: an instance map is required")
+            if tuple(instances.shape) != tuple(labels.shape):
+                raise InputError(f"instance map shape {tuple(instances.shape)} differs from label shape {tuple(labels.shape)}")
+
+    def encode(self, channel_idx: torch.Tensor, instances: torch.Tensor | None) -> torch.Tensor:
+        """Full-resolution low-res-stream input: one-hot (+ instance edge channel)."""
+        x = one_hot(channel_idx, self.cfg.n_label_channels)
+        if self.cfg.instance_edges:
+            x = torch.cat([x, instance_edges(instances.to(x.device))], 1)
+        return x
+
+    def predict_params(self, labels: torch.Tensor, instances: torch.Tensor | None = None) -> torch.Tensor:
+        """labels (N, H, W) -> parameter grid (N, P, H/S, W/S) in the public layout."""
+        self.check_inputs(labels, instances)
+        idx = label_channels(labels, self.cfg)
+        return self.lowres_stream(self.pre_downsample(self.encode(idx, instances)))
+
+    def pixelwise(self, labels: torch.Tensor, params: torch.Tensor,
+                  chunk_pixels: int = DEFAULT_CHUNK_PIXELS) -> torch.Tensor:
+        """labels (N, H, W) + params -> RGB (N, H, W, 3) channels last, in [-1, 1]."""
+        self.check_inputs(labels, torch.zeros_like(labels) if self.cfg.instance_edges else None)
+        return pixelwise(label_channels(labels, self.cfg), params, self.cfg, chunk_pixels)
+
+    def forward(self, labels: torch.Tensor, instances: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_inputs(labels, instances)
+        idx = label_channels(labels, self.cfg)
+        params = self.lowres_stream(self.pre_downsample(self.encode(idx, instances)))
+        return pixelwise(idx, params, self.cfg).permute(0, 3, 1, 2).contiguous()
+
+
+def init_weights(model: nn.Module, gain: float = 0.02) -> None:
+    """The authors' training initialisation: xavier-normal convs (gain 0.02), zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_normal_(m.weight, gain=gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

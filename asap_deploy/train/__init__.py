@@ -1,0 +1,1 @@
+"""Training: discriminator, losses, the training loop and data-parallel runs."""

@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX graphs and the bundle manifest."""

@@ -1,0 +1,1 @@
+"""The fused spatially-adaptive MLP: Triton kernel, ahead-of-time compile, TensorRT plugin."""
