@@ -22,22 +22,30 @@ def pixelwise_oracle(channel_idx: np.ndarray, params: np.ndarray, mlp_channels: 
     public layout [bias_l | weight_l (element i*c_out+o)] per layer -> RGB (N,H,W,3) float64."""
     n_b, H, W = channel_idx.shape  # noqa: N806
     n_lab = mlp_channels[0] - 4 * int(round(math.log2(S)))
+    n_layers = len(mlp_channels) - 1
     out = np.zeros((n_b, H, W, mlp_channels[-1]))
     p64 = params.astype(np.float64)
+    tiles: dict[tuple[int, int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     for n in range(n_b):
         for y in range(H):
             for x in range(W):
-                p = p64[n, :, y // S, x // S]
+                key = (n, y // S, x // S)
+                if key not in tiles:  # read this tile's layers from the flat public layout
+                    p, off, layers = p64[n, :, y // S, x // S], 0, []
+                    for cin, cout in zip(mlp_channels[:-1], mlp_channels[1:]):
+                        b = p[off:off + cout]
+                        off += cout
+                        w = np.empty((cin, cout))
+                        for i in range(cin):
+                            for o in range(cout):
+                                w[i, o] = p[off + i * cout + o]
+                        off += cin * cout
+                        layers.append((w, b))
+                    tiles[key] = layers
                 v = np.concatenate([np.eye(n_lab)[channel_idx[n, y, x]], pe_oracle(x, y, S)])
-                off = 0
-                for li, (cin, cout) in enumerate(zip(mlp_channels[:-1], mlp_channels[1:])):
-                    b = p[off:off + cout]
-                    off += cout
-                    w = np.array([[p[off + i * cout + o] for o in range(cout)] for i in range(cin)])
-                    off += cin * cout
+                for li, (w, b) in enumerate(tiles[key]):
                     v = v @ w + b
-                    last = li == len(mlp_channels) - 2
-                    v = np.tanh(v) if last else np.where(v > 0, v, 0.01 * v)
+                    v = np.tanh(v) if li == n_layers - 1 else np.where(v > 0, v, 0.01 * v)
                 out[n, y, x] = v
     return out
 
