@@ -1,0 +1,74 @@
+"""The speed baseline (benchmarks/authors_forward.py) computes the same function as our generator.
+
+Otherwise benchmarks/forward_speed.py would compare two different things.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asap_deploy.config import ModelConfig
+from asap_deploy.model import label_channels
+from oracles import pixelwise_oracle
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "authors_forward.py"
+_spec = importlib.util.spec_from_file_location("authors_forward", _PATH)
+authors_forward = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(authors_forward)
+
+CASES = {
+    # S=64 with tent pre-downsample by 4, reflection pad, batch 2, non-square
+    "facades_like": (ModelConfig(label_nc=5, crop_size=1024, lr_width=8, lr_max_width=16, lr_depth=1,
+                                 reflection_pad=True), 2, 128, 192),
+    # instance edges feed the low-res stream only; aspect 2 -> S=16 (no pre-downsample)
+    "edges": (ModelConfig(label_nc=4, instance_edges=True, crop_size=512, aspect_ratio=2.0, lr_width=8,
+                          lr_max_width=16, lr_depth=1), 1, 32, 48),
+    # don't care channel (id 255), S=32
+    "dontcare": (ModelConfig(label_nc=3, contain_dontcare_label=True, crop_size=512, lr_width=8,
+                             lr_max_width=16, lr_depth=0), 1, 64, 32),
+}
+
+
+def _inputs(cfg: ModelConfig, n: int, H: int, W: int, seed: int):  # noqa: N803
+    g = torch.Generator().manual_seed(seed)
+    # blocky labels so tent downsampling and tiles see regions, plus some single-pixel noise
+    coarse = torch.randint(0, cfg.n_label_channels, (n, H // 8, W // 8), generator=g)
+    labels = coarse.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    noise = torch.rand((n, H, W), generator=g) < 0.1
+    labels = torch.where(noise, torch.randint(0, cfg.n_label_channels, (n, H, W), generator=g), labels)
+    if cfg.contain_dontcare_label:
+        labels[labels == cfg.n_label_channels - 1] = 255
+    inst = torch.randint(0, 3, (n, H // 4, W // 4), generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    return labels, (inst if cfg.instance_edges else None)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_authors_baseline_equals_generator_and_oracle(case):
+    cfg, n, H, W = CASES[case]  # noqa: N806
+    labels, inst = _inputs(cfg, n, H, W, seed=2)
+    gen = authors_forward.random_generator(cfg, labels, inst, seed=1)
+    base = authors_forward.AuthorsForward(gen)
+    with torch.no_grad():
+        theirs, their_params = base(base.encode(labels, inst))
+        ours_params = gen.predict_params(labels, inst)
+        ours = gen(labels, inst)
+    assert theirs.shape == (n, 3, H, W)
+    assert float(theirs.std()) > 0.1 and float((theirs.abs() > 0.99).float().mean()) < 0.01  # unsaturated
+    torch.testing.assert_close(their_params, ours_params, rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    ref = pixelwise_oracle(label_channels(labels, cfg).numpy(), their_params.numpy(), cfg.mlp_channels, cfg.S)
+    np.testing.assert_allclose(theirs.permute(0, 2, 3, 1).numpy(), ref, rtol=0, atol=1e-4)
+
+
+def test_authors_baseline_encoding_is_the_shared_table_tiled():
+    from asap_deploy.model import positional_encoding_table
+
+    S, H, W = 16, 32, 48  # noqa: N806
+    pe = authors_forward.full_res_encoding(2, H, W, S)
+    table = torch.from_numpy(positional_encoding_table(S)).view(S, S, -1).permute(2, 0, 1)
+    torch.testing.assert_close(pe, table.repeat(1, H // S, W // S).expand(2, -1, -1, -1), rtol=0, atol=1e-6)
