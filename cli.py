@@ -93,7 +93,8 @@ def inspect(
     """Print a checkpoint's (inferred) config, parameter counts per stream and label set."""
     from asap_deploy.checkpoints import load_generator
 
-    model, ck = load_generator(checkpoint, _load_config(preset, config), preset=None)
+    given = _load_config(preset, config)  # also refuses --preset with --config
+    model, ck = load_generator(checkpoint, None if preset else given, preset=preset)
     cfg = ck.config
     n_lr = sum(v.numel() for v in model.lowres_stream.state_dict().values())
     dontcare = {True: "yes (id 255 -> last channel)", False: "no",
