@@ -98,3 +98,22 @@ def test_infer_config_refuses_foreign_state_dicts():
         infer_config({"encoder.weight": (3, 3)})
     with pytest.raises(CheckpointError, match="no 'lowres_stream"):
         infer_config({})
+
+
+def test_infer_config_property_over_random_configs():
+    """Any valid config's state-dict shapes infer back to the same network (hypothesis)."""
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=25, deadline=None)
+    @given(label_nc=st.integers(1, 40), edges=st.booleans(), log2_s=st.integers(2, 7), log2_s2=st.integers(1, 4),
+           depth=st.integers(0, 3), refl=st.booleans(), hr_width=st.sampled_from([16, 32, 64]),
+           hr_depth=st.integers(2, 6))
+    def check(label_nc, edges, log2_s, log2_s2, depth, refl, hr_width, hr_depth):
+        log2_s2 = min(log2_s2, log2_s)
+        cfg = ModelConfig(label_nc=label_nc, instance_edges=edges, crop_size=16 * 2**log2_s,
+                          learned_ds_factor=2**log2_s2, lr_width=4, lr_max_width=8, lr_depth=depth,
+                          reflection_pad=refl, hr_width=hr_width, hr_depth=hr_depth)
+        got = infer_config(_shapes(cfg), hr_width=hr_width, hr_depth=hr_depth)
+        assert got.replace(contain_dontcare_label=False) == cfg
+
+    check()
