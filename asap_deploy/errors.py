@@ -44,6 +44,18 @@ class DatasetError(InputError):
     """A dataset folder that is missing files or holds inconsistent pairs."""
 
 
+class BundleError(AsapError):
+    """An exported bundle that is missing files, was altered, or has an unknown manifest schema."""
+
+    exit_code = 8
+
+
+class ValidationFailed(AsapError):
+    """A backend's output is outside the stated thresholds (asap validate)."""
+
+    exit_code = 9
+
+
 class MissingDependencyError(AsapError):
     """An optional dependency (extra) is needed for this command."""
 

@@ -1,0 +1,71 @@
+"""ONNX Runtime backend: runs a bundle's graphs (CPU, or CUDA where onnxruntime-gpu is installed).
+
+No torch import here: an inference-only install runs bundles with numpy + onnxruntime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from asap_deploy.errors import MissingDependencyError, UsageError
+
+from .base import IMAGE, IMAGE_FLOAT, Engine
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a base dependency
+        raise MissingDependencyError("the onnxruntime backend needs onnxruntime: pip install onnxruntime") from exc
+    return onnxruntime
+
+
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+
+    def __init__(self, bundle, precision: str = "fp32", providers: list[str] | None = None,
+                 intra_op_threads: int | None = None):
+        super().__init__(bundle.config, precision)
+        ort = _ort()
+        self.bundle = bundle
+        bundle.file("asap", precision)  # BundleError now if the precision was not exported
+        available = ort.get_available_providers()
+        self.providers = providers or ["CPUExecutionProvider"]
+        missing = [p for p in self.providers if p not in available]
+        if missing:
+            raise UsageError(f"ONNX Runtime provider(s) {', '.join(missing)} not available here "
+                             f"(available: {', '.join(available)})")
+        self._options = ort.SessionOptions()
+        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            self._options.intra_op_num_threads = intra_op_threads
+        self._sessions: dict[str, object] = {}
+
+    def session(self, graph: str):
+        """The InferenceSession of one graph (created on first use)."""
+        if graph not in self._sessions:
+            ort = _ort()
+            path = self.bundle.file(graph, self.precision)
+            self._sessions[graph] = ort.InferenceSession(str(path), self._options, providers=self.providers)
+        return self._sessions[graph]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "providers": self.providers, "onnxruntime": _ort().__version__}
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+    def _feeds(self, graph: str, **arrays) -> dict[str, np.ndarray]:
+        names = [i.name for i in self.session(graph).get_inputs()]
+        return {k: arrays[k] for k in names}
+
+    def _generate(self, labels, instances):
+        img, f = self.session("asap").run([IMAGE, IMAGE_FLOAT], self._feeds("asap", labels=labels, instances=instances))
+        return {IMAGE: img, IMAGE_FLOAT: f}
+
+    def _predict_params(self, labels, instances):
+        return self.session("predictor").run(["params"], self._feeds("predictor", labels=labels, instances=instances))[0]
+
+    def _pixelwise(self, labels, params):
+        img, f = self.session("pixelwise").run([IMAGE, IMAGE_FLOAT], self._feeds("pixelwise", labels=labels, params=params))
+        return {IMAGE: img, IMAGE_FLOAT: f}

@@ -1,0 +1,71 @@
+"""The PyTorch reference backend (fp32; CPU unless a device is given)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from asap_deploy.errors import require_torch
+from asap_deploy.io import to_uint8
+
+from .base import IMAGE, IMAGE_FLOAT, Engine
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def __init__(self, model, device: str = "cpu"):
+        torch = require_torch("the torch backend")
+        super().__init__(model.cfg, "fp32")
+        self._torch = torch
+        self.device = torch.device(device)
+        self.model = model.to(self.device).float().eval()
+        self.source = "model"
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, config=None, preset=None, device: str = "cpu") -> "TorchEngine":
+        from asap_deploy.checkpoints import load_generator
+
+        model, _ = load_generator(path, config, preset)
+        eng = cls(model, device)
+        eng.source = f"checkpoint {path}"
+        return eng
+
+    @classmethod
+    def from_bundle(cls, bundle, device: str = "cpu") -> "TorchEngine":
+        """The generator rebuilt from the bundle: config from the manifest, weights read back from
+        predictor.onnx and checked bit for bit against the manifest's weights_sha256."""
+        torch = require_torch("the torch backend")
+        from asap_deploy.model import ASAPNetGenerator
+        from asap_deploy.export.bundle import state_dict_from_bundle
+
+        model = ASAPNetGenerator(bundle.config)
+        keys = list(model.state_dict())
+        state = state_dict_from_bundle(bundle, keys)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+        eng = cls(model, device)
+        eng.source = f"bundle {bundle.path} (weights from predictor.onnx, sha256-checked)"
+        return eng
+
+    def describe(self) -> dict:
+        return {**super().describe(), "device": str(self.device), "source": self.source}
+
+    def _t(self, a: np.ndarray | None):
+        return None if a is None else self._torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def _out(self, rgb) -> dict[str, np.ndarray]:
+        f = rgb.float().cpu().numpy()
+        return {IMAGE: to_uint8(f), IMAGE_FLOAT: f}
+
+    def _generate(self, labels, instances):
+        with self._torch.inference_mode():
+            return self._out(self.model(self._t(labels), self._t(instances)).permute(0, 2, 3, 1))
+
+    def _predict_params(self, labels, instances):
+        with self._torch.inference_mode():
+            return self.model.predict_params(self._t(labels), self._t(instances)).float().cpu().numpy()
+
+    def _pixelwise(self, labels, params):
+        with self._torch.inference_mode():
+            return self._out(self.model.pixelwise(self._t(labels), self._t(params)))
