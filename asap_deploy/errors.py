@@ -56,6 +56,12 @@ class ValidationFailed(AsapError):
     exit_code = 9
 
 
+class KernelError(AsapError):
+    """The fused kernel cannot be compiled, loaded or launched (plugins/)."""
+
+    exit_code = 10
+
+
 class MissingDependencyError(AsapError):
     """An optional dependency (extra) is needed for this command."""
 
