@@ -122,5 +122,118 @@ def inspect(
     console.print(table)
 
 
+@app.command()
+@cli_errors
+def export(
+    checkpoint: Path = typer.Argument(..., help="Our checkpoint (.pt) or the authors' latest_net_G.pth."),
+    out: Path = typer.Option(..., "-o", "--out", help="Bundle folder to write (written atomically)."),
+    preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write the *.fp16.onnx variants."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle folder."),
+) -> None:
+    """Export a checkpoint to an ONNX bundle: predictor, pixelwise and end-to-end graphs (+ fp16) and manifest.json."""
+    import time
+
+    from asap_deploy.export.bundle import export_checkpoint
+
+    t0 = time.perf_counter()
+    with console.status("exporting") as status:
+        res = export_checkpoint(checkpoint, out, config=_load_config(preset, config), preset=None, fp16=fp16,
+                                overwrite=overwrite, progress=lambda msg: status.update(msg))
+    m = res.manifest
+    table = Table(title=f"bundle {res.path} (S={m['S']}, opset {m['opset']['ai.onnx']})")
+    for col in ("file", "precision", "MiB", "sha256"):
+        table.add_column(col)
+    for name, f in sorted(m["files"].items()):
+        table.add_row(name, f["precision"], f"{f['bytes'] / 2**20:.1f}", f["sha256"][:16])
+    console.print(table)
+    console.print(f"config: {m['source'].get('config_source', 'given')}; labels {m['labels']['ids']}"
+                  + (" + 255 (don't care)" if m["labels"]["dontcare_id"] is not None else "")
+                  + f"; exported in {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+@cli_errors
+def validate(
+    bundle_dir: Path = typer.Argument(..., help="Bundle folder written by `asap export`."),
+    backend: list[str] = typer.Option(["onnxruntime"], "--backend", "-b", help="Backend(s) to check: onnxruntime, torch."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label PNGs (+ instance maps)."),
+    random: Optional[int] = typer.Option(None, "--random", help="Number of random blob label maps (default 4)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs of the bundle."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Reference from this checkpoint (must be the exported one) instead of the "
+        "bundle's own weights."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Report folder (default: BUNDLE_DIR-validation)."),
+    seed: int = typer.Option(0, help="Seed of the random label maps."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of tables."),
+) -> None:
+    """Compare a bundle's backends with the PyTorch reference (fp32, CPU); exit non-zero on failure."""
+    import time
+
+    from asap_deploy.engines import check_backend, create_engine
+    from asap_deploy.engines.validate import THRESHOLDS, folder_samples, random_samples, validate as run_validation
+    from asap_deploy.errors import UsageError, ValidationFailed
+    from asap_deploy.export.bundle import load_bundle
+
+    t0 = time.perf_counter()
+    if precision not in THRESHOLDS:
+        raise UsageError(f"unknown precision {precision!r} (choose from: {', '.join(THRESHOLDS)})")
+    names = [check_backend(b) for b in backend]
+    if labels is not None and random is not None:
+        raise UsageError("give either --labels or --random, not both")
+    bundle = load_bundle(bundle_dir)
+    cfg = bundle.config
+    samples = folder_samples(cfg, labels) if labels is not None else random_samples(cfg, random or 4, seed)
+    if checkpoint is not None:
+        from asap_deploy.engines.torch_engine import TorchEngine
+        from asap_deploy.errors import BundleError
+        from asap_deploy.export.bundle import weights_digest
+
+        reference = TorchEngine.from_checkpoint(checkpoint, config=cfg)
+        digest = weights_digest({k: v.detach().numpy() for k, v in reference.model.state_dict().items()})
+        if digest != bundle.manifest["source"].get("weights_sha256"):
+            raise BundleError(f"{checkpoint}: its weights are not the ones {bundle_dir} was exported from")
+    else:
+        reference = create_engine("torch", bundle)
+    engines = [create_engine(n, bundle, precision) for n in names]
+    report_dir = report or bundle_dir.with_name(bundle_dir.name + "-validation")
+    with console.status("validating") as status:
+        rep = run_validation(bundle, reference, engines, samples, precision, report_dir,
+                             progress=lambda msg: status.update(msg))
+    if as_json:
+        console.print_json(json.dumps(rep.to_dict()))
+    else:
+        t = rep.thresholds
+        table = Table(title=f"{bundle_dir} vs PyTorch fp32 CPU reference, {precision}, {len(samples)} sample batch(es)")
+        for col in ("backend", "stage", "max abs", "mean abs", "PSNR dB", "differing", "max levels", "cosine", "ok"):
+            table.add_column(col)
+        lim = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        table.add_row("[dim]threshold[/]", "", f"<= {lim(t['max_abs'], '.0e')}", f"<= {lim(t['mean_abs'], '.0e')}",
+                      f">= {t['psnr_db']:.0f}", f"<= {lim(t['differing_share'], '.1%')}", f"<= {lim(t['max_levels'], 'd')}",
+                      f">= {t['params_cosine']}", "")
+        for name, b in rep.backends.items():
+            for stage, m in b["stages"].items():
+                ok = "[green]ok[/]" if not m["failures"] else "[red]FAIL[/]"
+                if stage == "predictor":
+                    table.add_row(name, stage, f"{m['max_abs']:.2e}", f"{m['mean_abs']:.2e}", "", "", "",
+                                  f"{m['cosine']:.7f}", ok)
+                else:
+                    table.add_row(name, stage, f"{m['max_abs']:.2e}", f"{m['mean_abs']:.2e}", f"{m['psnr_db']:.1f}",
+                                  f"{m['differing_share']:.2%}", str(m["max_levels"]), "", ok)
+        console.print(table)
+        for name, b in rep.backends.items():
+            for f in b["failures"]:
+                err_console.print(f"[red]{name}: {f}[/]", highlight=False)
+        console.print(f"report: {rep.report_dir}")
+    verdict = "PASSED" if rep.passed else "FAILED"
+    colour = "green" if rep.passed else "red"
+    console.print(f"[bold {colour}]{verdict}[/] | {time.perf_counter() - t0:.1f} s | asap validate {bundle_dir} "
+                  f"--precision {precision} --backend {' --backend '.join(names)}", highlight=False)
+    if not rep.passed:
+        raise ValidationFailed(f"{', '.join(n for n, b in rep.backends.items() if not b['passed'])} outside the "
+                               f"{precision} thresholds (see {rep.report_dir}/report.json)")
+
+
 if __name__ == "__main__":
     app()

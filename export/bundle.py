@@ -190,14 +190,14 @@ def export_model(model, out_dir: str | os.PathLike, *, source: dict[str, Any] | 
             del m32, variants
         manifest = build_manifest(cfg, files, source, precisions)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out_dir, manifest)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Rename `new` to `target`; an existing target is moved aside first and removed after."""
     old = None
     if target.exists():

@@ -1,0 +1,293 @@
+"""`asap validate`: run the PyTorch reference and each backend on the same label maps, compare per
+stage with stated thresholds, write a report folder (JSON + a PNG grid per sample).
+
+All backends run first (outputs kept per sample), then each is compared with the reference:
+  predictor   parameter grid: cosine similarity (+ max/mean abs, for information)
+  pixelwise   the backend's pixelwise stage fed the REFERENCE grid: float max/mean abs, PSNR and
+              share of differing pixels on the 8-bit output, largest 8-bit difference
+  end_to_end  labels -> image through the end-to-end graph: same image metrics
+Non-finite outputs fail. PSNR is capped at 100 dB (100 = identical 8-bit images).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from asap_deploy.config import ModelConfig
+from asap_deploy.errors import BundleError, InputError, UsageError
+
+from .base import IMAGE, IMAGE_FLOAT, Engine
+
+PSNR_CAP_DB = 100.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass limits for one precision (None = reported, not checked)."""
+
+    max_abs: float | None  # float output, [-1, 1] scale
+    mean_abs: float | None
+    psnr_db: float  # 8-bit output, minimum
+    differing_share: float | None  # share of 8-bit values that differ, maximum
+    max_levels: int | None  # largest 8-bit difference
+    params_cosine: float  # parameter grid, minimum
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+THRESHOLDS = {
+    # fp32: near exact (ONNX Runtime vs PyTorch differ by summation order only).
+    "fp32": Thresholds(max_abs=1e-3, mean_abs=1e-4, psnr_db=60.0, differing_share=0.01, max_levels=1,
+                       params_cosine=0.99999),
+    # fp16: judged by image quality, not element tolerances.
+    "fp16": Thresholds(max_abs=None, mean_abs=1e-2, psnr_db=40.0, differing_share=None, max_levels=None,
+                       params_cosine=0.999),
+}
+
+STAGES = ("predictor", "pixelwise", "end_to_end")
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+def psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0**2 / mse))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(a64 @ b64 / (na * nb))
+
+
+def image_metrics(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, Any]:
+    fr, fg = ref[IMAGE_FLOAT].astype(np.float64), got[IMAGE_FLOAT].astype(np.float64)
+    finite = bool(np.isfinite(fg).all())
+    d = np.abs(fr - fg) if finite else np.full(fr.shape, np.inf)
+    lv = np.abs(ref[IMAGE].astype(np.int32) - got[IMAGE].astype(np.int32))
+    return {"finite": finite, "max_abs": float(d.max()), "mean_abs": float(d.mean()),
+            "psnr_db": psnr_u8(ref[IMAGE], got[IMAGE]), "differing_share": float((lv > 0).mean()),
+            "max_levels": int(lv.max())}
+
+
+def params_metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    finite = bool(np.isfinite(got).all())
+    d = np.abs(ref.astype(np.float64) - got.astype(np.float64)) if finite else np.full(ref.shape, np.inf)
+    return {"finite": finite, "cosine": cosine(ref, got) if finite else 0.0, "max_abs": float(d.max()),
+            "mean_abs": float(d.mean())}
+
+
+def failures(stage: str, m: dict[str, Any], t: Thresholds) -> list[str]:
+    """Human-readable reasons this stage's metrics fail the thresholds (empty = pass)."""
+    out = [] if m["finite"] else ["non-finite output (NaN/Inf)"]
+    if stage == "predictor":
+        if m["cosine"] < t.params_cosine:
+            out.append(f"cosine {m['cosine']:.7f} < {t.params_cosine}")
+        return out
+    for key, limit, better in (("max_abs", t.max_abs, "le"), ("mean_abs", t.mean_abs, "le"),
+                               ("differing_share", t.differing_share, "le"), ("max_levels", t.max_levels, "le"),
+                               ("psnr_db", t.psnr_db, "ge")):
+        if limit is None:
+            continue
+        v = m[key]
+        if (better == "le" and v > limit) or (better == "ge" and v < limit):
+            out.append(f"{key} {v:.4g} {'>' if better == 'le' else '<'} {limit}")
+    return out
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """One batch of label maps run through every engine."""
+
+    name: str
+    labels: np.ndarray
+    instances: np.ndarray | None
+    source: str
+
+
+def random_samples(cfg: ModelConfig, n: int, seed: int = 0) -> list[Sample]:
+    """n random blob label maps over several sizes: square, wide and tall, with batch > 1."""
+    from asap_deploy.export.synthetic import random_label_maps
+
+    if n < 1:
+        raise UsageError("--random needs at least 1 label map")
+    S = cfg.S  # noqa: N806
+    shapes = [(1, 4 * S, 4 * S), (2, 3 * S, 5 * S), (1, 6 * S, 2 * S)]
+    out, made, i = [], 0, 0
+    while made < n:
+        b, h, w = shapes[i % len(shapes)]
+        b = min(b, n - made)
+        lab, inst = random_label_maps(cfg, b, h, w, seed=seed + i)
+        out.append(Sample(f"random_{i:03d}_{b}x{h}x{w}", lab, inst, f"random blobs, seed {seed + i}"))
+        made += b
+        i += 1
+    return out
+
+
+def _instance_file(label: Path) -> Path | None:
+    n = label.name
+    for a, b in (("label_", "instance_"), ("_labelIds", "_instanceIds"), ("_label", "_inst")):
+        if a in n:
+            cand = label.with_name(n.replace(a, b, 1))
+            if cand.is_file():
+                return cand
+    return None
+
+
+def folder_samples(cfg: ModelConfig, folder: str | os.PathLike, batch: int = 4) -> list[Sample]:
+    """Label PNGs of a folder (instance maps paired by name: label_X/instance_X, *_labelIds/*_instanceIds),
+    maps of the same size batched together (up to `batch`)."""
+    from asap_deploy.io import read_instance_map, read_label_map
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder of label maps")
+    files = sorted(p for p in folder.glob("*.png")
+                   if not any(t in p.name for t in ("instance_", "_instanceIds", "_inst.")))
+    if not files:
+        raise InputError(f"{folder}: no label PNGs found")
+    maps = []
+    for p in files:
+        lab = read_label_map(p)
+        inst = None
+        if cfg.instance_edges:
+            ip = _instance_file(p)
+            if ip is None:
+                raise InputError(f"{p}: this model uses instance edges but no instance map was found next to it "
+                                 "(instance_X.png for label_X.png, or *_instanceIds.png)")
+            inst = read_instance_map(ip)
+            if inst.shape != lab.shape:
+                raise InputError(f"{ip}: size {inst.shape} differs from its label map {lab.shape}")
+        maps.append((p, lab, inst))
+    out: list[Sample] = []
+    i = 0
+    while i < len(maps):
+        group = [maps[i]]
+        while i + len(group) < len(maps) and len(group) < batch and maps[i + len(group)][1].shape == maps[i][1].shape:
+            group.append(maps[i + len(group)])
+        i += len(group)
+        lab = np.stack([g[1] for g in group])
+        inst = np.stack([g[2] for g in group]) if cfg.instance_edges else None
+        out.append(Sample("+".join(g[0].stem for g in group), lab, inst, ", ".join(g[0].name for g in group)))
+    return out
+
+
+# ---- the run ---------------------------------------------------------------------------------
+@dataclass
+class ValidationReport:
+    passed: bool
+    precision: str
+    thresholds: dict[str, Any]
+    reference: dict[str, Any]
+    backends: dict[str, Any]  # name -> {"engine": describe(), "stages": {stage: worst}, "passed", "failures"}
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    report_dir: str | None = None
+    bundle: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _worst(stage: str, ms: list[dict[str, Any]]) -> dict[str, Any]:
+    if stage == "predictor":
+        return {"finite": all(m["finite"] for m in ms), "cosine": min(m["cosine"] for m in ms),
+                "max_abs": max(m["max_abs"] for m in ms), "mean_abs": max(m["mean_abs"] for m in ms)}
+    return {"finite": all(m["finite"] for m in ms), "max_abs": max(m["max_abs"] for m in ms),
+            "mean_abs": max(m["mean_abs"] for m in ms), "psnr_db": min(m["psnr_db"] for m in ms),
+            "differing_share": max(m["differing_share"] for m in ms), "max_levels": max(m["max_levels"] for m in ms)}
+
+
+def validate(bundle, reference: Engine, engines: list[Engine], samples: list[Sample], precision: str,
+             report_dir: str | os.PathLike | None = None,
+             progress: Callable[[str], None] | None = None) -> ValidationReport:
+    """Compare every engine with the reference on every sample; write the report folder if given."""
+    if precision not in THRESHOLDS:
+        raise UsageError(f"unknown precision {precision!r} (choose from: {', '.join(THRESHOLDS)})")
+    t = THRESHOLDS[precision]
+    per_backend: dict[str, dict[str, list]] = {e.name: {s: [] for s in STAGES} for e in engines}
+    sample_rows, pictures = [], []
+    for si, smp in enumerate(samples):
+        if progress:
+            progress(f"sample {si + 1}/{len(samples)}: {smp.name} {tuple(smp.labels.shape)}")
+        ref_params = reference.predict_params(smp.labels, smp.instances)
+        ref_pix = reference.pixelwise(smp.labels, ref_params)
+        ref_e2e = reference.generate(smp.labels, smp.instances)
+        row = {"name": smp.name, "shape": list(smp.labels.shape), "source": smp.source, "results": {}}
+        for e in engines:
+            got_e2e = e.generate(smp.labels, smp.instances)
+            res = {"predictor": params_metrics(ref_params, e.predict_params(smp.labels, smp.instances)),
+                   "pixelwise": image_metrics(ref_pix, e.pixelwise(smp.labels, ref_params)),
+                   "end_to_end": image_metrics(ref_e2e, got_e2e)}
+            for stage, m in res.items():
+                m["failures"] = failures(stage, m, t)
+                per_backend[e.name][stage].append(m)
+            row["results"][e.name] = res
+            pictures.append((smp, e.name, ref_e2e[IMAGE], got_e2e[IMAGE]))
+        sample_rows.append(row)
+    backends = {}
+    all_ok = True
+    for e in engines:
+        stages = {}
+        fails = []
+        for stage in STAGES:
+            w = _worst(stage, per_backend[e.name][stage])
+            w["failures"] = failures(stage, w, t)
+            fails += [f"{stage}: {f}" for f in w["failures"]]
+            stages[stage] = w
+        backends[e.name] = {"engine": e.describe(), "stages": stages, "passed": not fails, "failures": fails}
+        all_ok &= not fails
+    report = ValidationReport(passed=all_ok, precision=precision, thresholds=t.describe(),
+                              reference=reference.describe(), backends=backends, samples=sample_rows,
+                              bundle=str(bundle.path))
+    if report_dir is not None:
+        report.report_dir = str(report_dir)
+        write_report(report, pictures, bundle.config, Path(report_dir))
+    return report
+
+
+# ---- the report folder -----------------------------------------------------------------------
+def comparison_grid(labels: np.ndarray, ref: np.ndarray, got: np.ndarray, cfg: ModelConfig,
+                    gain: int = 32) -> np.ndarray:
+    """One row: label map (palette) | reference | backend | |difference| x gain as a heat map."""
+    import cv2
+
+    from asap_deploy.export.synthetic import colourise
+
+    diff = np.abs(ref.astype(np.int32) - got.astype(np.int32)).max(axis=-1)
+    heat = cv2.applyColorMap(np.clip(diff * gain, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    sep = np.full((labels.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([colourise(labels, cfg), sep, ref, sep, got, sep, heat], axis=1)
+
+
+def write_report(report: ValidationReport, pictures, cfg: ModelConfig, out: Path) -> None:
+    """report.json + one PNG grid per (sample, map, backend), written to a temp folder then renamed."""
+    from asap_deploy.export.bundle import replace_dir
+    from asap_deploy.io import write_png
+
+    out = Path(out)
+    if out.exists() and not (out / "report.json").is_file() and any(out.iterdir()):
+        raise BundleError(f"{out}: a non-empty folder that is not a validation report; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for smp, name, ref, got in pictures:
+            for j in range(smp.labels.shape[0]):
+                write_png(tmp / f"{smp.name}_{j}_{name}.png", comparison_grid(smp.labels[j], ref[j], got[j], cfg))
+        (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
