@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -75,8 +76,11 @@ def to_fp16(model):
         raise MissingDependencyError(
             "fp16 export needs onnxconverter-common: pip install 'asap-deploy[torch]' (or pass --no-fp16)") from exc
     block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP16_OP_BLOCK_LIST))
-    return float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
-                                            node_block_list=list(graphs.FP32_NODES_FOR_FP16))
+    with warnings.catch_warnings():
+        # weights below fp16's smallest subnormal are flushed, one warning each: expected, not news
+        warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
+        return float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
+                                                node_block_list=list(graphs.FP32_NODES_FOR_FP16))
 
 
 # ---- manifest --------------------------------------------------------------------------------
