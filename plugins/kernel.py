@@ -108,7 +108,7 @@ def asap_spatial_mlp(
     # cos(x), sin(x), cos(y), sin(y) of 2*pi*(v mod f)/f.
     pe_k = pe_row // 4
     pe_kind = pe_row % 4
-    pe_div = (pe_k * 0 + S) >> pe_k  # f = S >> k
+    pe_div = tl.maximum((pe_k * 0 + S) >> pe_k, 1)  # f = S >> k (padding columns: 1)
     pe_f = pe_div.to(tl.float32)
     pe_mask = pe_div - 1
     two_pi = 6.283185307179586
