@@ -1,0 +1,118 @@
+"""Ahead-of-time compilation for CUDA architectures on a machine without a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("triton")
+
+from asap_deploy.config import ModelConfig, preset  # noqa: E402
+from asap_deploy.errors import KernelError, UsageError  # noqa: E402
+from plugins import aot  # noqa: E402
+from plugins.kernel import CONSTEXPR_ARGS, OUTPUT_ARGS, POINTER_ARGS, SCALAR_ARGS  # noqa: E402
+
+SMALL = ModelConfig(label_nc=5, crop_size=256)  # S=16: quick to compile
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels")
+    variants = aot.variants_for([SMALL], params_dtypes=["fp16"], out_dtypes=["fp32"], block_p=64, iters=1)
+    index = aot.compile_kernels(aot.parse_archs("sm_80,sm_86,sm_89,sm_90"), out, variants,
+                                repack_dtypes=["fp32"])
+    return out, index
+
+
+def test_every_listed_arch_compiles(compiled):
+    out, index = compiled
+    archs = {e["arch"] for e in index["kernels"]}
+    assert archs == {"sm_80", "sm_86", "sm_89", "sm_90"}
+    assert len(index["kernels"]) == 8  # one fused + one re-pack per arch
+    on_disk = json.loads((out / "index.json").read_text())
+    assert on_disk == json.loads(json.dumps(index))
+    for e in index["kernels"]:
+        meta = aot.load_metadata(out / e["json"])
+        cubin = (out / meta["files"]["cubin"]).read_bytes()
+        assert cubin[:4] == b"\x7fELF", "a cubin is an ELF image"
+        ptx = (out / meta["files"]["ptx"]).read_text()
+        assert f".entry {meta['kernel_name']}(" in ptx
+        assert meta["ptx_target"].startswith(meta["arch"]), (meta["ptx_target"], meta["arch"])
+
+
+def test_metadata_describes_the_launch(compiled):
+    out, index = compiled
+    import triton
+
+    e = next(e for e in index["kernels"] if e["kind"] == "spatial_mlp" and e["arch"] == "sm_86")
+    meta = aot.load_metadata(out / e["json"])
+    assert meta["kernel_name"] == "asap_spatial_mlp"
+    assert meta["triton_version"] == triton.__version__ == index["triton_version"]
+    assert [a["name"] for a in meta["args"]] == [*POINTER_ARGS, *SCALAR_ARGS, *OUTPUT_ARGS]
+    assert [a["type"] for a in meta["args"]][:3] == ["*i32", "*fp16", "*fp32"]
+    assert set(meta["constexprs"]) == set(CONSTEXPR_ARGS)
+    assert meta["constexprs"]["S"] == 16 and meta["constexprs"]["OUT_U8"] == 0
+    # Triton 3.x appends hidden scratch pointers; the PTX entry has exactly args + hidden params
+    assert all(h["type"] == "*i8" and h["value"] == 0 for h in meta["hidden_args"])
+    assert len(meta["ptx_params"]) == len(meta["args"]) + len(meta["hidden_args"])
+    assert meta["block"] == [meta["num_warps"] * 32, 1, 1]
+    assert 0 < meta["shared"] <= 227 * 1024
+    rule = meta["grid_rule"]
+    assert rule["S"] * rule["S"] == rule["programs_per_tile"] * rule["pixels_per_program"]
+    import hashlib
+
+    assert hashlib.sha256((out / meta["files"]["cubin"]).read_bytes()).hexdigest() == meta["sha256"]["cubin"]
+
+
+def test_ptx_entry_params_parser():
+    ptx = """.visible .entry k(
+        .param .u64 .ptr .global .align 1 k_param_0,
+        .param .u32 k_param_1,
+        .param .u64 k_param_2
+    )
+    .reqntid 128
+    {"""
+    params = aot.ptx_entry_params(ptx, "k")
+    assert [(p["bytes"], p["pointer"]) for p in params] == [(8, True), (4, False), (8, False)]
+    with pytest.raises(KernelError, match="no entry"):
+        aot.ptx_entry_params(ptx, "other")
+
+
+def test_parse_archs():
+    assert aot.parse_archs("sm_80,sm_86, sm_89,sm_90") == [80, 86, 89, 90]
+    assert aot.parse_archs(["90", "sm_80", "8.6", "sm_80"]) == [90, 80, 86]
+    for bad in ("sm_xx", "compute_80", ""):
+        with pytest.raises(UsageError):
+            aot.parse_archs(bad)
+    with pytest.raises(UsageError, match="too old"):
+        aot.parse_archs("sm_70")
+
+
+def test_variants_and_bad_dtypes():
+    vs = aot.variants_for([preset("facades"), preset("cityscapes")], params_dtypes=["fp16", "fp32"],
+                          out_dtypes=["fp32"])
+    assert {(v.spec.S, v.params_dtype) for v in vs} == {(64, "fp16"), (64, "fp32"), (16, "fp16"), (16, "fp32")}
+    assert len({v.stem for v in vs}) == len(vs)
+    with pytest.raises(UsageError, match="bf16"):
+        aot.variants_for([SMALL], params_dtypes=["bf16"])
+    with pytest.raises(UsageError, match="int8"):
+        aot.variants_for([SMALL], out_dtypes=["int8"])
+
+
+def test_load_metadata_rejects_other_schemas(tmp_path):
+    p = tmp_path / "k.json"
+    p.write_text(json.dumps({"schema": 999}))
+    with pytest.raises(KernelError, match="schema"):
+        aot.load_metadata(p)
+    p.write_text("{not json")
+    with pytest.raises(KernelError, match="cannot read"):
+        aot.load_metadata(p)
+
+
+@pytest.mark.slow
+def test_default_variants_compile_for_sm90(tmp_path):
+    """The published config (S=64, facades) with the default block sizes, every dtype variant."""
+    vs = aot.variants_for([preset("facades")], params_dtypes=["fp16", "fp32"], out_dtypes=["fp32", "fp16", "u8"])
+    index = aot.compile_kernels([90], tmp_path, vs, repack_dtypes=["fp16"])
+    assert len(index["kernels"]) == 7
