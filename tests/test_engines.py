@@ -1,0 +1,90 @@
+"""Engine interface: input checks shared by backends, backend names, and ONNX Runtime without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asap_deploy.config import ModelConfig
+from asap_deploy.engines import IMAGE, IMAGE_FLOAT, check_backend, create_engine
+from asap_deploy.errors import InputError, UsageError
+from asap_deploy.export.bundle import export_model, load_bundle
+from asap_deploy.export.synthetic import random_generator, random_label_maps
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = ModelConfig(label_nc=9, contain_dontcare_label=True, instance_edges=True, crop_size=256,
+                  learned_ds_factor=8, lr_width=8, lr_max_width=8, lr_depth=1)  # S=16
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return load_bundle(export_model(random_generator(CFG, 2), tmp_path_factory.mktemp("e") / "b").path)
+
+
+@pytest.fixture(scope="module")
+def engines(bundle):
+    return create_engine("torch", bundle), create_engine("onnxruntime", bundle)
+
+
+def test_stages_compose_to_end_to_end(engines):
+    labels, inst = random_label_maps(CFG, 2, 32, 48, seed=1)
+    for e in engines:
+        full = e.generate(labels, inst)
+        staged = e.pixelwise(labels, e.predict_params(labels, inst))
+        assert full[IMAGE].dtype == np.uint8 and full[IMAGE].shape == (2, 32, 48, 3)
+        np.testing.assert_allclose(staged[IMAGE_FLOAT], full[IMAGE_FLOAT], atol=1e-5)
+        assert np.array_equal(e.run(labels, inst), full[IMAGE])
+
+
+@pytest.mark.parametrize("labels,inst,message", [
+    # channels 0..9 (9 labels + don't care), id 255 valid, id 10 not
+    (np.full((1, 16, 16), 10, np.uint8), True, "label id 10 is out of range: this model takes ids 0..9 or 255"),
+    (np.zeros((1, 16, 20), np.uint8), True, "multiples of S=16"),
+    (np.zeros((16, 16), np.uint8), True, r"must be \(N, H, W\)"),
+    (np.zeros((1, 16, 16), np.float32), True, "integer ids"),
+    (np.zeros((1, 16, 16), np.uint8), False, "instance map is required"),
+])
+def test_bad_inputs_are_refused_by_every_backend(engines, labels, inst, message):
+    instances = np.zeros(labels.shape, np.int32) if inst else None
+    for e in engines:
+        with pytest.raises(InputError, match=message):
+            e.generate(labels, instances)
+
+
+def test_dontcare_id_accepted(engines):
+    labels, inst = random_label_maps(CFG, 1, 32, 32, seed=4)
+    labels[0, :8, :8] = 255
+    torch_e, ort_e = engines
+    a, b = torch_e.generate(labels, inst), ort_e.generate(labels, inst)
+    assert np.abs(a[IMAGE_FLOAT] - b[IMAGE_FLOAT]).max() < 1e-3
+
+
+def test_backend_names():
+    assert check_backend("onnxruntime") == "onnxruntime"
+    with pytest.raises(UsageError, match="did you mean 'onnxruntime'"):
+        check_backend("onnxruntme")
+    with pytest.raises(UsageError, match="choose from: torch, onnxruntime"):
+        check_backend("tvm")
+
+
+def test_torch_backend_has_no_fp16(bundle):
+    with pytest.raises(UsageError, match="fp32 reference"):
+        create_engine("torch", bundle, "fp16")
+
+
+def test_onnxruntime_engine_runs_without_torch(bundle):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from asap_deploy.export.bundle import load_bundle\n"
+        "from asap_deploy.engines import create_engine\n"
+        f"e = create_engine('onnxruntime', load_bundle({str(bundle.path)!r}))\n"
+        "img = e.run(np.zeros((1, 16, 32), np.uint8), np.zeros((1, 16, 32), np.int32))\n"
+        "assert img.shape == (1, 16, 32, 3) and img.dtype == np.uint8\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr

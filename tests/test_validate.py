@@ -1,0 +1,149 @@
+"""asap validate: metrics, thresholds, report folder, exit codes, refusal of tampered bundles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from asap_deploy.checkpoints import save_generator
+from asap_deploy.cli import app
+from asap_deploy.config import ModelConfig
+from asap_deploy.engines import IMAGE, IMAGE_FLOAT, create_engine
+from asap_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
+from asap_deploy.engines.validate import (THRESHOLDS, cosine, folder_samples, psnr_u8, random_samples,
+                                          validate)
+from asap_deploy.export.bundle import load_bundle
+from asap_deploy.export.synthetic import random_generator, random_label_maps
+from asap_deploy.io import write_png
+from conftest import authors_fixture_dir
+
+runner = CliRunner()
+CFG = ModelConfig(label_nc=7, instance_edges=True, crop_size=512, aspect_ratio=2.0, lr_width=8, lr_max_width=8,
+                  lr_depth=1)  # S=16
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "model.pt"
+    save_generator(random_generator(CFG, 3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(checkpoint):
+    out = checkpoint.parent / "bundle"
+    r = runner.invoke(app, ["export", str(checkpoint), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_metrics_against_direct_formulas():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    b = a.copy()
+    b[0, 0, 0, 0] ^= 1
+    mse = 1 / a.size
+    assert psnr_u8(a, b) == pytest.approx(10 * np.log10(255**2 / mse))
+    assert psnr_u8(a, a) == 100.0
+    x = rng.normal(size=50)
+    assert cosine(x, 2 * x) == pytest.approx(1.0)
+    assert cosine(x, -x) == pytest.approx(-1.0)
+
+
+def test_random_maps_are_blobs_not_noise():
+    labels, inst = random_label_maps(CFG, 2, 64, 128, seed=0)
+    assert labels.dtype == np.uint8 and inst.dtype == np.int32
+    same_right = (labels[:, :, 1:] == labels[:, :, :-1]).mean()
+    assert same_right > 0.9  # regions, not noise
+    assert all(len(np.unique(m)) >= 2 for m in labels)
+    assert labels.max() < CFG.n_label_channels
+
+
+def test_random_samples_cover_sizes_and_batches():
+    samples = random_samples(CFG, 5)
+    shapes = [s.labels.shape for s in samples]
+    assert sum(s[0] for s in shapes) == 5
+    assert any(s[0] > 1 for s in shapes) and any(s[1] != s[2] for s in shapes) and any(s[1] > s[2] for s in shapes)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_validate_passes_and_writes_report(bundle_dir, tmp_path, precision):
+    report = tmp_path / "report"
+    r = runner.invoke(app, ["validate", str(bundle_dir), "--random", "3", "--precision", precision,
+                            "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    assert "PASSED" in r.output
+    data = json.loads((report / "report.json").read_text())
+    assert data["passed"] and data["precision"] == precision
+    assert data["thresholds"] == THRESHOLDS[precision].describe()
+    stages = data["backends"]["onnxruntime"]["stages"]
+    assert set(stages) == {"predictor", "pixelwise", "end_to_end"}
+    if precision == "fp32":
+        assert stages["end_to_end"]["max_abs"] <= 1e-3 and stages["predictor"]["cosine"] > 0.99999
+    assert len(list(report.glob("*_onnxruntime.png"))) == 3  # one grid per label map
+
+
+class NoisyEngine(OnnxRuntimeEngine):
+    """ONNX Runtime with a deliberate error in the pixelwise output: validation must catch it."""
+
+    def _generate(self, labels, instances):
+        out = super()._generate(labels, instances)
+        f = out[IMAGE_FLOAT] + 0.05
+        return {IMAGE_FLOAT: f, IMAGE: np.clip(np.rint((f + 1) * 127.5), 0, 255).astype(np.uint8)}
+
+
+def test_validate_fails_on_a_wrong_backend(bundle_dir, tmp_path):
+    bundle = load_bundle(bundle_dir)
+    ref = create_engine("torch", bundle)
+    rep = validate(bundle, ref, [NoisyEngine(bundle)], random_samples(CFG, 2), "fp32", tmp_path / "r")
+    assert not rep.passed
+    fails = rep.backends["onnxruntime"]["failures"]
+    assert any(f.startswith("end_to_end: max_abs") for f in fails)
+    assert not any(f.startswith("pixelwise") for f in fails)
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["passed"] is False
+
+
+def test_validate_with_label_folder_and_checkpoint(bundle_dir, checkpoint, tmp_path):
+    labels, inst = random_label_maps(CFG, 3, 32, 64, seed=9)
+    d = tmp_path / "labels"
+    for i in range(3):
+        write_png(d / f"label_{i}.png", labels[i])
+        write_png(d / f"instance_{i}.png", inst[i].astype(np.uint16))
+    samples = folder_samples(CFG, d)
+    assert [s.labels.shape for s in samples] == [(3, 32, 64)]
+    r = runner.invoke(app, ["validate", str(bundle_dir), "--labels", str(d), "--checkpoint", str(checkpoint),
+                            "--report", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+
+
+def test_validate_refuses_tampered_bundle(bundle_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    f = bad / "asap.onnx"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    r = runner.invoke(app, ["validate", str(bad), "--random", "1"])
+    assert r.exit_code == 8
+    assert "asap.onnx" in r.output and "does not match the manifest" in r.output
+
+
+def test_validate_rejects_bad_choices(bundle_dir):
+    r = runner.invoke(app, ["validate", str(bundle_dir), "--backend", "onnxruntim"])
+    assert r.exit_code == 2 and "did you mean 'onnxruntime'" in r.output
+    r = runner.invoke(app, ["validate", str(bundle_dir), "--precision", "int8"])
+    assert r.exit_code == 2 and "unknown precision" in r.output
+
+
+def test_validate_authors_fixture_end_to_end(tmp_path):
+    d = authors_fixture_dir("cityscapes_s16")
+    out = tmp_path / "b"
+    r = runner.invoke(app, ["export", str(d / "latest_net_G.pth"), "-o", str(out), "--no-fp16"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["validate", str(out), "--labels", str(d), "--report", str(tmp_path / "rep")])
+    assert r.exit_code == 0 and "PASSED" in r.output, r.output
