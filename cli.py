@@ -235,5 +235,44 @@ def validate(
                                f"{precision} thresholds (see {rep.report_dir}/report.json)")
 
 
+
+@app.command("compile-kernels")
+@cli_errors
+def compile_kernels(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the cubin/PTX files, their JSON and index.json."),
+    arch: str = typer.Option("sm_80,sm_86,sm_89,sm_90", "--arch", help="Comma-separated CUDA architectures."),
+    preset: list[str] = typer.Option(["facades", "cityscapes"], "--preset",
+                                     help="Preset(s) whose kernel shapes (S, widths) to compile."),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP + " Replaces --preset."),
+    params_dtype: str = typer.Option("fp16", "--params-dtype",
+                                     help="Parameter-grid dtypes: fp16, fp32 (the re-pack pre-pass gives fp16)."),
+    out_dtype: str = typer.Option("fp32,fp16", "--out-dtype", help="Output dtypes: fp32, fp16, u8."),
+) -> None:
+    """Compile the fused kernel ahead of time for GPUs (no GPU needed): cubin + PTX + JSON metadata."""
+    import time
+
+    from asap_deploy.plugins import aot
+
+    t0 = time.perf_counter()
+    archs = aot.parse_archs(arch)
+    cfgs = [_load_config(None, config)] if config else [_load_config(p, None) for p in preset]
+    split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
+    variants = aot.variants_for(cfgs, params_dtypes=split(params_dtype), out_dtypes=split(out_dtype))
+    with console.status("compiling") as status:
+        index = aot.compile_kernels(archs, out_dir, variants, progress=lambda msg: status.update(f"compiling {msg}"))
+    table = Table(title=f"{out_dir} (Triton {index['triton_version']})")
+    for col in ("arch", "kernel", "variant", "shared B", "warps", "hidden args"):
+        table.add_column(col)
+    for e in index["kernels"]:
+        m = aot.load_metadata(out_dir / e["json"])
+        what = (f"S={e['S']} params {e['params_dtype']} out {e['out_dtype']}" if e["kind"] == "spatial_mlp"
+                else f"{e['src_dtype']} -> fp16")
+        table.add_row(e["arch"], m["kernel_name"], what, str(m["shared"]), str(m["num_warps"]),
+                      ", ".join(h["name"] for h in m["hidden_args"]) or "-")
+    console.print(table)
+    console.print(f"[bold green]PASSED[/] | {len(index['kernels'])} kernels | {time.perf_counter() - t0:.1f} s | "
+                  f"asap compile-kernels --arch {','.join(f'sm_{c}' for c in archs)} -o {out_dir}", highlight=False)
+
+
 if __name__ == "__main__":
     app()
