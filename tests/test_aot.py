@@ -10,8 +10,8 @@ pytest.importorskip("triton")
 
 from asap_deploy.config import ModelConfig, preset  # noqa: E402
 from asap_deploy.errors import KernelError, UsageError  # noqa: E402
-from plugins import aot  # noqa: E402
-from plugins.kernel import CONSTEXPR_ARGS, OUTPUT_ARGS, POINTER_ARGS, SCALAR_ARGS  # noqa: E402
+from asap_deploy.plugins import aot  # noqa: E402
+from asap_deploy.plugins.kernel import CONSTEXPR_ARGS, OUTPUT_ARGS, POINTER_ARGS, SCALAR_ARGS  # noqa: E402
 
 SMALL = ModelConfig(label_nc=5, crop_size=256)  # S=16: quick to compile
 

@@ -20,8 +20,8 @@ from asap_deploy.config import ModelConfig  # noqa: E402
 from asap_deploy.errors import ConfigError, InputError  # noqa: E402
 from asap_deploy.model import label_channels, pixelwise  # noqa: E402
 from oracles import pe_oracle, pixelwise_oracle  # noqa: E402
-from plugins import torch_op  # noqa: E402
-from plugins.torch_op import kernel_spec, spatial_mlp, to_uint8  # noqa: E402
+from asap_deploy.plugins import torch_op  # noqa: E402
+from asap_deploy.plugins.torch_op import kernel_spec, spatial_mlp, to_uint8  # noqa: E402
 
 MAX_ABS, MEAN_ABS = 1.5e-2, 1.5e-3
 
@@ -134,7 +134,7 @@ def test_bad_label_ids_raise():
 
 
 def test_triton_repack_kernel_equals_torch_repack():
-    from plugins import kernel as K
+    from asap_deploy.plugins import kernel as K
 
     cfg = cfg_for(16, label_nc=3)
     params = make_params(cfg.mlp_channels, 2, 2, 3, seed=4)

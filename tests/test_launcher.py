@@ -7,7 +7,7 @@ import ctypes
 import pytest
 
 from asap_deploy.errors import KernelError
-from plugins import launcher
+from asap_deploy.plugins import launcher
 
 FAKE = {
     "kernel_name": "k", "pointer_align": 16,
@@ -63,7 +63,7 @@ def test_pack_against_compiled_metadata(tmp_path):
     the PTX parameter's size, hidden scratch pointers last."""
     pytest.importorskip("triton")
     from asap_deploy.config import ModelConfig
-    from plugins import aot
+    from asap_deploy.plugins import aot
 
     cfg = ModelConfig(label_nc=5, crop_size=256)
     v = aot.variants_for([cfg], params_dtypes=["fp16"], out_dtypes=["fp32"], block_p=64, iters=1)[0]
