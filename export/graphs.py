@@ -244,13 +244,15 @@ def spatial_mlp_function(cfg: ModelConfig) -> onnx.FunctionProto:
     for li, (b0, w0, cin, cout) in enumerate(offsets):
         bias = piece(f"b{li}", b0, b0 + cout, (-1, 1, cout))
         if li == 0:
-            # rows 0..n_lab-1 of W1 (label inputs): one gather of row tile*n_lab + label
-            w_lab = piece("w0_labels", w0, w0 + n_lab * cout, (-1, cout))
+            # rows 0..n_lab-1 of W1 (label inputs): one gather of row tile*n_lab + label. The bias is
+            # added to these few rows per tile (T*n_lab*c1 values), not to every pixel.
+            w_lab = piece("w0_labels", w0, w0 + n_lab * cout, (-1, n_lab, cout))
+            w_lab = b.op("Reshape", [b.op("Add", [w_lab, bias], name="w0_labels_plus_bias"),
+                                     c("w0_rows_shape", _i64(-1, cout))], name="w0_label_rows")
             w_pe = piece("w0_pe", w0 + n_lab * cout, w0 + cin * cout, (-1, cin - n_lab, cout))
             pe = b.op("CastLike", [c("pe_table", positional_encoding_table(S)), "params"], name="pe_table_like")
             lab = b.op("Gather", [w_lab, gidx], name="layer0_label_rows", axis=0)
-            x = b.op("Add", [b.op("Add", [lab, b.op("MatMul", [pe, w_pe], name="layer0_pe")], name="layer0_sum"),
-                             bias], name="layer0")
+            x = b.op("Add", [lab, b.op("MatMul", [pe, w_pe], name="layer0_pe")], name="layer0")
         else:
             x = b.op("LeakyRelu", [x], name=f"act{li - 1}", alpha=LEAKY_SLOPE)
             wl = piece(f"w{li}", w0, w0 + cin * cout, (-1, cin, cout))
