@@ -274,5 +274,169 @@ def compile_kernels(
                   f"asap compile-kernels --arch {','.join(f'sm_{c}' for c in archs)} -o {out_dir}", highlight=False)
 
 
+@app.command("make-data")
+@cli_errors
+def make_data(
+    out: Path = typer.Argument(..., help="Folder to write the data set to (facades layout: train/val)."),
+    n: int = typer.Option(200, "--n", help="Training pairs."),
+    n_val: Optional[int] = typer.Option(None, "--n-val", help="Held-out pairs (default: n/4)."),
+    size: int = typer.Option(64, help="Image side in pixels (a multiple of 16)."),
+    classes: int = typer.Option(6, help="Number of label classes."),
+    seed: int = typer.Option(0, help="Random seed: the same seed writes the same files."),
+) -> None:
+    """Write a synthetic paired data set whose textures depend on class AND pixel position."""
+    from asap_deploy.synthetic import make_dataset
+
+    info = make_dataset(out, n, n_val, size, classes, seed)
+    console.print(f"wrote {info['train']} training and {info['val']} held-out pairs ({size}x{size}, "
+                  f"{classes} classes, seed {seed}) to {out}/ (facades layout; dataset.json describes it)")
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    from asap_deploy.errors import UsageError
+
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key.strip()] = val
+    return out
+
+
+def _progress_bar(total: Optional[int], minutes: Optional[float]):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn() if total else TextColumn("{task.completed} steps"),
+                    TimeElapsedColumn(), TextColumn("{task.fields[losses]}"), console=console, transient=False)
+
+
+@app.command()
+@cli_errors
+def train(
+    out: Path = typer.Option(..., "--out", help="Run folder: model.pt, train_state.pt, losses.jsonl, loss_curve.png."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (facades, cityscapes or pix2pixHD layout, auto-detected)."),
+    label_dir: Optional[Path] = typer.Option(None, "--label-dir", help="Custom layout: folder of label maps."),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="Custom layout: folder of target photos."),
+    instance_dir: Optional[Path] = typer.Option(None, "--instance-dir", help="Custom layout: folder of instance maps."),
+    preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set label_nc=6 (repeatable)."),
+    steps: Optional[int] = typer.Option(None, help="Total steps of the run (resumes included)."),
+    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of this invocation (with --steps: whichever ends first)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="GLOBAL batch size (split across torchrun processes)."),
+    seed: int = typer.Option(0, help="Seed: init, sample order and crops are functions of (seed, step)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its train_state.pt."),
+    lr_g: float = typer.Option(1e-4, "--lr-g", help="Generator learning rate (TTUR)."),
+    lr_d: float = typer.Option(4e-4, "--lr-d", help="Discriminator learning rate (TTUR)."),
+    decay_steps: Optional[int] = typer.Option(None, "--decay-steps", help="Linear LR decay to 0 over the last N steps (default steps/3; none with --minutes only)."),
+    gan_weight: float = typer.Option(1.0, "--gan-weight", help="Hinge GAN loss weight (0 and --feat-weight 0: no discriminator)."),
+    feat_weight: float = typer.Option(10.0, "--feat-weight", help="Feature-matching loss weight (divided by the number of scales)."),
+    l1_weight: float = typer.Option(0.0, "--l1-weight", help="L1-to-target loss weight (the authors' --L1_loss used 100). Off by default; "
+                                    "speeds up convergence on small CPU runs and synthetic data."),
+    vgg_weights: Optional[Path] = typer.Option(None, "--vgg-weights", help="LOCAL torchvision VGG19 weights file: enables the perceptual loss (never downloaded)."),
+    vgg_weight: float = typer.Option(10.0, "--vgg-weight", help="Perceptual loss weight."),
+    ndf: int = typer.Option(64, help="Discriminator base filters."),
+    num_d: int = typer.Option(2, "--num-d", help="Discriminator scales."),
+    load_size: Optional[int] = typer.Option(None, "--load-size", help="Resize images to this width before cropping."),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="Random horizontal flips (off: synthetic textures depend on position)."),
+    save_every: int = typer.Option(500, "--save-every", help="Checkpoint every N steps (and at the end)."),
+    log_every: int = typer.Option(10, "--log-every", help="Log losses every N steps."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (torchrun: one GPU per process)."),
+) -> None:
+    """Train ASAP-Net (SPADE recipe: multiscale PatchGAN, hinge + feature matching [+ VGG] [+ L1], TTUR Adam).
+
+    Data parallel: torchrun --nproc-per-node=2 --no-python asap train ... (gloo on CPU, NCCL on GPUs).
+    """
+    from asap_deploy.errors import require_torch
+
+    require_torch("asap train")
+    from asap_deploy.config import ModelConfig
+    from asap_deploy.train import default_config_for, train_run
+    from asap_deploy.train.trainer import TrainOptions
+
+    cfg = _load_config(preset, config)
+    overrides = _parse_overrides(set_)
+    if cfg is None and not resume:
+        cfg = default_config_for(data)
+    if cfg is not None and overrides:
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
+    opts = TrainOptions(steps=steps, minutes=minutes, batch_size=batch_size, seed=seed, lr_g=lr_g, lr_d=lr_d,
+                        decay_steps=decay_steps, lambda_gan=gan_weight, lambda_feat=feat_weight, lambda_l1=l1_weight,
+                        vgg_weights=str(vgg_weights) if vgg_weights else None, lambda_vgg=vgg_weight, ndf=ndf,
+                        num_d=num_d, load_size=load_size, flip=flip, save_every=save_every, log_every=log_every)
+    opts.validate()
+    main_proc = int(os.environ.get("RANK", "0")) == 0
+    bar = _progress_bar(steps, minutes) if main_proc else None
+    state = {}
+
+    def on_start(trainer):
+        if bar is not None:
+            bar.start()
+            state["task"] = bar.add_task("train", total=trainer.opts.steps, completed=trainer.step, losses="")
+
+    def on_step(step, total, losses):
+        if bar is not None:
+            text = " ".join(f"{k}={v:.3f}" for k, v in losses.items())
+            bar.update(state["task"], completed=step, losses=text)
+
+    try:
+        summary = train_run(None if (resume and cfg is None) else cfg, opts, out, data=data, label_dir=label_dir,
+                            image_dir=image_dir, instance_dir=instance_dir, resume=resume, device=device,
+                            on_step=on_step, on_start=on_start)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if main_proc:
+        console.print(f"trained {summary['steps_this_run']} steps (total {summary['steps']}) in {summary['seconds']:.0f} s "
+                      f"on {summary['world_size']} process(es), {summary['device']}; {summary['samples']} training pairs")
+        for k, v in summary["paths"].items():
+            console.print(f"  {k:9s} {v}")
+
+
+@app.command()
+@cli_errors
+def demo(
+    out: Path = typer.Option(Path("asap_demo"), "--out", help="Folder for the data set, the run and the pictures."),
+    minutes: float = typer.Option(2.0, help="Training time budget."),
+    steps: Optional[int] = typer.Option(None, help="Stop after this many steps instead (or earlier, at --minutes)."),
+    seed: int = typer.Option(0, help="Seed of the data set and the training run."),
+) -> None:
+    """Make a synthetic data set, train a small ASAP-Net for a few minutes, write label maps, results and the loss curve."""
+    from asap_deploy.errors import require_torch
+
+    require_torch("asap demo")
+    from asap_deploy.demo import run_demo
+
+    bar = _progress_bar(steps, minutes)
+    state = {}
+
+    def on_event(kind, **kw):
+        if kind == "stage":
+            console.print(f"[bold]{kw['text']}[/]")
+        elif kind == "train_start":
+            bar.start()
+            state["task"] = bar.add_task("train", total=kw.get("total"), completed=0, losses="")
+        elif kind == "step":
+            bar.update(state["task"], completed=kw["step"],
+                       losses=" ".join(f"{k}={v:.3f}" for k, v in kw["losses"].items()))
+        elif kind == "train_end":
+            bar.stop()
+
+    try:
+        result = run_demo(out, minutes=minutes, steps=steps, seed=seed, on_event=on_event)
+    finally:
+        bar.stop()
+    q = result["quality"]
+    console.print(f"held-out PSNR: model {q['psnr_model']:.2f} dB | per-class mean colour {q['psnr_class_mean']:.2f} dB | "
+                  f"constant mean colour {q['psnr_constant_mean']:.2f} dB ({result['steps']} steps)")
+    console.print("wrote:")
+    for path in result["files"]:
+        console.print(f"  {path}")
+
+
 if __name__ == "__main__":
     app()
