@@ -55,7 +55,7 @@ except ImportError:
     from plugins import aot, launcher, torch_op  # noqa: E402
 
 PSNR_MIN_DB, MAX_ABS_MAX = 40.0, 2e-2
-SWEEP = [(128, 4, 4), (128, 2, 4), (64, 4, 4), (128, 4, 8), (256, 2, 8), (64, 8, 4)]  # BLOCK_P, ITERS, warps
+SWEEP = [(128, 4, 4), (128, 4, 8), (128, 2, 8), (64, 4, 4), (128, 1, 4), (256, 1, 8)]  # BLOCK_P, ITERS, warps
 
 
 def percentile(samples, p):
