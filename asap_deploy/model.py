@@ -20,9 +20,10 @@ from torch import nn
 from .config import DONTCARE_ID, ModelConfig
 from .errors import InputError
 
-# Pixels per chunk of the pixelwise stage: bounds its peak memory (~4 fp32 activations of
-# 64 channels per chunk: 4 * 2**16 * 64 * 4 B = 64 MiB) whatever the image size.
-DEFAULT_CHUNK_PIXELS = 2**16
+# Pixels per chunk of the pixelwise stage (whole tiles, at least one): two reused activation
+# buffers of 65 fp32 channels, 2 MiB at 2**12, stay in a 2 MiB L2 and bound peak memory; larger
+# chunks measured slower on the benchmark CPU (benchmarks/FORWARD_SPEED.md).
+DEFAULT_CHUNK_PIXELS = 2**12
 
 
 # ---- fixed, parameter-free pieces ----------------------------------------------------------
@@ -162,37 +163,72 @@ def split_params(params: torch.Tensor, cfg: ModelConfig) -> list[tuple[torch.Ten
 def pixelwise(channel_idx: torch.Tensor, params: torch.Tensor, cfg: ModelConfig,
               chunk_pixels: int = DEFAULT_CHUNK_PIXELS) -> torch.Tensor:
     """The spatially-varying per-pixel MLP. channel_idx (N, H, W) int64 (see `label_channels`),
-    params (N, P, H/S, W/S) -> RGB (N, H, W, 3) in [-1, 1], channels last."""
+    params (N, P, H/S, W/S) -> RGB (N, H, W, 3) in [-1, 1], channels last.
+
+    Runs over chunks of whole tiles (rectangles of one tile row, or of whole tile rows), so the
+    activations stay in cache; the same function as the authors', rounded differently:
+      * a layer's public block [bias | weight] is one (c_in+1, c_out) matrix with the bias as row
+        0, so activations carry a constant 1 in channel 0 and every matmul adds its own bias;
+      * layer 1: the label part is a row gather (one-hot input); the encoding part is separable,
+        pe(x, y) @ W = pe_x(x) @ W_x + pe_y(y) @ W_y, two (S, c) tables per tile added to the rows;
+      * the last layer is computed as (c_out, c) @ (c, pixels): a 3-wide matmul output is slow.
+    Without autograd it writes into two reused buffers; with it, the same math out of place.
+    """
     S = cfg.S  # noqa: N806
     n, H, W = channel_idx.shape  # noqa: N806
     h, w = H // S, W // S
     if params.shape != (n, cfg.num_params, h, w):
         raise InputError(f"parameter grid has shape {tuple(params.shape)}, expected {(n, cfg.num_params, h, w)}")
-    n_lab = cfg.n_label_channels
-    layers = split_params(params, cfg)
-    w1, b1 = layers[0]
-    w1_labels = w1[:, :n_lab].reshape(-1, w1.shape[-1])  # (T*n_lab, c1): row t*n_lab + label
-    w1_pe = w1[:, n_lab:]
-    pe = torch.from_numpy(positional_encoding_table(S)).to(params.device, params.dtype)
-    rows = channel_idx.reshape(n * h, S, w, S)  # tile rows over (n, row)
-    rows_per_chunk = max(1, chunk_pixels // (w * S * S))
-    leaky_inplace = not torch.is_grad_enabled()
-    chunks = []
-    for r0 in range(0, n * h, rows_per_chunk):
-        r1 = min(n * h, r0 + rows_per_chunk)
-        t0, t1 = r0 * w, r1 * w
-        idx = rows[r0:r1].permute(0, 2, 1, 3)  # (rc, w, S, S)
-        tile = torch.arange(t0, t1, device=params.device).view(r1 - r0, w, 1, 1)
-        gather = (idx + tile * n_lab).reshape(-1)
-        x = torch.baddbmm(b1[t0:t1], pe.expand(t1 - t0, -1, -1), w1_pe[t0:t1])
-        x = x + F.embedding(gather, w1_labels).view(t1 - t0, S * S, -1)
-        for wl, bl in layers[1:]:
-            x = F.leaky_relu(x, 0.01, inplace=leaky_inplace)
-            x = torch.baddbmm(bl[t0:t1], x, wl[t0:t1])
-        x = torch.tanh(x)
-        chunks.append(x.view(r1 - r0, w, S, S, -1).permute(0, 2, 1, 3, 4))  # (rc, S, w, S, 3)
-    out = torch.cat(chunks, 0) if len(chunks) > 1 else chunks[0].contiguous()
-    return out.reshape(n, H, W, -1)
+    n_lab, n_tiles, px = cfg.n_label_channels, n * h * w, S * S
+    dev, dt = params.device, params.dtype
+    offsets = cfg.param_offsets()
+    c1, c_out = offsets[0][3], offsets[-1][3]
+    flat = params.permute(0, 2, 3, 1).reshape(n_tiles, -1)  # tile t = (n, row, col) in order
+    mats = [flat[:, b0:w0 + cin * cout].view(n_tiles, cin + 1, cout) for b0, w0, cin, cout in offsets]
+    # gather table: per (tile, label) the row [1, bias_1 + W_1[label]]
+    w1 = mats[0]
+    table = torch.cat([torch.ones_like(w1[:, :n_lab, :1]), w1[:, 1:n_lab + 1] + w1[:, :1]], 2)
+    table = table.reshape(n_tiles * n_lab, c1 + 1)
+    pe = torch.from_numpy(positional_encoding_table(S)).to(dev, dt)  # rows (y, x), cols [x x y y]*
+    is_x = (torch.arange(pe.shape[1]) % 4) < 2
+    pe_x, pe_y = pe[:S, is_x], pe[::S, ~is_x]  # x along the first tile row, y down its first column
+    w1_pe = w1[:, 1 + n_lab:]
+    w1_x, w1_y = w1_pe[:, is_x], w1_pe[:, ~is_x]
+    last_t = mats[-1].transpose(1, 2)  # (T, c_out, c+1)
+    rows = channel_idx.reshape(n * h, S, w, S)
+    fast = not (torch.is_grad_enabled() and params.requires_grad)
+    out = torch.empty((n * h, S, w, S, c_out), device=dev, dtype=dt)
+    per = max(1, chunk_pixels // px)  # tiles per chunk
+    if per >= w:
+        rects = [(r, min(n * h, r + per // w), 0, w) for r in range(0, n * h, per // w)]
+    else:
+        rects = [(r, r + 1, c, min(w, c + per)) for r in range(n * h) for c in range(0, w, per)]
+    k_max = max((r1 - r0) * (q1 - q0) for r0, r1, q0, q1 in rects)
+    bufs = torch.ones((2, k_max, px, c1 + 1), device=dev, dtype=dt) if fast else None
+    for r0, r1, q0, q1 in rects:
+        k, t0 = (r1 - r0) * (q1 - q0), r0 * w + q0
+        t1 = t0 + k
+        tile = torch.arange(t0, t1, device=dev).view(r1 - r0, q1 - q0, 1, 1)
+        ids = (rows[r0:r1, :, q0:q1].permute(0, 2, 1, 3) + tile * n_lab).reshape(-1)
+        if fast:
+            x = torch.index_select(table, 0, ids, out=bufs[0, :k].view(k * px, c1 + 1)).view(k, px, c1 + 1)
+        else:
+            x = torch.index_select(table, 0, ids).view(k, px, c1 + 1)
+        pos = (torch.bmm(pe_y.expand(k, -1, -1), w1_y[t0:t1]).unsqueeze(2)
+               + torch.bmm(pe_x.expand(k, -1, -1), w1_x[t0:t1]).unsqueeze(1))  # (k, S, S, c1)
+        x.view(k, S, S, c1 + 1)[..., 1:].add_(pos)
+        for i, m in enumerate(mats[1:-1]):
+            x = F.leaky_relu(x, 0.01, inplace=True)  # leaky(1) = 1 keeps the bias channel
+            if fast:
+                y = bufs[(i + 1) % 2, :k]
+                torch.bmm(x, m[t0:t1], out=y[..., 1:])
+                x = y
+            else:
+                x = F.pad(torch.bmm(x, m[t0:t1]), (1, 0), value=1.0)
+        x = F.leaky_relu(x, 0.01, inplace=True)
+        rgb = torch.tanh(torch.bmm(last_t[t0:t1], x.transpose(1, 2)))  # (k, c_out, px)
+        out[r0:r1, :, q0:q1] = rgb.view(r1 - r0, q1 - q0, c_out, S, S).permute(0, 3, 1, 4, 2)
+    return out.view(n, H, W, c_out)
 
 
 # ---- the generator ---------------------------------------------------------------------------

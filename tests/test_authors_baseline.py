@@ -72,3 +72,25 @@ def test_authors_baseline_encoding_is_the_shared_table_tiled():
     pe = authors_forward.full_res_encoding(2, H, W, S)
     table = torch.from_numpy(positional_encoding_table(S)).view(S, S, -1).permute(2, 0, 1)
     torch.testing.assert_close(pe, table.repeat(1, H // S, W // S).expand(2, -1, -1, -1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 4096, 10**9])
+def test_pixelwise_gradient_equals_baseline(chunk):
+    """Training differentiates our pixelwise stage: its gradients must be the authors' too.
+    In float64: in fp32 a pre-activation within rounding of 0 can flip a leaky-ReLU slope."""
+    from asap_deploy.model import pixelwise
+
+    cfg, n, H, W = CASES["dontcare"]  # noqa: N806
+    labels, _ = _inputs(cfg, n, H, W, seed=3)
+    idx = label_channels(labels, cfg)
+    g = torch.Generator().manual_seed(4)
+    shape = (n, cfg.num_params, H // cfg.S, W // cfg.S)
+    params = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.1).requires_grad_()
+    weight = torch.randn((n, 3, H, W), generator=g, dtype=torch.float64)
+    base = authors_forward.AuthorsForward.__new__(authors_forward.AuthorsForward)
+    base.cfg, base._pe = cfg, authors_forward.full_res_encoding(n, H, W, cfg.S).double()
+    onehot = torch.nn.functional.one_hot(idx, cfg.n_label_channels).permute(0, 3, 1, 2).double()
+    (want,) = torch.autograd.grad((base.pixelwise(onehot, params) * weight).sum(), params)
+    ours = pixelwise(idx, params, cfg, chunk_pixels=chunk)
+    (got,) = torch.autograd.grad((ours.permute(0, 3, 1, 2) * weight).sum(), params)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # both encodings are fp32 tables
