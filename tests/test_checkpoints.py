@@ -115,3 +115,12 @@ def test_unknown_format_version_and_non_dicts(tmp_path):
         z.writestr("junk", "x")
     with pytest.raises(CheckpointError, match="zip.pt"):
         load_checkpoint(tmp_path / "zip.pt")
+
+
+def test_written_files_get_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_generator(make_model(), tmp_path / "model.pt")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
