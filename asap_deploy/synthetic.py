@@ -57,11 +57,14 @@ def class_textures(n_classes: int, size: int, seed: int) -> list[ClassTexture]:
         # The second colour differs strongly from the first (visible texture) and the mean colours
         # differ between classes (the per-class baseline is a real baseline).
         b = np.clip(a + rng.choice([-1.0, 1.0], 3) * rng.uniform(70, 130, 3), 0, 255)
+        period = int(periods[c % len(periods)] if c < len(periods) else rng.choice(periods))
+        # At period 2, cos(pi*x + pi/2) is 0 at every integer x: no phase near pi/2 there.
+        phases = [0.0, np.pi / 4] if period == 2 else [0.0, np.pi / 2, np.pi / 4]
         out.append(ClassTexture(
-            period=int(periods[c % len(periods)] if c < len(periods) else rng.choice(periods)),
+            period=period,
             orientation=_ORIENTATIONS[int(rng.integers(len(_ORIENTATIONS)))],
             checker=bool(c % 5 == 4),
-            phase=float(rng.choice([0.0, np.pi / 2, np.pi / 4])),
+            phase=float(rng.choice(phases)),
             color_a=tuple(float(v) for v in a), color_b=tuple(float(v) for v in b)))
     return out
 
