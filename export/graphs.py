@@ -240,23 +240,42 @@ def spatial_mlp_function(cfg: ModelConfig) -> onnx.FunctionProto:
         return b.op("Reshape", [sl, c(f"{tag}_shape", _i64(*shape))], name=tag)
 
     offsets = cfg.param_offsets()
+    last = len(offsets) - 1
+    t1 = b.op("Unsqueeze", [n_tiles, c("t_ax0", _i64(0))], name="n_tiles_vec")
+
+    def filled(tag: str, value: float, rows: int) -> str:
+        """(T, rows, 1) of `value`, in the type of params."""
+        shape = b.op("Concat", [t1, c(f"{tag}_dims", _i64(rows, 1))], name=f"{tag}_shape", axis=0)
+        v = b.op("CastLike", [c(f"{tag}_value", np.array(value, np.float32)), "params"], name=f"{tag}_like")
+        return b.op("Expand", [v, shape], name=tag)
+
+    # Biases ride inside the matmuls: every activation carries one extra channel fixed at 1
+    # (leaky_relu(1) = 1), and each layer's weight is augmented to [[W, 0], [b, 1]] per tile
+    # ([W; b] for the last layer). That costs T*(c_in+1)*(c_out+1) values per layer instead of
+    # a full-resolution Add per layer.
     x = None
     for li, (b0, w0, cin, cout) in enumerate(offsets):
         bias = piece(f"b{li}", b0, b0 + cout, (-1, 1, cout))
         if li == 0:
-            # rows 0..n_lab-1 of W1 (label inputs): one gather of row tile*n_lab + label. The bias is
-            # added to these few rows per tile (T*n_lab*c1 values), not to every pixel.
+            # rows 0..n_lab-1 of W1 (label inputs): one gather of row tile*n_lab + label; the bias
+            # is added to these few rows per tile, and the gathered rows carry the constant 1.
             w_lab = piece("w0_labels", w0, w0 + n_lab * cout, (-1, n_lab, cout))
-            w_lab = b.op("Reshape", [b.op("Add", [w_lab, bias], name="w0_labels_plus_bias"),
-                                     c("w0_rows_shape", _i64(-1, cout))], name="w0_label_rows")
+            w_lab = b.op("Add", [w_lab, bias], name="w0_labels_plus_bias")
+            w_lab = b.op("Concat", [w_lab, filled("ones_lab", 1.0, n_lab)], name="w0_labels_aug", axis=2)
+            w_lab = b.op("Reshape", [w_lab, c("w0_rows_shape", _i64(-1, cout + 1))], name="w0_label_rows")
             w_pe = piece("w0_pe", w0 + n_lab * cout, w0 + cin * cout, (-1, cin - n_lab, cout))
+            w_pe = b.op("Concat", [w_pe, filled("zeros_pe", 0.0, cin - n_lab)], name="w0_pe_aug", axis=2)
             pe = b.op("CastLike", [c("pe_table", positional_encoding_table(S)), "params"], name="pe_table_like")
             lab = b.op("Gather", [w_lab, gidx], name="layer0_label_rows", axis=0)
             x = b.op("Add", [lab, b.op("MatMul", [pe, w_pe], name="layer0_pe")], name="layer0")
         else:
             x = b.op("LeakyRelu", [x], name=f"act{li - 1}", alpha=LEAKY_SLOPE)
             wl = piece(f"w{li}", w0, w0 + cin * cout, (-1, cin, cout))
-            x = b.op("Add", [b.op("MatMul", [x, wl], name=f"layer{li}_matmul"), bias], name=f"layer{li}")
+            if li < last:
+                wl = b.op("Concat", [wl, filled(f"zeros{li}", 0.0, cin)], name=f"w{li}_right", axis=2)
+                bias = b.op("Concat", [bias, filled(f"one{li}", 1.0, 1)], name=f"b{li}_aug", axis=2)
+            wl = b.op("Concat", [wl, bias], name=f"w{li}_aug", axis=1)
+            x = b.op("MatMul", [x, wl], name=f"layer{li}")
     x = b.op("Tanh", [x], name="tanh")
     n_out = cfg.output_nc
     t6 = b.op("Concat", [n_, h, w, s_c, s_c, c("c_out", _i64(n_out))], name="tiles6_shape", axis=0)
