@@ -1,0 +1,204 @@
+"""The `asap::SpatialMLP` TensorRT plugin (IPluginV3, version 1) and its creator, for full
+TensorRT (`tensorrt` 10.x/11.x) and TensorRT-RTX (`tensorrt_rtx`): the same class body is built
+for whichever module is given (`plugin_classes(trt)`).
+
+Importing this module registers the creator for the default flavour (plugins/trt_compat.py
+`default_flavor`, $ASAP_TRT_FLAVOR) when that one is installed; `register(trt)` registers it for
+a given module (idempotent). Every engine runner calls `register` before deserializing.
+
+What the plugin does is in plugins/plugin_core.py (no TensorRT there): this file maps TensorRT's
+types and descriptors onto it. Three methods must never raise (TensorRT segfaults, aborts, or
+silently drops the fields otherwise): `clone`, `get_capability_interface` and
+`get_fields_to_serialize` only copy or return prepared objects.
+
+Kernels: the ONNX parser passes only the node's attributes. The engine builder
+(engines/build.py) compiles the kernels for the bundle's config and target architectures and puts
+the pack on the creator (`pending_kernels(trt, pack)`) for the duration of the parse; a plugin
+created in the BUILD phase without a `kernels` field takes that pack, and serializes it with its
+fields, so the engine carries its kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import numpy as np
+
+from asap_deploy.errors import KernelError
+
+from . import plugin_core as core
+from .plugin_core import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, KernelPack, SpatialMLPCore
+
+_CLASSES: dict[str, tuple[type, type]] = {}
+_CREATORS: dict[str, Any] = {}  # module name -> registered creator (kept alive: the registry holds a pointer)
+_LOCK = threading.Lock()
+
+
+def _dtype_maps(trt):
+    to_name = {trt.DataType.FLOAT: "fp32", trt.DataType.HALF: "fp16", trt.DataType.INT32: "int32"}
+    return to_name, {v: k for k, v in to_name.items()}
+
+
+def _field_type(trt, kind: str):
+    return getattr(trt.PluginFieldType, kind)
+
+
+def plugin_classes(trt) -> tuple[type, type]:
+    """(SpatialMLPPlugin, SpatialMLPCreator) for the module `trt` (tensorrt or tensorrt_rtx)."""
+    key = trt.__name__
+    with _LOCK:
+        if key in _CLASSES:
+            return _CLASSES[key]
+        to_name, from_name = _dtype_maps(trt)
+
+        def make_fields(arrays: dict[str, np.ndarray]):
+            # PluginField keeps a raw pointer to the array's data: the caller must keep `arrays` alive
+            return trt.PluginFieldCollection([trt.PluginField(n, arrays[n], _field_type(trt, core.FIELDS[n][0]))
+                                              for n in core.FIELD_NAMES])
+
+        class SpatialMLPPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+            """asap::SpatialMLP v1: ids INT32 (N,H,W) + params (N,P,H/S,W/S) -> rgb (N,H,W,C), C = channels[-1]."""
+
+            def __init__(self, state: SpatialMLPCore):
+                trt.IPluginV3.__init__(self)
+                trt.IPluginV3OneCore.__init__(self)
+                trt.IPluginV3OneBuild.__init__(self)
+                trt.IPluginV3OneRuntime.__init__(self)
+                self.num_outputs = 1
+                self.plugin_name = PLUGIN_NAME
+                self.plugin_namespace = PLUGIN_NAMESPACE
+                self.plugin_version = PLUGIN_VERSION
+                self.state = state
+                self._arrays = state.field_arrays()  # referenced by the fields' raw pointers: keep alive
+                self._fields = make_fields(self._arrays)  # prepared: serialization cannot fail
+                self._dims: tuple[int, int, int] | None = None
+                self._types: tuple[str, str] | None = None
+
+            # -- never raise ------------------------------------------------------------------------
+            def get_capability_interface(self, type):  # noqa: A002 - TensorRT's argument name
+                return self
+
+            def clone(self):
+                c = SpatialMLPPlugin.__new__(SpatialMLPPlugin)
+                SpatialMLPPlugin.__init__(c, self.state.clone())
+                c._dims, c._types = self._dims, self._types
+                return c
+
+            def get_fields_to_serialize(self):
+                return self._fields
+
+            # -- build ------------------------------------------------------------------------------
+            def get_output_data_types(self, input_types):
+                return [input_types[1]]
+
+            def get_output_shapes(self, inputs, shape_inputs, expr_builder):
+                ids = inputs[0]
+                out = trt.DimsExprs(4)
+                for i in range(3):
+                    out[i] = ids[i]
+                out[3] = expr_builder.constant(int(self.state.attrs["channels"][-1]))
+                return [out]
+
+            def supports_format_combination(self, pos, in_out, num_inputs):
+                descs = [d.desc for d in in_out]
+                names = [to_name.get(d.type) for d in descs]
+                linear = [d.format == trt.TensorFormat.LINEAR for d in descs]
+                return core.supported_combination(pos, names, linear, self.state.available())
+
+            def configure_plugin(self, inp, out):
+                pass
+
+            def get_valid_tactics(self):
+                return []
+
+            def get_workspace_size(self, inp, out):
+                return 0
+
+            # -- runtime ----------------------------------------------------------------------------
+            def set_tactic(self, tactic):
+                pass
+
+            def on_shape_change(self, inp, out):
+                d = inp[0].dims
+                self._dims = (int(d[0]), int(d[1]), int(d[2]))
+                self._types = (to_name[inp[1].type], to_name[out[0].type])
+
+            def attach_to_context(self, context):
+                return self.clone()
+
+            def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+                d = input_desc[0].dims
+                n, h, w = int(d[0]), int(d[1]), int(d[2])
+                self.state.enqueue(int(inputs[0]), int(inputs[1]), int(outputs[0]), n, h, w,
+                                   to_name[input_desc[1].type], to_name[output_desc[0].type], int(stream))
+
+        class SpatialMLPCreator(trt.IPluginCreatorV3One):
+            def __init__(self):
+                trt.IPluginCreatorV3One.__init__(self)
+                self.name = PLUGIN_NAME
+                self.plugin_namespace = PLUGIN_NAMESPACE
+                self.plugin_version = PLUGIN_VERSION
+                self._empty = {n: np.zeros(0, dtype=core.FIELDS[n][1]) for n in core.FIELD_NAMES}  # kept alive
+                self.field_names = make_fields(self._empty)
+                self.pending: bytes = b""  # kernel pack for plugins created while an engine is built
+
+            def create_plugin(self, name, field_collection, phase):
+                values = {f.name: np.asarray(f.data) for f in field_collection if f.name in core.FIELDS}
+                blob = values.pop("kernels", np.zeros(0, np.int8))
+                blob = np.ascontiguousarray(blob).view(np.uint8).tobytes() if blob.size else b""
+                if not blob and phase == trt.TensorRTPhase.BUILD:
+                    blob = self.pending
+                return SpatialMLPPlugin(SpatialMLPCore(values, pack_bytes=blob))
+
+        _CLASSES[key] = (SpatialMLPPlugin, SpatialMLPCreator)
+        return _CLASSES[key]
+
+
+def register(trt):
+    """Register the SpatialMLP creator with `trt`'s plugin registry (once per module); returns it."""
+    key = trt.__name__
+    with _LOCK:
+        if key in _CREATORS:
+            return _CREATORS[key]
+    _, creator_cls = plugin_classes(trt)
+    creator = creator_cls()
+    registry = trt.get_plugin_registry()
+    ok = registry.register_creator(creator, PLUGIN_NAMESPACE)
+    if ok is False and registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+        raise KernelError(f"{trt.__name__}: the plugin registry refused the {PLUGIN_NAMESPACE}::{PLUGIN_NAME} creator")
+    with _LOCK:
+        _CREATORS[key] = creator
+    return creator
+
+
+@contextlib.contextmanager
+def pending_kernels(trt, pack: KernelPack | bytes):
+    """While parsing/building: plugins created in the BUILD phase without kernels take `pack`."""
+    creator = register(trt)
+    creator.pending = pack.to_bytes() if isinstance(pack, KernelPack) else bytes(pack)
+    try:
+        yield creator
+    finally:
+        creator.pending = b""
+
+
+def fields_of(plugin) -> dict[str, np.ndarray]:
+    """Serialized fields of a plugin as name -> numpy array (what the engine stores)."""
+    return {f.name: np.array(f.data) for f in plugin.get_fields_to_serialize()}
+
+
+def _register_default() -> None:
+    from .trt_compat import MODULES, default_flavor
+
+    try:
+        import importlib
+
+        trt = importlib.import_module(MODULES[default_flavor()])
+    except ImportError:
+        return  # neither installed: nothing to register; runners say what to install
+    register(trt)
+
+
+_register_default()
