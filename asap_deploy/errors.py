@@ -62,6 +62,12 @@ class KernelError(AsapError):
     exit_code = 10
 
 
+class EngineError(AsapError):
+    """A TensorRT engine that cannot be built, or whose sidecar does not match (rebuild it)."""
+
+    exit_code = 11
+
+
 class MissingDependencyError(AsapError):
     """An optional dependency (extra) is needed for this command."""
 
