@@ -1,0 +1,419 @@
+"""Build TensorRT / TensorRT-RTX engines from a bundle (`asap build-engine`), and the sidecar
+that says what an engine was built from and for.
+
+One engine per graph (predictor, pixelwise, asap = end-to-end): the bundle's ONNX is parsed with
+the ONNX parser (the `asap::SpatialMLP` node becomes our plugin, plugins/tensorrt.py, carrying the
+AOT-compiled kernels for the target architectures), with one optimization profile over batch/H/W,
+a persistent timing cache in the bundle folder, and the engine written atomically next to a JSON
+sidecar (`<engine>.json`). `check_sidecar` (used by engines/tensorrt.py before deserializing)
+refuses an engine whose sidecar does not match the installed TensorRT, the GPU, the plugin
+version or the bundle's ONNX, saying what to rebuild.
+
+fp16: TensorRT 11 and TensorRT-RTX are strongly typed only: the engine is built from the bundle's
+`*.fp16.onnx` as is. TensorRT 10.x does the same when the bundle has fp16 graphs, and falls back
+to the FP16 builder flag on the fp32 graph (weakly typed) when it has not; the sidecar records
+which (`fp16_method`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from asap_deploy.errors import EngineError, UsageError
+from asap_deploy.io import atomic_path, write_json
+
+SIDECAR_SCHEMA = "asap-deploy/engine"
+SIDECAR_VERSION = 1
+STAGES = {"predictor": ("predictor",), "pixelwise": ("pixelwise",), "end-to-end": ("asap",),
+          "all": ("predictor", "pixelwise", "asap")}
+PLUGIN_GRAPHS = ("pixelwise", "asap")
+RTX_ARCHS = (75, 80, 86, 89, 120)  # what TensorRT-RTX 1.7 targets (no sm_90: not for H100/H200)
+DEFAULT_OPT = (1, 1024, 1024)
+DEFAULT_MAX = (4, 2048, 2048)
+
+
+# ---- shapes and profiles ------------------------------------------------------------------------
+def parse_shape(text: str, what: str = "shape") -> tuple[int, int, int]:
+    """'1x1024x1024' (N x H x W; also 'HxW' with N = 1) -> (N, H, W); UsageError otherwise."""
+    parts = [p for p in re.split(r"[x,X*]", str(text).strip()) if p]
+    if len(parts) == 2:
+        parts = ["1", *parts]
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"bad {what} {text!r}: write it as NxHxW with positive integers, e.g. 1x1024x1024")
+    n, h, w = (int(p) for p in parts)
+    return n, h, w
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Batch/height/width range of the label maps; the parameter grid follows (H/S, W/S)."""
+
+    min: tuple[int, int, int]
+    opt: tuple[int, int, int]
+    max: tuple[int, int, int]
+
+    def check(self, S: int) -> "Profile":  # noqa: N803
+        for name in ("min", "opt", "max"):
+            n, h, w = getattr(self, name)
+            if h % S or w % S:
+                raise UsageError(f"--{name} {n}x{h}x{w}: H and W must be multiples of S={S} "
+                                 f"(e.g. {n}x{-(-h // S) * S}x{-(-w // S) * S})")
+        for i, axis in enumerate("NHW"):
+            if not self.min[i] <= self.opt[i] <= self.max[i]:
+                raise UsageError(f"profile {axis}: need min <= opt <= max, got {self.min[i]}, {self.opt[i]}, "
+                                 f"{self.max[i]}")
+        return self
+
+    def for_input(self, name: str, S: int, num_params: int) -> dict[str, list[int]]:  # noqa: N803
+        if name == "params":
+            return {k: [v[0], num_params, v[1] // S, v[2] // S] for k, v in asdict(self).items()}
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+
+def default_profile(S: int) -> Profile:  # noqa: N803
+    """opt 1x1024x1024, min 1xSxS, max 4x2048x2048, rounded up to multiples of S."""
+    up = lambda v: -(-v // S) * S  # noqa: E731
+    return Profile((1, S, S), (DEFAULT_OPT[0], up(DEFAULT_OPT[1]), up(DEFAULT_OPT[2])),
+                   (DEFAULT_MAX[0], up(DEFAULT_MAX[1]), up(DEFAULT_MAX[2])))
+
+
+def make_profile(S: int, min_shape: str | None = None, opt_shape: str | None = None,  # noqa: N803
+                 max_shape: str | None = None) -> Profile:
+    d = default_profile(S)
+    return Profile(parse_shape(min_shape, "--min") if min_shape else d.min,
+                   parse_shape(opt_shape, "--opt") if opt_shape else d.opt,
+                   parse_shape(max_shape, "--max") if max_shape else d.max).check(S)
+
+
+def stage_graphs(stage: str) -> tuple[str, ...]:
+    if stage not in STAGES:
+        import difflib
+
+        near = difflib.get_close_matches(stage, list(STAGES), n=1)
+        raise UsageError(f"unknown stage {stage!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                         + f" (choose from: {', '.join(STAGES)})")
+    return STAGES[stage]
+
+
+def engine_name(graph: str, precision: str, flavor: str) -> str:
+    return f"{graph}.{precision}.{flavor}.engine"
+
+
+# ---- kernels for the plugin (AOT, cached) ---------------------------------------------------------
+def kernel_cache_dir() -> Path:
+    env = os.environ.get("ASAP_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "asap-deploy" / "kernels"
+
+
+def plugin_kernels(cfg, archs: Sequence[int], dtype_pairs: Sequence[tuple[str, str]], cache_dir: Path | None = None,
+                   progress: Callable[[str], None] | None = None):
+    """KernelPack with the fused kernel for every arch x (params, out) dtype pair, compiled ahead of
+    time (Triton, no GPU) or taken from the cache (key: variant, arch, Triton version, kernel source)."""
+    import triton
+
+    from asap_deploy.plugins import aot
+    from asap_deploy.plugins import kernel as kernel_mod
+    from asap_deploy.plugins.plugin_core import pack_from_metadata
+    from asap_deploy.plugins.torch_op import kernel_spec
+
+    cache = Path(cache_dir) if cache_dir is not None else kernel_cache_dir()
+    src = hashlib.sha256(Path(kernel_mod.__file__).read_bytes()).hexdigest()[:16]
+    spec = kernel_spec(cfg)  # ConfigError naming the field the kernel cannot take
+    metas, folders = [], []
+    for cc in archs:
+        for pd, od in dtype_pairs:
+            v = aot.Variant(spec, pd, od)
+            key = hashlib.sha256(f"{v.stem}|{cc}|{triton.__version__}|{src}".encode()).hexdigest()[:24]
+            folder = cache / key
+            meta_path = folder / f"{v.stem}_sm{cc}.json"
+            meta = None
+            if meta_path.is_file():
+                try:
+                    meta = aot.load_metadata(meta_path)
+                    if not all((folder / f).is_file() for f in meta["files"].values()):
+                        meta = None
+                except Exception:  # noqa: BLE001 - a damaged cache entry is recompiled, whatever the damage
+                    meta = None
+            if meta is None:
+                if progress:
+                    progress(f"compiling the SpatialMLP kernel for sm_{cc} ({pd} -> {od})")
+                meta = aot.compile_variant(v, cc, folder)
+            metas.append(meta)
+            folders.append(folder)
+    packs = [pack_from_metadata([m], f) for m, f in zip(metas, folders)]
+    from asap_deploy.plugins.plugin_core import KernelPack
+
+    return KernelPack([k for p in packs for k in p.kernels])
+
+
+# ---- the sidecar ----------------------------------------------------------------------------------
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sidecar_path(engine_path: Path) -> Path:
+    return Path(str(engine_path) + ".json")
+
+
+def read_sidecar(engine_path: Path) -> dict:
+    p = sidecar_path(engine_path)
+    try:
+        sc = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise EngineError(f"{p}: missing: {engine_path.name} has no sidecar; rebuild it with `asap build-engine`") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EngineError(f"{p}: unreadable sidecar ({exc}); rebuild the engine with `asap build-engine`") from exc
+    if not isinstance(sc, dict) or sc.get("schema") != SIDECAR_SCHEMA or sc.get("schema_version") != SIDECAR_VERSION:
+        raise EngineError(f"{p}: not an asap-deploy engine sidecar of version {SIDECAR_VERSION}; "
+                          f"rebuild the engine with `asap build-engine`")
+    return sc
+
+
+def rebuild_command(sc: dict) -> str:
+    stage = {"asap": "end-to-end"}.get(sc.get("graph"), sc.get("graph"))
+    bundle = sc.get("bundle", {}).get("path", "BUNDLE_DIR")
+    fp16 = " --fp16" if sc.get("precision") == "fp16" else ""
+    return f"asap build-engine {bundle} --stage {stage} --flavor {sc.get('tensorrt', {}).get('flavor')}{fp16}"
+
+
+def check_sidecar(sc: dict, engine_bytes: bytes | None = None, *, trt_version: str | None = None,
+                  flavor: str | None = None, sm: int | None = None, bundle=None, plugin_version: str | None = None
+                  ) -> None:
+    """EngineError naming the first mismatch and the command that rebuilds the engine. Only the
+    facts given are checked (the runner gives all of them)."""
+    from asap_deploy.plugins.plugin_core import PLUGIN_VERSION
+
+    fix = f"rebuild it: {rebuild_command(sc)}"
+    name = sc.get("engine", {}).get("file", "the engine")
+    if engine_bytes is not None and sha256_bytes(engine_bytes) != sc.get("engine", {}).get("sha256"):
+        raise EngineError(f"{name}: its sha256 does not match the sidecar (the engine or the sidecar was changed "
+                          f"or replaced); {fix}")
+    t = sc.get("tensorrt", {})
+    if flavor is not None and t.get("flavor") != flavor:
+        raise EngineError(f"{name}: built with {t.get('module')} ({t.get('flavor')}), but this runner uses {flavor}; {fix}")
+    if trt_version is not None and t.get("version") != trt_version:
+        raise EngineError(f"{name}: built with {t.get('module')} {t.get('version')}, installed is {trt_version} "
+                          f"(engines are tied to the exact TensorRT version); {fix}")
+    if sm is not None:
+        targets = sc.get("targets", {}).get("sm", [])
+        if sm not in targets:
+            raise EngineError(f"{name}: built for {', '.join(f'sm_{s}' for s in targets) or 'no GPU'}, this GPU is "
+                              f"sm_{sm}; {fix} --arch sm_{sm}")
+    want_pv = plugin_version or PLUGIN_VERSION
+    pl = sc.get("plugin")
+    if pl is not None and pl.get("version") != want_pv:
+        raise EngineError(f"{name}: its SpatialMLP plugin is version {pl.get('version')}, this asap-deploy has "
+                          f"version {want_pv}; {fix}")
+    if bundle is not None:
+        src = sc.get("source_onnx", {})
+        listed = bundle.manifest.get("files", {}).get(src.get("file"), {})
+        if listed.get("sha256") != src.get("sha256"):
+            raise EngineError(f"{name}: built from {src.get('file')} with sha256 {str(src.get('sha256'))[:16]}..., the "
+                              f"bundle {bundle.path} has {str(listed.get('sha256'))[:16]}... (re-exported since); {fix}")
+
+
+# ---- building -------------------------------------------------------------------------------------
+@dataclass
+class BuildOptions:
+    flavor: str = "rtx"
+    stage: str = "all"
+    fp16: bool = False
+    profile: Profile | None = None
+    archs: Sequence[int] | None = None  # None: rtx -> RTX_ARCHS; tensorrt -> this GPU
+    out_dir: Path | None = None  # default: the bundle folder
+    timing_cache: Path | None = None  # default: <bundle>/timing.<flavor>.cache
+    kernel_cache: Path | None = None
+
+
+@dataclass
+class BuiltEngine:
+    path: Path
+    sidecar: dict
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+class _Logger:
+    """Collects TensorRT's messages (errors go into the EngineError)."""
+
+    def __init__(self, trt):
+        class L(trt.ILogger):
+            def __init__(inner):
+                trt.ILogger.__init__(inner)
+                inner.messages = []
+
+            def log(inner, severity, msg):
+                inner.messages.append((str(severity).rsplit(".", 1)[-1], str(msg)))
+
+        self.logger = L()
+
+    def errors(self) -> list[str]:
+        return [m for s, m in self.logger.messages if s in ("ERROR", "INTERNAL_ERROR")]
+
+
+def _targets(trt, flavor: str, archs: Sequence[int] | None) -> dict[str, Any]:
+    from asap_deploy.plugins import trt_compat
+
+    if flavor == "rtx":
+        archs = list(archs) if archs else list(RTX_ARCHS)
+        bad = [a for a in archs if not hasattr(trt.ComputeCapability, f"SM{a}")]
+        if bad:
+            have = ", ".join(f"sm_{m[2:]}" for m in trt.ComputeCapability.__members__ if m.startswith("SM"))
+            raise UsageError(f"TensorRT-RTX cannot target {', '.join(f'sm_{a}' for a in bad)} (it targets {have}; "
+                             f"sm_90 H100/H200 needs --flavor tensorrt)")
+        return {"kind": "rtx-compute-capabilities", "sm": archs, "built_on_gpu": False}
+    trt_compat.require_gpu("building a TensorRT engine (--flavor tensorrt)")
+    cc, name = trt_compat.device_sm(0)
+    if archs and list(archs) != [cc]:
+        raise UsageError(f"--flavor tensorrt builds for the GPU it runs on (sm_{cc}, {name}); --arch "
+                         f"{','.join(f'sm_{a}' for a in archs)} is only for --flavor rtx")
+    return {"kind": "gpu", "sm": [cc], "gpu": name, "built_on_gpu": True}
+
+
+def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None] | None = None) -> list[BuiltEngine]:
+    """Build the engines of `options.stage` for a loaded (hash-checked) bundle."""
+    import time
+
+    from asap_deploy.plugins import trt_compat
+
+    flavor = trt_compat.check_flavor(options.flavor)
+    graphs = stage_graphs(options.stage)
+    S = bundle.config.S  # noqa: N806
+    profile = (options.profile or default_profile(S)).check(S)
+    trt = trt_compat.import_trt(flavor)  # TrtUnavailable: what to install
+    targets = _targets(trt, flavor, options.archs)  # tensorrt: GPU checked before any TensorRT object
+    if flavor == "rtx":
+        trt_compat.ensure_rtx_parser_lib()  # before any parse: the parser would abort the process
+    from asap_deploy.plugins import tensorrt as trt_plugin
+    from asap_deploy.plugins.plugin_core import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+    trt_plugin.register(trt)
+    strong_only = trt_compat.strongly_typed_only(trt)
+    precision = "fp16" if options.fp16 else "fp32"
+    if options.fp16 and "fp16" not in bundle.precisions:
+        if strong_only:
+            raise EngineError(f"{bundle.path}: no fp16 graphs in this bundle, and {trt.__name__} "
+                              f"{trt_compat.trt_version(trt)} builds fp16 only from an fp16 ONNX (strongly typed): "
+                              f"re-export without --no-fp16")
+        src_precision, fp16_method = "fp32", "builder-flag FP16 on the fp32 graph (weakly typed, TensorRT 10)"
+    elif options.fp16:
+        src_precision, fp16_method = "fp16", "fp16 ONNX graph built as is (strongly typed)"
+    else:
+        src_precision, fp16_method = "fp32", None
+    strongly_typed = not (options.fp16 and src_precision == "fp32")
+    pairs = [(precision, precision)] if strongly_typed else [("fp32", "fp32"), ("fp16", "fp16")]
+    out_dir = Path(options.out_dir) if options.out_dir else bundle.path
+    cache_path = Path(options.timing_cache) if options.timing_cache else bundle.path / f"timing.{flavor}.cache"
+
+    pack = None
+    if any(g in PLUGIN_GRAPHS for g in graphs):
+        pack = plugin_kernels(bundle.config, targets["sm"], pairs, options.kernel_cache, progress)
+    built = []
+    for graph in graphs:
+        t0 = time.perf_counter()
+        src = bundle.file(graph, src_precision)
+        data = src.read_bytes()
+        src_sha = sha256_bytes(data)
+        if src_sha != bundle.manifest["files"][src.name]["sha256"]:
+            raise EngineError(f"{src}: changed since the bundle was loaded (sha256 differs from the manifest)")
+        log = _Logger(trt)
+        builder = trt.Builder(log.logger)
+        flags = 0
+        if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, log.logger)
+        if progress:
+            progress(f"parsing {src.name}")
+        uses_plugin = graph in PLUGIN_GRAPHS
+        with trt_plugin.pending_kernels(trt, pack if uses_plugin else b""):
+            ok = parser.parse(data, str(src))
+        if not ok:
+            errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or log.errors()
+            raise EngineError(f"{src.name}: the ONNX parser failed: {'; '.join(errs) or 'no message'}")
+        plugin_layers = [network.get_layer(i).name for i in range(network.num_layers)
+                         if str(network.get_layer(i).type).endswith("PLUGIN_V3")]
+        if uses_plugin and not plugin_layers:
+            raise EngineError(f"{src.name}: the parser did not map the {PLUGIN_NAMESPACE}::{PLUGIN_NAME} node to the "
+                              f"plugin (it inlined the ONNX function instead)")
+        config = builder.create_builder_config()
+        if flavor == "rtx":
+            config.num_compute_capabilities = len(targets["sm"])
+            for i, cc in enumerate(targets["sm"]):
+                config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{cc}"), i)
+        if not strongly_typed:
+            config.set_flag(trt.BuilderFlag.FP16)
+        prof = builder.create_optimization_profile()
+        profile_io = {}
+        for i in range(network.num_inputs):
+            t = network.get_input(i)
+            p = profile.for_input(t.name, S, bundle.config.num_params)
+            prof.set_shape(t.name, p["min"], p["opt"], p["max"])
+            profile_io[t.name] = p
+        config.add_optimization_profile(prof)
+        timing = None
+        if hasattr(config, "create_timing_cache"):
+            old = cache_path.read_bytes() if cache_path.is_file() else b""
+            timing = config.create_timing_cache(old)
+            if timing is None and old:  # an unreadable/foreign cache: start a new one
+                timing = config.create_timing_cache(b"")
+            if timing is not None:
+                config.set_timing_cache(timing, ignore_mismatch=False)
+        if progress:
+            progress(f"building {engine_name(graph, precision, flavor)} for "
+                     f"{', '.join(f'sm_{s}' for s in targets['sm'])}")
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise EngineError(f"{src.name}: TensorRT could not build the engine: "
+                              f"{'; '.join(log.errors()) or 'no message (run with --debug for the log)'}")
+        engine = bytes(blob)
+        notes = []
+        if uses_plugin:
+            if PLUGIN_NAME.encode() not in engine or pack.to_bytes() not in engine:
+                raise EngineError(f"{src.name}: the engine was built without the plugin's kernels in its fields "
+                                  f"(get_fields_to_serialize failed): {'; '.join(log.errors()) or 'no message'}")
+        if timing is not None:
+            ser = config.get_timing_cache().serialize()
+            with atomic_path(cache_path) as tmp:
+                tmp.write_bytes(bytes(ser))
+        eng_path = out_dir / engine_name(graph, precision, flavor)
+        sidecar = {
+            "schema": SIDECAR_SCHEMA,
+            "schema_version": SIDECAR_VERSION,
+            "engine": {"file": eng_path.name, "sha256": sha256_bytes(engine), "bytes": len(engine)},
+            "graph": graph,
+            "precision": precision,
+            "fp16_method": fp16_method,
+            "strongly_typed": strongly_typed,
+            "source_onnx": {"file": src.name, "sha256": src_sha},
+            "bundle": {"path": str(bundle.path), "weights_sha256": bundle.manifest.get("source", {}).get("weights_sha256"),
+                       "S": S, "num_params": bundle.config.num_params},
+            "tensorrt": {"flavor": flavor, "module": trt.__name__, "version": trt_compat.trt_version(trt)},
+            "targets": targets,
+            "plugin": ({"name": PLUGIN_NAME, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
+                        "layers": plugin_layers, "kernel_archs": pack.archs(),
+                        "kernel_dtypes": [list(d) for d in pack.dtypes()],
+                        "triton_version": pack.kernels[0].meta.get("triton_version"),
+                        "kernel_pack_sha256": sha256_bytes(pack.to_bytes())} if uses_plugin else None),
+            "profile": {"labels_NHW": profile.to_dict(), "inputs": profile_io},
+            "io": bundle.manifest.get("graphs", {}).get(graph, {}),
+            "timing_cache": str(cache_path) if timing is not None else None,
+        }
+        with atomic_path(eng_path) as tmp:
+            tmp.write_bytes(engine)
+        write_json(sidecar_path(eng_path), sidecar)
+        built.append(BuiltEngine(eng_path, sidecar, time.perf_counter() - t0, notes))
+        del network, parser, builder, config
+    return built
