@@ -45,7 +45,9 @@ def cli_errors(fn):
         except AsapError as exc:
             if os.environ.get("ASAP_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            from rich.markup import escape  # messages hold text like 'asap-deploy[gpu]'
+
+            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -272,6 +274,67 @@ def compile_kernels(
     console.print(table)
     console.print(f"[bold green]PASSED[/] | {len(index['kernels'])} kernels | {time.perf_counter() - t0:.1f} s | "
                   f"asap compile-kernels --arch {','.join(f'sm_{c}' for c in archs)} -o {out_dir}", highlight=False)
+
+
+@app.command("build-engine")
+@cli_errors
+def build_engine(
+    bundle_dir: Path = typer.Argument(..., help="Bundle folder written by `asap export`."),
+    fp16: bool = typer.Option(False, "--fp16", help="FP16 engine (from the bundle's fp16 ONNX; TensorRT 10 without "
+                              "fp16 graphs: the FP16 builder flag)."),
+    flavor: Optional[str] = typer.Option(None, "--flavor", help="tensorrt (full TensorRT, needs a GPU) or rtx "
+                                         "(TensorRT-RTX, builds ahead of time without a GPU). Default: tensorrt if "
+                                         "installed, else rtx."),
+    stage: str = typer.Option("all", "--stage", help="predictor, pixelwise, end-to-end or all."),
+    min_shape: Optional[str] = typer.Option(None, "--min", help="Smallest NxHxW (default 1xSxS)."),
+    opt_shape: Optional[str] = typer.Option(None, "--opt", help="NxHxW TensorRT optimizes for (default 1x1024x1024)."),
+    max_shape: Optional[str] = typer.Option(None, "--max", help="Largest NxHxW (default 4x2048x2048)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Target architectures, e.g. sm_86,sm_89 (rtx; default "
+                                       "sm_75,sm_80,sm_86,sm_89,sm_120). tensorrt: the GPU it runs on."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the engines (default: the bundle)."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file (default: "
+                                                "BUNDLE_DIR/timing.<flavor>.cache)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the sidecars as JSON."),
+) -> None:
+    """Build TensorRT engines (+ JSON sidecars) from a bundle; the SpatialMLP node becomes the asap plugin."""
+    import time
+
+    from asap_deploy.engines.build import BuildOptions, build_engines, make_profile, stage_graphs
+    from asap_deploy.export.bundle import load_bundle
+    from asap_deploy.plugins import trt_compat
+    from asap_deploy.plugins.aot import parse_archs
+
+    t0 = time.perf_counter()
+    flavor = trt_compat.check_flavor(flavor or trt_compat.default_flavor())
+    stage_graphs(stage)
+    bundle = load_bundle(bundle_dir)
+    opts = BuildOptions(flavor=flavor, stage=stage, fp16=fp16, archs=parse_archs(arch) if arch else None,
+                        profile=make_profile(bundle.config.S, min_shape, opt_shape, max_shape), out_dir=out,
+                        timing_cache=timing_cache)
+    try:
+        with console.status("building") as status:
+            built = build_engines(bundle, opts, progress=lambda msg: status.update(msg))
+    except trt_compat.RtxLibraryPathError as exc:
+        # TensorRT-RTX's parser needs libtensorrt_rtx.so on LD_LIBRARY_PATH at process start: restart once
+        err_console.print(f"[yellow]note:[/] {exc.message}; restarting with it", highlight=False)
+        trt_compat.reexec_with_library_path(exc.folder)
+    if as_json:
+        console.print_json(json.dumps([b.sidecar for b in built]))
+    else:
+        table = Table(title=f"{built[0].path.parent}: {flavor} engines ({'fp16' if fp16 else 'fp32'})")
+        for col in ("engine", "MiB", "targets", "plugin kernels", "from", "s"):
+            table.add_column(col)
+        for b in built:
+            sc = b.sidecar
+            pl = sc["plugin"]
+            table.add_row(b.path.name, f"{sc['engine']['bytes'] / 2**20:.1f}", ",".join(f"sm_{s}" for s in sc["targets"]["sm"]),
+                          ",".join(f"sm_{s}" for s in pl["kernel_archs"]) if pl else "-", sc["source_onnx"]["file"],
+                          f"{b.seconds:.1f}")
+        console.print(table)
+        if fp16:
+            console.print(f"fp16: {built[0].sidecar['fp16_method']}")
+    console.print(f"[bold green]PASSED[/] | {len(built)} engine(s) | {time.perf_counter() - t0:.1f} s | asap build-engine "
+                  f"{bundle_dir} --flavor {flavor} --stage {stage}{' --fp16' if fp16 else ''}", highlight=False)
 
 
 @app.command("make-data")
