@@ -12,7 +12,7 @@ from asap_deploy.errors import UsageError
 from .base import IMAGE, IMAGE_FLOAT, Engine
 
 # Backends that run a bundle (the torch reference is built from the bundle's weights).
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def check_backend(name: str) -> str:
@@ -31,6 +31,10 @@ def create_engine(name: str, bundle, precision: str = "fp32", **options) -> Engi
         from .onnxruntime_engine import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(bundle, precision, **options)
+    if name == "tensorrt":
+        from .tensorrt import TensorRTEngine  # engines built by `asap build-engine`; needs a GPU
+
+        return TensorRTEngine(bundle, precision, **options)
     if precision != "fp32":
         raise UsageError(f"the torch backend is the fp32 reference; precision {precision!r} is not available for it")
     from .torch_engine import TorchEngine

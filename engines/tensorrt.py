@@ -1,0 +1,258 @@
+"""TensorRT backend: runs the engines `asap build-engine` wrote, with the TensorRT runtime
+(`tensorrt` or `tensorrt_rtx`) and cuda-python. No torch, no Triton at run time: the SpatialMLP
+plugin launches the AOT kernels its engine carries through the CUDA driver.
+
+Opening an engine, in this order (each step refuses with a message saying what to do):
+  1. the sidecar (engines/build.py): engine sha256, flavour, plugin version, the bundle's ONNX
+     sha256, the installed TensorRT version: all without a GPU;
+  2. a CUDA driver and device (cuda-python) BEFORE any TensorRT object: a runtime without a driver
+     logs error 35 and then segfaults on deserialize;
+  3. the GPU's SM against the sidecar's targets; then the plugin is registered and the engine
+     deserialized.
+Running: device buffers are allocated once per input shape and reused; only label ids (and
+instance ids) are uploaded (the one-hot lives in the engine); with `cuda_graph=True` the
+execution for a fixed shape is captured once and replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from asap_deploy.errors import EngineError
+
+from .base import IMAGE, IMAGE_FLOAT, Engine
+from .build import STAGES, check_sidecar, engine_name, read_sidecar, stage_graphs
+
+ALIGN = 256  # bytes: device buffers are rounded up to this
+
+
+def find_engine(bundle, graph: str, precision: str, flavor: str, engine_dir: Path | None = None) -> Path:
+    """The engine file of `graph`, or EngineError with the command that builds it."""
+    folder = Path(engine_dir) if engine_dir else bundle.path
+    path = folder / engine_name(graph, precision, flavor)
+    if not path.is_file():
+        stage = next(s for s, gs in STAGES.items() if gs == (graph,))
+        raise EngineError(f"{path}: no {precision} {flavor} engine for the {graph} graph; build it with: asap build-engine "
+                          f"{bundle.path} --flavor {flavor} --stage {stage}{' --fp16' if precision == 'fp16' else ''}")
+    return path
+
+
+def buffer_plan(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any]) -> dict[str, int]:
+    """Bytes of each I/O tensor's device buffer (rounded up to ALIGN)."""
+    out = {}
+    for name, shape in shapes.items():
+        if any(int(d) < 0 for d in shape):
+            raise EngineError(f"tensor {name} has an unresolved shape {tuple(shape)}: set every input shape first")
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtypes[name]).itemsize
+        out[name] = max(ALIGN, -(-n // ALIGN) * ALIGN)
+    return out
+
+
+def shape_key(feeds: dict[str, np.ndarray]) -> tuple:
+    return tuple(sorted((k, tuple(v.shape), v.dtype.str) for k, v in feeds.items()))
+
+
+def check_input_range(name: str, shape: tuple[int, ...], profile: dict) -> None:
+    """EngineError when `shape` lies outside the engine's optimization profile for `name`."""
+    p = profile.get("inputs", {}).get(name)
+    if not p:
+        return
+    lo, hi = p["min"], p["max"]
+    if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
+        raise EngineError(f"input {name} of shape {tuple(shape)} is outside the engine's profile "
+                          f"min {tuple(lo)} .. max {tuple(hi)}; rebuild with wider --min/--max")
+
+
+def _drv():
+    from cuda.bindings import driver
+
+    return driver
+
+
+def _ck(result, what: str):
+    from asap_deploy.plugins.launcher import _check
+
+    return _check(_drv(), result, what)
+
+
+@dataclass
+class _Bound:
+    """Device buffers + output arrays for one input-shape signature (and its CUDA graph)."""
+
+    ptrs: dict[str, int]
+    sizes: dict[str, int]
+    out_shapes: dict[str, tuple[int, ...]]
+    graph_exec: Any = None
+    runs: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class _GraphRunner:
+    """One deserialized engine + execution context."""
+
+    def __init__(self, trt, runtime, path: Path, sidecar: dict, blob: bytes, stream, cuda_graph: bool):
+        self.trt, self.path, self.sidecar, self.stream, self.cuda_graph = trt, path, sidecar, stream, cuda_graph
+        self.engine = runtime.deserialize_cuda_engine(blob)
+        if self.engine is None:
+            raise EngineError(f"{path}: TensorRT could not deserialize it (see the log above); rebuild it")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self._bound: dict[tuple, _Bound] = {}
+
+    def _bind(self, feeds: dict[str, np.ndarray]) -> _Bound:
+        key = shape_key(feeds)
+        if key in self._bound:
+            return self._bound[key]
+        for old in list(self._bound):  # one shape at a time: free the previous buffers
+            self._free(self._bound.pop(old))
+        for n in self.inputs:
+            check_input_range(n, feeds[n].shape, self.sidecar.get("profile", {}))
+            self.context.set_input_shape(n, tuple(feeds[n].shape))
+        shapes = {n: tuple(feeds[n].shape) for n in self.inputs}
+        shapes.update({n: tuple(self.context.get_tensor_shape(n)) for n in self.outputs})
+        sizes = buffer_plan(shapes, self.dtypes)
+        ptrs = {n: int(_ck(_drv().cuMemAlloc(sizes[n]), f"cuMemAlloc({n}, {sizes[n]} B)")) for n in sizes}
+        for n, p in ptrs.items():
+            self.context.set_tensor_address(n, p)
+        b = _Bound(ptrs, sizes, {n: shapes[n] for n in self.outputs})
+        self._bound[key] = b
+        return b
+
+    def _free(self, b: _Bound) -> None:
+        drv = _drv()
+        if b.graph_exec is not None:
+            drv.cuGraphExecDestroy(b.graph_exec)
+        for p in b.ptrs.values():
+            drv.cuMemFree(p)
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise EngineError(f"{self.path.name}: execute_async_v3 failed (see the TensorRT log)")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        drv = _drv()
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise EngineError(f"{self.path.name}: inputs {missing} not given")
+        feeds = {n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.inputs}
+        b = self._bind(feeds)
+        for n in self.inputs:
+            a = feeds[n]
+            _ck(drv.cuMemcpyHtoDAsync(b.ptrs[n], a.ctypes.data, a.nbytes, self.stream), f"upload {n}")
+        if self.cuda_graph and b.runs >= 1:
+            if b.graph_exec is None:  # capture after one plain run (plugins initialise on first enqueue)
+                mode = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+                _ck(drv.cuStreamBeginCapture(self.stream, mode), "cuStreamBeginCapture")
+                self._execute()
+                graph = _ck(drv.cuStreamEndCapture(self.stream), "cuStreamEndCapture")
+                b.graph_exec = _ck(drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+                drv.cuGraphDestroy(graph)
+            _ck(drv.cuGraphLaunch(b.graph_exec, self.stream), "cuGraphLaunch")
+        else:
+            self._execute()
+        b.runs += 1
+        out = {}
+        for n in self.outputs:
+            a = np.empty(b.out_shapes[n], self.dtypes[n])
+            _ck(drv.cuMemcpyDtoHAsync(a.ctypes.data, b.ptrs[n], a.nbytes, self.stream), f"download {n}")
+            out[n] = a
+        _ck(drv.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
+        return out
+
+    def close(self) -> None:
+        for k in list(self._bound):
+            self._free(self._bound.pop(k))
+        self.context = None
+        self.engine = None
+
+
+class TensorRTEngine(Engine):
+    """Engine interface over a bundle's TensorRT engines (one per graph, opened on first use)."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle, precision: str = "fp32", flavor: str | None = None, engine_dir: str | Path | None = None,
+                 device: int = 0, cuda_graph: bool = False, graphs: tuple[str, ...] | None = None):
+        super().__init__(bundle.config, precision)
+        from asap_deploy.plugins import trt_compat
+
+        self.bundle, self.device, self.cuda_graph = bundle, device, cuda_graph
+        self.flavor = trt_compat.check_flavor(flavor or trt_compat.default_flavor())
+        self.engine_dir = Path(engine_dir) if engine_dir else None
+        present = [g for g in stage_graphs("all")
+                   if (Path(engine_dir or bundle.path) / engine_name(g, precision, self.flavor)).is_file()]
+        wanted = tuple(graphs) if graphs else (tuple(present) or ("asap",))
+        # 1. sidecars, without a GPU
+        trt = trt_compat.import_trt(self.flavor)
+        self._files: dict[str, tuple[Path, dict, bytes]] = {}
+        for g in wanted:
+            path = find_engine(bundle, g, precision, self.flavor, self.engine_dir)
+            sc = read_sidecar(path)
+            blob = path.read_bytes()
+            check_sidecar(sc, blob, flavor=self.flavor, trt_version=trt_compat.trt_version(trt), bundle=bundle)
+            if sc.get("precision") != precision or sc.get("graph") != g:
+                raise EngineError(f"{path}: its sidecar says {sc.get('graph')} {sc.get('precision')}, not {g} {precision}")
+            self._files[g] = (path, sc, blob)
+        # 2. driver + device before any TensorRT object
+        trt_compat.require_gpu("running a TensorRT engine")
+        self.sm, self.gpu = trt_compat.device_sm(device)
+        for g, (_, sc, blob) in self._files.items():
+            check_sidecar(sc, sm=self.sm)
+        # 3. plugin, runtime, stream
+        from asap_deploy.plugins import tensorrt as trt_plugin
+
+        trt_plugin.register(trt)
+        self.trt = trt
+        drv = _drv()
+        dev = _ck(drv.cuDeviceGet(device), "cuDeviceGet")
+        self._ctx = _ck(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+        _ck(drv.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        self.stream = _ck(drv.cuStreamCreate(1), "cuStreamCreate")  # non-blocking: capturable
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._runners: dict[str, _GraphRunner] = {}
+
+    def runner(self, graph: str) -> _GraphRunner:
+        if graph not in self._files:
+            path = find_engine(self.bundle, graph, self.precision, self.flavor, self.engine_dir)
+            raise EngineError(f"{path}: this TensorRTEngine was opened without the {graph} engine (graphs=...)")
+        if graph not in self._runners:
+            path, sc, blob = self._files[graph]
+            self._runners[graph] = _GraphRunner(self.trt, self._runtime, path, sc, blob, self.stream, self.cuda_graph)
+        return self._runners[graph]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "flavor": self.flavor, "tensorrt": self.trt.__version__, "gpu": self.gpu,
+                "sm": self.sm, "cuda_graph": self.cuda_graph, "engines": {g: str(p) for g, (p, _, _) in self._files.items()}}
+
+    def _feeds(self, graph: str, **arrays) -> dict[str, np.ndarray]:
+        r = self.runner(graph)
+        return {n: arrays[n] for n in r.inputs}
+
+    def _generate(self, labels, instances):
+        out = self.runner("asap").run(self._feeds("asap", labels=labels, instances=instances))
+        return {IMAGE: out[IMAGE], IMAGE_FLOAT: out[IMAGE_FLOAT].astype(np.float32, copy=False)}
+
+    def _predict_params(self, labels, instances):
+        out = self.runner("predictor").run(self._feeds("predictor", labels=labels, instances=instances))
+        return out["params"].astype(np.float32, copy=False)
+
+    def _pixelwise(self, labels, params):
+        out = self.runner("pixelwise").run(self._feeds("pixelwise", labels=labels, params=params))
+        return {IMAGE: out[IMAGE], IMAGE_FLOAT: out[IMAGE_FLOAT].astype(np.float32, copy=False)}
+
+    def close(self) -> None:
+        for r in self._runners.values():
+            r.close()
+        self._runners.clear()
+        if getattr(self, "stream", None) is not None:
+            _drv().cuStreamDestroy(self.stream)
+            self.stream = None
