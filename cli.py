@@ -292,7 +292,7 @@ def build_engine(
     arch: Optional[str] = typer.Option(None, "--arch", help="Target architectures, e.g. sm_86,sm_89 (rtx; default "
                                        "sm_75,sm_80,sm_86,sm_89,sm_120). tensorrt: the GPU it runs on."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the engines (default: the bundle)."),
-    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file (default: "
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file, full TensorRT (default: "
                                                 "BUNDLE_DIR/timing.<flavor>.cache)."),
     as_json: bool = typer.Option(False, "--json", help="Print the sidecars as JSON."),
 ) -> None:

@@ -233,7 +233,7 @@ class BuildOptions:
     profile: Profile | None = None
     archs: Sequence[int] | None = None  # None: rtx -> RTX_ARCHS; tensorrt -> this GPU
     out_dir: Path | None = None  # default: the bundle folder
-    timing_cache: Path | None = None  # default: <bundle>/timing.<flavor>.cache
+    timing_cache: Path | None = None  # default: <bundle>/timing.<flavor>.cache (full TensorRT only)
     kernel_cache: Path | None = None
 
 
@@ -364,7 +364,7 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
             profile_io[t.name] = p
         config.add_optimization_profile(prof)
         timing = None
-        if hasattr(config, "create_timing_cache"):
+        if flavor == "tensorrt" and hasattr(config, "create_timing_cache"):  # TensorRT-RTX: deprecated no-ops
             old = cache_path.read_bytes() if cache_path.is_file() else b""
             timing = config.create_timing_cache(old)
             if timing is None and old:  # an unreadable/foreign cache: start a new one
