@@ -297,3 +297,15 @@ class SpatialMLPCore:
         kernel.launch(grid_for(kernel.meta, N=n, H=h, W=w), launch_values(ids, params, out, n, h, w, self.attrs),
                       stream)
         return how
+
+
+def enqueue_from_descs(state: SpatialMLPCore, input_desc, output_desc, inputs, outputs, stream, type_name) -> str:
+    """What IPluginV3OneRuntime.enqueue does: descriptors (`.dims`, `.type`) + raw device pointers +
+    raw stream -> a launch. `type_name` maps a descriptor's type to 'fp32'/'fp16'/'int32'.
+    Shared by the TensorRT plugin and the GPU harness (benchmarks/gpu_plugin.py)."""
+    d = input_desc[0].dims
+    n, h, w = int(d[0]), int(d[1]), int(d[2])
+    if type_name(input_desc[0].type) != "int32":
+        raise KernelError(f"SpatialMLP: ids must be int32, got {type_name(input_desc[0].type)}")
+    return state.enqueue(int(inputs[0]), int(inputs[1]), int(outputs[0]), n, h, w, type_name(input_desc[1].type),
+                         type_name(output_desc[0].type), int(stream))

@@ -123,16 +123,13 @@ def plugin_classes(trt) -> tuple[type, type]:
             def on_shape_change(self, inp, out):
                 d = inp[0].dims
                 self._dims = (int(d[0]), int(d[1]), int(d[2]))
-                self._types = (to_name[inp[1].type], to_name[out[0].type])
+                self._types = (to_name.get(inp[1].type), to_name.get(out[0].type))
 
             def attach_to_context(self, context):
                 return self.clone()
 
             def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
-                d = input_desc[0].dims
-                n, h, w = int(d[0]), int(d[1]), int(d[2])
-                self.state.enqueue(int(inputs[0]), int(inputs[1]), int(outputs[0]), n, h, w,
-                                   to_name[input_desc[1].type], to_name[output_desc[0].type], int(stream))
+                core.enqueue_from_descs(self.state, input_desc, output_desc, inputs, outputs, stream, to_name.get)
 
         class SpatialMLPCreator(trt.IPluginCreatorV3One):
             def __init__(self):
