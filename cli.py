@@ -409,6 +409,7 @@ def train(
     save_every: int = typer.Option(500, "--save-every", help="Checkpoint every N steps (and at the end)."),
     log_every: int = typer.Option(10, "--log-every", help="Log losses every N steps."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (torchrun: one GPU per process)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per process (default: torch's choice)."),
 ) -> None:
     """Train ASAP-Net (SPADE recipe: multiscale PatchGAN, hinge + feature matching [+ VGG] [+ L1], TTUR Adam).
 
@@ -449,7 +450,7 @@ def train(
     try:
         summary = train_run(None if (resume and cfg is None) else cfg, opts, out, data=data, label_dir=label_dir,
                             image_dir=image_dir, instance_dir=instance_dir, resume=resume, device=device,
-                            on_step=on_step, on_start=on_start)
+                            on_step=on_step, on_start=on_start, threads=threads)
     finally:
         if bar is not None:
             bar.stop()
@@ -467,6 +468,8 @@ def demo(
     minutes: float = typer.Option(2.0, help="Training time budget."),
     steps: Optional[int] = typer.Option(None, help="Stop after this many steps instead (or earlier, at --minutes)."),
     seed: int = typer.Option(0, help="Seed of the data set and the training run."),
+    threads: int = typer.Option(1, help="CPU threads (1: the small model gains little from more, and "
+                                "suffers badly when the cores are shared)."),
 ) -> None:
     """Make a synthetic data set, train a small ASAP-Net for a few minutes, write label maps, results and the loss curve."""
     from asap_deploy.errors import require_torch
@@ -490,7 +493,7 @@ def demo(
             bar.stop()
 
     try:
-        result = run_demo(out, minutes=minutes, steps=steps, seed=seed, on_event=on_event)
+        result = run_demo(out, minutes=minutes, steps=steps, seed=seed, on_event=on_event, threads=threads)
     finally:
         bar.stop()
     q = result["quality"]

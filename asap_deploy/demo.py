@@ -40,8 +40,11 @@ def demo_options(minutes: float | None, steps: int | None, seed: int):
 
 
 def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: int | None = None, seed: int = 0,
-             on_event: Callable[..., None] | None = None) -> dict[str, Any]:
+             on_event: Callable[..., None] | None = None, threads: int | None = 1) -> dict[str, Any]:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from .data import PairedDataset, find_samples
     from .synthetic import make_dataset

@@ -10,7 +10,7 @@ encoding can beat the per-class mean. Target: >= 3 dB above it after 10 CPU minu
 Training time counts train steps only (evaluations are excluded). PSNR: 8-bit images, MSE pooled
 over the held-out set.
 
-    python benchmarks/quality.py --minutes 10 --md benchmarks/QUALITY.md
+    python benchmarks/quality.py --minutes 10 --md benchmarks/QUALITY.md [--threads 1]
 """
 
 from __future__ import annotations
@@ -63,10 +63,14 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--classes", type=int, default=6)
     ap.add_argument("--data", type=Path, default=None, help="where to write the synthetic set (default: a temp dir)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's choice; 1 is faster on a busy shared machine)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None, help="write the Markdown report here")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = args.data or Path(tempfile.mkdtemp(prefix="asap_quality_"))
     make_dataset(data, args.n_train, args.n_val, args.size, args.classes, args.seed)
     cfg = small_config(args.classes, args.size)
@@ -139,7 +143,7 @@ def markdown(r: dict, minutes: float) -> str:
     lines += ["", f"**Result: {'PASSED' if r['passed'] else 'FAILED'}** - after {base['step']} steps "
               f"({base['train_seconds'] / 60:.1f} min) the model is {r['margin_db']:+.2f} dB above the per-class mean "
               "colour (target: >= +3 dB).", "",
-              "Reproduce: `python benchmarks/quality.py --minutes 10 --md benchmarks/QUALITY.md`", ""]
+              f"Reproduce: `python benchmarks/quality.py --minutes {minutes:g} --threads {r['threads']} --md benchmarks/QUALITY.md`", ""]
     return "\n".join(lines)
 
 

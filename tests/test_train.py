@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from asap_deploy.checkpoints import load_generator
 from asap_deploy.config import ModelConfig
 from asap_deploy.errors import CheckpointError, InputError, UsageError
 from asap_deploy.train.discriminator import MultiscaleDiscriminator
-from asap_deploy.train.losses import (VGGLoss, feature_matching_loss, hinge_d_loss, hinge_g_loss,
+from asap_deploy.train.losses import (VGGLoss, feature_matching_loss, hinge_d_loss, hinge_d_parts, hinge_g_loss,
                                       load_vgg19_features, vgg19_features)
 from asap_deploy.train.trainer import (STATE_FILE, TrainOptions, Trainer, batch_indices, build_trainer,
                                        read_train_state)
@@ -55,6 +54,8 @@ def test_hinge_losses_hand_computed():
     # relu(1 - real) = [.5, 0, 2, 0] -> .625 ; relu(1 + fake) = [0, 1, 1.5, .5] -> .75
     d1 = hinge_d_loss([[feat, real]], [[feat, fake]])
     assert math.isclose(float(d1), 0.625 + 0.75, rel_tol=1e-6)
+    r, f = hinge_d_parts([[feat, real]], [[feat, fake]])
+    assert math.isclose(float(r), 0.625, rel_tol=1e-6) and math.isclose(float(f), 0.75, rel_tol=1e-6)
     # two scales: the mean over scales; second scale: relu(1-3)=0, relu(1+(-3))=0
     d2 = hinge_d_loss([[feat, real], [feat, torch.full((2, 2), 3.0)]], [[feat, fake], [feat, torch.full((2, 2), -3.0)]])
     assert math.isclose(float(d2), (0.625 + 0.75) / 2, rel_tol=1e-6)

@@ -11,11 +11,9 @@ small tolerance.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

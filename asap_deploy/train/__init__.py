@@ -58,8 +58,13 @@ def dataset_factory(data=None, label_dir=None, image_dir=None, instance_dir=None
 
 def train_run(cfg: ModelConfig | None, opts, out_dir, *, data=None, label_dir=None, image_dir=None,
               instance_dir=None, resume: bool = False, device: str = "auto",
-              on_step: Callable | None = None, on_start: Callable | None = None) -> dict[str, Any]:
+              on_step: Callable | None = None, on_start: Callable | None = None,
+              threads: int | None = None) -> dict[str, Any]:
     """Train (single process, or one process of a torchrun job) and return the summary."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     from .distributed import cleanup, setup_from_env
     from .trainer import build_trainer
 

@@ -29,6 +29,7 @@ def hinge_d_loss(pred_real: list[list[torch.Tensor]], pred_fake: list[list[torch
 
 
 def hinge_d_parts(pred_real, pred_fake) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of `hinge_d_loss`, for logging: (real term, fake term)."""
     real, fake = _final(pred_real), _final(pred_fake)
     return (sum(F.relu(1 - r).mean() for r in real) / len(real),
             sum(F.relu(1 + f).mean() for f in fake) / len(fake))

@@ -216,7 +216,7 @@ class Trainer:
             fake_d = fake.detach()
             preds = self.d(torch.cat([torch.cat([sem, fake_d], 1), torch.cat([sem, real], 1)], 0))
             n = fake_d.shape[0]
-            d_fake, d_real = hinge_d_parts([[t[n:] for t in p] for p in preds], [[t[:n] for t in p] for p in preds])
+            d_real, d_fake = hinge_d_parts([[t[n:] for t in p] for p in preds], [[t[:n] for t in p] for p in preds])
             self.opt_d.zero_grad(set_to_none=True)
             (d_fake + d_real).backward()
             self.opt_d.step()
@@ -273,8 +273,7 @@ class Trainer:
                     break
                 if stop_at is not None and self.step >= stop_at:
                     break
-                out_of_time = o.minutes is not None and time.monotonic() - t0 >= o.minutes * 60
-                if any_true(out_of_time, self.ctx):
+                if o.minutes is not None and any_true(time.monotonic() - t0 >= o.minutes * 60, self.ctx):
                     break
                 last = self.train_step(*self.local_batch(self.step))
                 if self.step % o.log_every == 0 or self.step == 1:

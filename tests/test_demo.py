@@ -1,0 +1,88 @@
+"""`asap demo`, `asap make-data` and `asap train` end to end with tiny budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from asap_deploy.checkpoints import load_generator
+from asap_deploy.cli import app
+from asap_deploy.demo import run_demo
+from asap_deploy.io import read_label_map, read_rgb
+from asap_deploy.train.trainer import read_train_state
+
+runner = CliRunner()
+
+
+def said(text: str, r) -> bool:
+    """`text` appears in the command's output, ignoring where rich wrapped the lines."""
+    return "".join(text.split()) in "".join(r.output.split())
+
+
+def test_demo_writes_what_it_promises(tmp_path):
+    out = tmp_path / "demo"
+    r = runner.invoke(app, ["demo", "--out", str(out), "--steps", "2", "--minutes", "5"])
+    assert r.exit_code == 0, r.output
+    for name in ("loss_curve.png", "results_grid.png", "quality.json", "run/model.pt", "run/losses.jsonl",
+                 "data/dataset.json", "results/label_00.png", "results/compare_07.png"):
+        assert (out / name).is_file(), name
+        if name != "data/dataset.json":  # the data folder is listed as a whole
+            assert said(name.split("/")[-1], r), name
+    q = json.loads((out / "quality.json").read_text())
+    assert q["steps"] == 2 and set(q) >= {"psnr_model", "psnr_class_mean", "psnr_constant_mean"}
+    assert said("held-out PSNR", r)
+    lab = read_label_map(out / "results" / "label_00.png")
+    row = read_rgb(out / "results" / "compare_00.png")
+    assert lab.shape == (64, 64) and row.shape == (64, 3 * 64 + 4, 3)  # label | generated | target
+    # the target panel is the held-out image itself
+    np.testing.assert_array_equal(row[:, -64:], read_rgb(out / "data" / "val_img" / "000000.png"))
+    model, ck = load_generator(out / "run" / "model.pt")
+    assert ck.config.label_nc == 6 and ck.config.S == 4
+    assert not list(out.rglob(".*.tmp")) and not [p for p in out.rglob(".*") if p.is_file()]
+
+
+def test_demo_library_time_budget(tmp_path):
+    events = []
+    res = run_demo(tmp_path / "d", minutes=0.001, steps=None, on_event=lambda kind, **kw: events.append(kind))
+    assert res["steps"] >= 0 and events[0] == "stage" and "train_start" in events and "train_end" in events
+    assert Path(res["files"][-1]).name in ("loss_curve.png", "results_grid.png")
+
+
+def test_make_data_then_train_then_resume(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    r = runner.invoke(app, ["make-data", str(data), "--n", "6", "--n-val", "2", "--size", "32", "--classes", "3"])
+    assert r.exit_code == 0, r.output
+    assert said("wrote 6 training and 2 held-out pairs", r)
+    base = ["train", "--data", str(data), "--out", str(run), "--batch-size", "2", "--ndf", "8", "--save-every", "1",
+            "--l1-weight", "10", "--set", "lr_width=4", "--set", "lr_max_width=8", "--set", "lr_depth=1"]
+    r = runner.invoke(app, base + ["--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert said("trained 2 steps (total 2)", r)
+    state = read_train_state(run / "train_state.pt")
+    assert state["config"]["label_nc"] == 3 and state["config"]["crop_size"] == 32 and state["config"]["lr_width"] == 4
+    assert state["options"]["lambda_l1"] == 10.0
+    r = runner.invoke(app, base + ["--steps", "2"])
+    assert r.exit_code == 2 and said("--resume", r)  # refuses to overwrite a run
+    r = runner.invoke(app, ["train", "--out", str(run), "--resume", "--steps", "3", "--data", str(data)])
+    assert r.exit_code == 0, r.output
+    assert said("trained 1 steps (total 3)", r)
+    assert [json.loads(x)["step"] for x in (run / "losses.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_train_errors_are_one_line_with_exit_codes(tmp_path):
+    r = runner.invoke(app, ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"),
+                            "--preset", "facades", "--steps", "1"])
+    assert r.exit_code == 5 and said("missing: no such dataset folder", r)
+    r = runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "1"])
+    assert r.exit_code == 3 and said("--preset or --config", r)
+    r = runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--preset", "facades"])
+    assert r.exit_code == 2 and said("--steps or --minutes", r)
+    r = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--preset", "facades", "--steps", "1",
+                            "--set", "nonsense=1", "--data", str(tmp_path)])
+    assert r.exit_code == 3 and said("nonsense", r)
+    r = runner.invoke(app, ["make-data", str(tmp_path / "d"), "--size", "40"])
+    assert r.exit_code == 2 and said("multiple of 16", r)
+    assert "Traceback" not in r.output
