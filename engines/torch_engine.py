@@ -15,13 +15,18 @@ from .base import IMAGE, IMAGE_FLOAT, Engine
 class TorchEngine(Engine):
     name = "torch"
 
-    def __init__(self, model, device: str = "cpu"):
+    def __init__(self, model, device: str = "cpu", fused: bool | None = None):
+        """`fused`: run the pixelwise stage with the fused Triton kernel (fp16 dots); the default is
+        on for CUDA devices where the kernel supports the config, off on CPU (per-tile fp32 path)."""
         torch = require_torch("the torch backend")
         super().__init__(model.cfg, "fp32")
         self._torch = torch
         self.device = torch.device(device)
         self.model = model.to(self.device).float().eval()
         self.source = "model"
+        if fused is None:
+            fused = self.device.type == "cuda" and _kernel_supports(model.cfg)
+        self.fused = fused
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, config=None, preset=None, device: str = "cpu") -> "TorchEngine":
@@ -49,7 +54,8 @@ class TorchEngine(Engine):
         return eng
 
     def describe(self) -> dict:
-        return {**super().describe(), "device": str(self.device), "source": self.source}
+        return {**super().describe(), "device": str(self.device), "source": self.source,
+                "pixelwise": "fused Triton kernel" if self.fused else "per-tile PyTorch"}
 
     def _t(self, a: np.ndarray | None):
         return None if a is None else self._torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -58,8 +64,19 @@ class TorchEngine(Engine):
         f = rgb.float().cpu().numpy()
         return {IMAGE: to_uint8(f), IMAGE_FLOAT: f}
 
+    def _rgb(self, labels, params):
+        """Pixelwise stage -> (N, H, W, 3) float."""
+        if self.fused:
+            from asap_deploy.plugins.torch_op import spatial_mlp
+
+            return spatial_mlp(labels, params, self.config)
+        return self.model.pixelwise(labels, params)
+
     def _generate(self, labels, instances):
         with self._torch.inference_mode():
+            if self.fused:
+                lab = self._t(labels)
+                return self._out(self._rgb(lab, self.model.predict_params(lab, self._t(instances))))
             return self._out(self.model(self._t(labels), self._t(instances)).permute(0, 2, 3, 1))
 
     def _predict_params(self, labels, instances):
@@ -68,4 +85,15 @@ class TorchEngine(Engine):
 
     def _pixelwise(self, labels, params):
         with self._torch.inference_mode():
-            return self._out(self.model.pixelwise(self._t(labels), self._t(params)))
+            return self._out(self._rgb(self._t(labels), self._t(params)))
+
+
+def _kernel_supports(cfg) -> bool:
+    from asap_deploy.errors import ConfigError
+    from asap_deploy.plugins.torch_op import kernel_spec
+
+    try:
+        kernel_spec(cfg)
+    except ConfigError:
+        return False
+    return True
