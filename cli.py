@@ -504,5 +504,88 @@ def demo(
         console.print(f"  {path}")
 
 
+def _raise_interrupt(signum, frame):  # SIGTERM -> KeyboardInterrupt: temp files are removed on the way out
+    raise KeyboardInterrupt
+
+
+@app.command()
+@cli_errors
+def infer(
+    inputs: list[str] = typer.Argument(..., help="Label maps: PNG files, folders, globs (8/16-bit ids, palette PNGs, "
+                                       "or colour PNGs in --palette)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (.pt): runs on torch."),
+    bundle_dir: Optional[Path] = typer.Option(None, "--bundle", help="Bundle folder written by `asap export`."),
+    engine_file: Optional[Path] = typer.Option(None, "--engine", help="TensorRT engine written by `asap build-engine`."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or tensorrt (auto: TensorRT > "
+                                "ONNX Runtime CUDA > ONNX Runtime CPU > torch)."),
+    out: Path = typer.Option(Path("asap_out"), "-o", "--out", help="Output folder: one PNG per input, same base name."),
+    palette: Optional[str] = typer.Option(None, "--palette", help="Colour label maps: cityscapes, facades, ade20k or "
+                                          "FILE.json (default: the bundle's palette)."),
+    instances: Optional[Path] = typer.Option(None, "--instances", help="Instance map file or folder (matched by name)."),
+    scale: Optional[float] = typer.Option(None, "--scale", help="Render K times larger (K >= 1, any real): the MLP on "
+                                          "a denser pixel grid, the parameter grid from the input's own resolution."),
+    hires_labels: Optional[Path] = typer.Option(None, "--hires-labels", help="With --scale: label maps at the output "
+                                                "resolution (file or folder, matched by name)."),
+    side_by_side: bool = typer.Option(False, "--side-by-side", help="Write label | output pairs."),
+    batch: int = typer.Option(4, "--batch", help="Inputs of the same size per engine call."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs/engines."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first bad input."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the progress display."),
+) -> None:
+    """Translate label maps to photos: one PNG per input (written atomically); non-zero exit if any input failed."""
+    import signal
+
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from asap_deploy.errors import InputError
+    from asap_deploy.infer import InferOptions, Source, choose_backend, infer as run_infer, open_engine
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    source = Source(model=model, bundle=bundle_dir, engine=engine_file)
+    opts = InferOptions(out_dir=out, palette=palette, instances=instances, hires_labels=hires_labels, scale=scale,
+                        side_by_side=side_by_side, batch_size=batch, fail_fast=fail_fast, precision=precision)
+    choice = choose_backend(backend, source, precision, scale)
+    if not as_json:
+        console.print(f"backend: [bold]{choice.backend}[/] ({escape(choice.reason)})", highlight=False)
+        for s in choice.skipped:
+            console.print(f"  [dim]skipped {escape(s)}[/]", highlight=False)
+    with console.status("loading the model"):
+        engine, _ = open_engine(choice, source, precision)
+    bar = Progress(TextColumn("[bold]infer[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[name]}"), console=err_console if as_json else console, transient=as_json)
+
+    def on_file(done, total, r):
+        if "task" not in state:
+            state["task"] = bar.add_task("infer", total=total, name="")
+        bar.update(state["task"], completed=done, name=r.input.name)
+        if as_json:
+            return
+        if r.error:
+            bar.console.print(f"[red]failed:[/] {escape(r.error)}", highlight=False)
+        elif r.note:
+            bar.console.print(f"[dim]note: {escape(str(r.input))}: {escape(r.note)}[/]", highlight=False)
+
+    state: dict = {}
+    try:
+        with bar:
+            summary = run_infer(inputs, source, opts, backend, progress=on_file, engine=engine, choice=choice)
+    finally:
+        engine.close()
+    if as_json:
+        console.print_json(json.dumps(summary.to_dict()))
+    n_ok, n_bad = len(summary.written), len(summary.failed)
+    line = (f"{n_ok} image(s) written to {out}, {n_bad} failed | {summary.seconds:.2f} s | "
+            f"{summary.images_per_s:.2f} images/s | backend {summary.backend}")
+    if not as_json:
+        console.print(f"[bold {'green' if not n_bad else 'red'}]{'PASSED' if not n_bad else 'FAILED'}[/] | {escape(line)}",
+                      highlight=False)
+    if summary.stopped_early:
+        err_console.print("[yellow]stopped at the first failure (--fail-fast)[/]")
+    if n_bad:
+        raise InputError(f"{n_bad} of {n_bad + n_ok} input(s) failed: "
+                         + "; ".join(str(r.input) for r in summary.failed[:5]) + (" ..." if n_bad > 5 else ""))
+
+
 if __name__ == "__main__":
     app()

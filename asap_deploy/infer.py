@@ -1,0 +1,574 @@
+"""`asap infer` as a library: find inputs, decode label maps, pick a backend, pad, batch, run,
+crop, write one PNG per input atomically. No torch here (the onnxruntime path runs without it).
+
+    summary = infer(["maps/*.png"], "out", Source(bundle="bundle"), InferOptions(scale=2))
+
+Per input, in order: header read (size; unreadable files fail here), grouping by padded size,
+full decode + validation (ids in range, colours in the palette, instance map of the same size),
+then one Engine call per batch of same-size maps. A failing file is recorded with a message naming
+it and the others go on (`fail_fast` stops at the first). Output files are written whole or not
+at all (temp file + rename; stale temp files of an interrupted earlier run are removed first).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import AsapError, InputError, UsageError
+from .io import DEFAULT_MAX_PIXELS, write_png, to_uint8
+from .palette import Palette, load_palette
+
+IMAGE_SUFFIXES = (".png",)
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "tensorrt")
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+def discover_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files, folders (their *.png, sorted) and globs -> (paths in order, without repeats;
+    [(spec, problem)] for specs that name nothing)."""
+    paths: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for spec in specs:
+        s = str(spec)
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
+                           and not q.name.startswith("."))
+            if not found:
+                problems.append((s, f"{s}: folder holds no .png files"))
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        elif glob.has_magic(s):
+            found = sorted(Path(q) for q in glob.glob(s, recursive=True) if Path(q).is_file())
+            if not found:
+                problems.append((s, f"{s}: the pattern matches no file"))
+            paths += found
+        else:
+            problems.append((s, f"{s}: no such file or folder"))
+    seen, out = set(), []
+    for p in paths:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out, problems
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - Pillow is a base dependency
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError("reading label maps needs Pillow: pip install pillow") from exc
+    return Image
+
+
+def _open(path: Path, max_pixels: int):
+    """Pillow image with its header read (no pixels decoded yet); InputError naming the file."""
+    Image = _pil()  # noqa: N806
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        im = Image.open(path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the image ({exc})") from exc
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise InputError(f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels} pixels")
+    if w == 0 or h == 0:
+        raise InputError(f"{path}: empty image ({w}x{h})")
+    return im
+
+
+def _pixels(im, path: Path) -> np.ndarray:
+    Image = _pil()  # noqa: N806
+    try:
+        with Image.open(path) as fresh:  # decode from the file (a header-only handle may be closed)
+            fresh.load()
+            return _array(fresh)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: cannot decode the image (corrupt or truncated: {exc})") from exc
+
+
+def _array(im) -> np.ndarray:
+    mode = im.mode
+    if mode in ("P", "PA"):  # palette images: the indices are the ids
+        return np.array(im if mode == "P" else im.getchannel(0))
+    if mode == "1":
+        return np.array(im).astype(np.uint8)
+    if mode == "LA":
+        return np.array(im.getchannel(0))
+    if mode in ("L", "I", "I;16", "I;16B", "I;16L", "I;16N"):
+        a = np.array(im)
+        return a if a.dtype == np.uint8 else a.astype(np.int32)
+    if mode == "RGBA":
+        return np.array(im.convert("RGB"))
+    if mode == "RGB":
+        return np.array(im)
+    return np.array(im.convert("RGB"))
+
+
+def decode_label_map(path: str | os.PathLike, cfg: ModelConfig, palette: Palette,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A label PNG -> (H, W) ids in the model's label dtype, validated.
+
+    8/16-bit gray: the values are the ids; palette (mode P) PNG: the indices are the ids; colour:
+    looked up in `palette` (a colour image whose pixels are all gray, R = G = B, is read as ids).
+    """
+    from .scale import channel_index
+
+    path = Path(path)
+    im = _open(path, max_pixels)
+    im.close()
+    a = _pixels(im, path)
+    if a.ndim == 3:
+        if np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]):
+            a = a[..., 0]
+        else:
+            a = palette.decode(a, str(path))
+    channel_index(a, cfg, str(path))  # InputError naming the file and the first bad id
+    return a.astype(np.dtype(cfg.label_dtype))
+
+
+def decode_instance_map(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    im = _open(path, max_pixels)
+    im.close()
+    a = _pixels(im, path)
+    if a.ndim != 2:
+        raise InputError(f"{path}: instance maps must be single-channel 8- or 16-bit ids, got {a.shape[2]} channels")
+    return a.astype(np.int32)
+
+
+def match_by_name(label: Path, where: Path, what: str) -> Path:
+    """The file for `label` in folder `where` (same name, same stem as .png, or Cityscapes'
+    *_labelIds -> *_instanceIds), or `where` itself when it is a file."""
+    if where.is_file():
+        return where
+    if not where.is_dir():
+        raise InputError(f"{where}: no such {what} file or folder")
+    names = [label.name, label.stem + ".png"]
+    if "_labelIds" in label.stem:
+        names.append(label.stem.replace("_labelIds", "_instanceIds") + ".png")
+    for n in dict.fromkeys(names):
+        if (where / n).is_file():
+            return where / n
+    raise InputError(f"{label}: no {what} in {where} (looked for {', '.join(dict.fromkeys(names))})")
+
+
+# ---- geometry ---------------------------------------------------------------------------------------
+def padded_size(h: int, w: int, S: int) -> tuple[int, int]:  # noqa: N803
+    return -(-h // S) * S, -(-w // S) * S
+
+
+def pad_to_multiple(a: np.ndarray, S: int) -> np.ndarray:  # noqa: N803
+    """(H, W) -> (H', W') with H', W' the next multiples of S: reflect padding at the bottom and
+    right (the top-left H x W is the input, so cropping back is [:H, :W])."""
+    h, w = a.shape[:2]
+    ph, pw = padded_size(h, w, S)
+    if (ph, pw) == (h, w):
+        return a
+    pad = [(0, ph - h), (0, pw - w)] + [(0, 0)] * (a.ndim - 2)
+    return np.pad(a, pad, mode="reflect" if min(h, w) > 1 else "edge")
+
+
+def upscale_nearest(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Nearest-neighbour resize with the same rule as --scale: out (y', x') <- (floor(y'h/H'), ...)."""
+    h, w = a.shape[:2]
+    ys = np.minimum((np.arange(out_h) * h) // out_h, h - 1)
+    xs = np.minimum((np.arange(out_w) * w) // out_w, w - 1)
+    return a[ys][:, xs]
+
+
+# ---- backend choice ------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    """Where the model comes from: exactly one of a checkpoint, a bundle, an engine file."""
+
+    model: Path | None = None
+    bundle: Path | None = None
+    engine: Path | None = None
+
+    def check(self) -> None:
+        given = [n for n in ("model", "bundle", "engine") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise UsageError("give exactly one of --model, --bundle, --engine" + (f" (got {', '.join('--' + g for g in given)})"
+                                                                                    if given else ""))
+
+
+@dataclass
+class Choice:
+    backend: str
+    reason: str
+    skipped: list[str] = field(default_factory=list)
+
+
+def _torch_ok() -> tuple[bool, str]:
+    import importlib.util
+
+    try:
+        ok = importlib.util.find_spec("torch") is not None
+    except ValueError:  # sys.modules['torch'] = None
+        ok = False
+    if ok:
+        import sys
+
+        ok = sys.modules.get("torch", True) is not None
+    return ok, "" if ok else "PyTorch is not installed (pip install 'asap-deploy[torch]')"
+
+
+def _ort_providers() -> list[str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
+def tensorrt_usable(bundle_dir: Path, precision: str) -> tuple[bool, str]:
+    """Whether engines for `bundle_dir` exist and TensorRT + a GPU are here (never raises)."""
+    import importlib.util
+
+    engines = sorted(bundle_dir.glob(f"*.{precision}.*.engine"))
+    if not engines:
+        return False, f"no {precision} engine in {bundle_dir} (build one with: asap build-engine {bundle_dir})"
+    if not any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx")):
+        return False, "neither tensorrt nor tensorrt_rtx is installed"
+    from asap_deploy.plugins.trt_compat import cuda_device_count
+
+    n, why = cuda_device_count()
+    if n == 0:
+        return False, why
+    return True, f"{len(engines)} engine(s) in {bundle_dir}, GPU present"
+
+
+def choose_backend(requested: str, source: Source, precision: str = "fp32", scale: float | None = None) -> Choice:
+    """auto: TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU > torch, with the reason and what was skipped."""
+    if requested not in BACKEND_CHOICES:
+        import difflib
+
+        near = difflib.get_close_matches(requested, BACKEND_CHOICES, n=1)
+        raise UsageError(f"unknown backend {requested!r}{'; did you mean ' + repr(near[0]) + '?' if near else ''} "
+                         f"(choose from: {', '.join(BACKEND_CHOICES)})")
+    source.check()
+    scaled = scale is not None and scale != 1
+    if source.model is not None:
+        if requested not in ("auto", "torch"):
+            raise UsageError(f"--model runs on the torch backend only; for {requested} export a bundle first "
+                             f"(asap export {source.model} -o BUNDLE) and pass --bundle")
+        ok, why = _torch_ok()
+        if not ok:
+            raise UsageError(f"--model needs the torch backend: {why}")
+        return Choice("torch", "a checkpoint (--model) runs on the PyTorch backend")
+    if source.engine is not None:
+        if requested not in ("auto", "tensorrt"):
+            raise UsageError(f"--engine runs on the tensorrt backend; for {requested} pass --bundle "
+                             f"{source.engine.parent}")
+        if scaled:
+            raise UsageError("--scale runs on the torch and onnxruntime backends: pass --bundle "
+                             f"{source.engine.parent} instead of --engine")
+        return Choice("tensorrt", f"--engine {source.engine.name}")
+    if requested != "auto":
+        if requested == "tensorrt" and scaled:
+            raise UsageError("--scale runs on the torch and onnxruntime backends, not tensorrt")
+        return Choice(requested, "--backend " + requested)
+    skipped = []
+    if scaled:
+        skipped.append("tensorrt: --scale runs on torch/onnxruntime only")
+    else:
+        ok, why = tensorrt_usable(source.bundle, precision)
+        if ok:
+            return Choice("tensorrt", f"TensorRT is fastest and usable: {why}", skipped)
+        skipped.append(f"tensorrt: {why}")
+    providers = _ort_providers()
+    if "CUDAExecutionProvider" in providers:
+        return Choice("onnxruntime-cuda", "ONNX Runtime with the CUDA provider is available", skipped)
+    skipped.append("onnxruntime CUDA: CUDAExecutionProvider not available (pip install onnxruntime-gpu)")
+    if "CPUExecutionProvider" in providers:
+        return Choice("onnxruntime", "ONNX Runtime on the CPU (no TensorRT engine / GPU here)", skipped)
+    skipped.append("onnxruntime: not installed")
+    ok, why = _torch_ok()
+    if ok:
+        return Choice("torch", "PyTorch (no ONNX Runtime here)", skipped)
+    raise UsageError("no backend can run this bundle: " + "; ".join(skipped + [f"torch: {why}"]))
+
+
+def open_engine(choice: Choice, source: Source, precision: str = "fp32"):
+    """(Engine, bundle or None) for a Choice."""
+    from asap_deploy.engines import create_engine
+    from asap_deploy.export.bundle import load_bundle
+
+    if source.model is not None:
+        from asap_deploy.engines.torch_engine import TorchEngine
+
+        return TorchEngine.from_checkpoint(source.model), None
+    if source.engine is not None:
+        eng_path = Path(source.engine)
+        if not eng_path.is_file():
+            raise InputError(f"{eng_path}: no such engine file")
+        parts = eng_path.name.split(".")  # graph.precision.flavor.engine (engines/build.py)
+        if len(parts) != 4 or parts[-1] != "engine":
+            raise UsageError(f"{eng_path}: not an engine written by asap build-engine (GRAPH.PRECISION.FLAVOR.engine)")
+        bundle = load_bundle(eng_path.parent)
+        return create_engine("tensorrt", bundle, parts[1], flavor=parts[2], graphs=(parts[0],) if parts[0] == "asap"
+                             else ("predictor", "pixelwise")), bundle
+    bundle = load_bundle(source.bundle)
+    if choice.backend == "onnxruntime-cuda":
+        return create_engine("onnxruntime", bundle, precision,
+                             providers=["CUDAExecutionProvider", "CPUExecutionProvider"]), bundle
+    return create_engine(choice.backend, bundle, precision), bundle
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+@dataclass
+class InferOptions:
+    out_dir: Path = Path("out")
+    palette: str | None = None  # None: the bundle's
+    instances: Path | None = None
+    hires_labels: Path | None = None
+    scale: float | None = None
+    side_by_side: bool = False
+    batch_size: int = 4
+    fail_fast: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    precision: str = "fp32"
+
+
+@dataclass
+class FileResult:
+    input: Path
+    output: Path | None = None
+    error: str | None = None
+    note: str | None = None
+    size: tuple[int, int] | None = None  # (H, W) of the input
+    out_size: tuple[int, int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class InferSummary:
+    results: list[FileResult]
+    backend: str
+    reason: str
+    skipped: list[str]
+    seconds: float
+    stopped_early: bool = False
+
+    @property
+    def failed(self) -> list[FileResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def written(self) -> list[FileResult]:
+        return [r for r in self.results if r.ok]
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.written) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "reason": self.reason, "skipped": self.skipped, "seconds": self.seconds,
+                "images_per_s": self.images_per_s, "stopped_early": self.stopped_early,
+                "files": [{"input": str(r.input), "output": str(r.output) if r.output else None, "error": r.error,
+                           "note": r.note} for r in self.results]}
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Create the output folder, or InputError if it cannot be created or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out_dir}: cannot create the output folder ({exc.strerror})") from exc
+    if not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise InputError(f"{out_dir}: the output folder is not writable")
+
+
+def remove_stale_partials(target: Path) -> None:
+    """Temp files of `target` left by a killed run (io.atomic_path names them .NAME.*SUFFIX)."""
+    for p in target.parent.glob(f".{target.name}.*{target.suffix}"):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            continue
+
+
+def _write(path: Path, img: np.ndarray) -> None:
+    remove_stale_partials(path)
+    try:
+        write_png(path, img)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOptions, backend: str = "auto",
+          progress: Callable[[int, int, FileResult], None] | None = None, engine=None,
+          choice: Choice | None = None) -> InferSummary:
+    """Run `asap infer`. `engine` (with `choice`) reuses an open Engine (the demo calls this in a loop)."""
+    from .scale import ScaledRenderer, check_scale, scaled_size
+
+    opts = options
+    if opts.batch_size < 1:
+        raise UsageError(f"--batch must be >= 1 (got {opts.batch_size})")
+    scale = check_scale(opts.scale) if opts.scale is not None else None
+    if opts.hires_labels is not None and scale is None:
+        raise UsageError("--hires-labels needs --scale K (the high-resolution maps are K times the input size)")
+    paths, problems = discover_inputs(inputs)
+    if not paths and not problems:
+        raise UsageError("no inputs given")
+    out_dir = Path(opts.out_dir)
+    check_out_dir(out_dir)
+    if engine is None:
+        choice = choose_backend(backend, source, opts.precision, scale)
+        engine, bundle = open_engine(choice, source, opts.precision)
+    else:
+        bundle = getattr(engine, "bundle", None)
+        choice = choice or Choice(engine.name, "engine given by the caller")
+    cfg: ModelConfig = engine.config
+    S = cfg.S  # noqa: N806
+    palette = load_palette(opts.palette, cfg, bundle.manifest if bundle is not None else None)
+    renderer = ScaledRenderer(engine) if scale is not None and scale != 1 else None
+
+    t0 = time.perf_counter()
+    results: list[FileResult] = []
+    total = len(paths) + len(problems)
+    done = [0]
+    stopped = [False]
+
+    def finish(r: FileResult) -> None:
+        results.append(r)
+        done[0] += 1
+        if progress:
+            progress(done[0], total, r)
+        if not r.ok and opts.fail_fast:
+            stopped[0] = True
+
+    for spec, msg in problems:
+        finish(FileResult(Path(spec), error=msg))
+        if stopped[0]:
+            return InferSummary(results, choice.backend, choice.reason, choice.skipped, time.perf_counter() - t0, True)
+
+    # pass 1: headers -> groups of the same padded size; output names
+    groups: dict[tuple[int, int], list[FileResult]] = {}
+    owners: dict[Path, Path] = {}
+    for p in paths:
+        r = FileResult(p)
+        try:
+            im = _open(p, opts.max_pixels)
+            w, h = im.size
+            im.close()
+            r.size = (h, w)
+            r.output = out_dir / (p.stem + ".png")
+            if r.output in owners:
+                raise InputError(f"{p}: its output {r.output} would overwrite the output of {owners[r.output]} "
+                                 "(same file name); rename one of them")
+            owners[r.output] = p
+        except AsapError as exc:
+            r.error, r.output = exc.message, None
+            finish(r)
+            if stopped[0]:
+                break
+            continue
+        groups.setdefault(padded_size(h, w, S), []).append(r)
+
+    # pass 2: per batch of the same padded size: decode, run, crop, write
+    for (ph, pw), members in groups.items():
+        if stopped[0]:
+            break
+        for i in range(0, len(members), opts.batch_size):
+            if stopped[0]:
+                break
+            batch = members[i:i + opts.batch_size]
+            labels, insts, hires, ok = [], [], [], []
+            for r in batch:
+                try:
+                    lab = decode_label_map(r.input, cfg, palette, opts.max_pixels)
+                    inst = None
+                    if cfg.instance_edges:
+                        if opts.instances is None:
+                            raise InputError(f"{r.input}: this model uses instance maps: pass --instances FOLDER")
+                        ipath = match_by_name(r.input, Path(opts.instances), "instance map")
+                        inst = decode_instance_map(ipath, opts.max_pixels)
+                        if inst.shape != lab.shape:
+                            raise InputError(f"{r.input}: its instance map {ipath} is {inst.shape[1]}x{inst.shape[0]}, "
+                                             f"the label map {lab.shape[1]}x{lab.shape[0]}")
+                    hi = None
+                    if opts.hires_labels is not None:
+                        hpath = match_by_name(r.input, Path(opts.hires_labels), "high-resolution label map")
+                        hi = decode_label_map(hpath, cfg, palette, opts.max_pixels)
+                        want = (scaled_size(lab.shape[0], scale), scaled_size(lab.shape[1], scale))
+                        if hi.shape != want:
+                            raise InputError(f"{r.input}: its high-resolution label map {hpath} is {hi.shape[1]}x"
+                                             f"{hi.shape[0]}; --scale {scale:g} of {lab.shape[1]}x{lab.shape[0]} "
+                                             f"needs {want[1]}x{want[0]}")
+                except AsapError as exc:
+                    r.error, r.output = exc.message, None
+                    finish(r)
+                    if stopped[0]:
+                        break
+                    continue
+                labels.append(pad_to_multiple(lab, S))
+                insts.append(pad_to_multiple(inst, S) if inst is not None else None)
+                hires.append(hi)
+                ok.append(r)
+            if not ok or stopped[0]:
+                continue
+            lab_b = np.stack(labels)
+            inst_b = np.stack(insts) if cfg.instance_edges else None
+            try:
+                if renderer is None:
+                    images = engine.run(lab_b, inst_b)
+                else:
+                    params = engine.predict_params(lab_b, inst_b)
+                    images = []
+                    for j, r in enumerate(ok):  # sizes differ after cropping: one render per map
+                        h, w = r.size
+                        hj = hires[j][None] if hires[j] is not None else None
+                        images.append(to_uint8(renderer.render(params[j:j + 1], lab_b[j:j + 1], scale, h, w, hj,
+                                                               str(r.input)))[0])
+            except AsapError as exc:
+                for r in ok:
+                    r.error, r.output = f"{r.input}: {exc.message}", None
+                    finish(r)
+                    if stopped[0]:
+                        break
+                continue
+            for j, r in enumerate(ok):
+                if stopped[0]:
+                    break
+                h, w = r.size
+                if renderer is None:
+                    img = images[j][:h, :w]
+                else:
+                    img = images[j]
+                notes = []
+                if (ph, pw) != (h, w):
+                    notes.append(f"padded {w}x{h} -> {pw}x{ph} (reflect, multiples of S={S}), output cropped back")
+                if renderer is not None:
+                    notes.append(f"rendered at scale {scale:g}: {img.shape[1]}x{img.shape[0]}")
+                if opts.side_by_side:
+                    src = hires[j] if hires[j] is not None else labels[j][:h, :w]
+                    left = palette.colourise(upscale_nearest(src, img.shape[0], img.shape[1]))
+                    img = np.concatenate([left, img], axis=1)
+                try:
+                    _write(r.output, img)
+                    r.out_size = img.shape[:2]
+                except AsapError as exc:
+                    r.error, r.output = exc.message, None
+                r.note = "; ".join(notes) or None
+                finish(r)
+    return InferSummary(results, choice.backend, choice.reason, choice.skipped, time.perf_counter() - t0, stopped[0])
