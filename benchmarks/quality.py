@@ -67,7 +67,12 @@ def main() -> int:
                     help="torch intra-op threads (default: torch's choice; 1 is faster on a busy shared machine)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None, help="write the Markdown report here")
+    ap.add_argument("--from-json", type=Path, default=None, help="only re-render --md from a saved --json")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        write_text(args.md, markdown(saved, saved["minutes"]))
+        return 0
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,7 +102,7 @@ def main() -> int:
     load_after = load_avg()
     final = rows[-1]
     margin = final["psnr_model"] - final["psnr_class_mean"]
-    result = {"machine": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+    result = {"minutes": args.minutes, "machine": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "load_before": load_before, "load_after": load_after,
               "config": cfg.to_dict(), "options": {k: v for k, v in vars(opts).items()},
               "data": {"n_train": args.n_train, "n_val": args.n_val, "size": args.size,
@@ -111,6 +116,19 @@ def main() -> int:
           f"{final['psnr_class_mean']:.2f} dB (margin {margin:+.2f} dB, target >= +3 dB) after "
           f"{final['step']} steps / {final['train_seconds'] / 60:.1f} min")
     return 0 if result["passed"] else 1
+
+
+def _shown_rows(rows: list[dict]) -> list[dict]:
+    """The first row at or after each time mark (and the last): a readable table; the JSON has all."""
+    marks = [0, 0.25, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9]
+    shown = []
+    for m in marks:
+        row = next((r for r in rows if r["train_seconds"] >= m * 60), None)
+        if row is not None and row not in shown:
+            shown.append(row)
+    if rows[-1] not in shown:
+        shown.append(rows[-1])
+    return shown
 
 
 def markdown(r: dict, minutes: float) -> str:
@@ -136,13 +154,24 @@ def markdown(r: dict, minutes: float) -> str:
         f"| step | train time (min) | model PSNR (dB) | per-class mean (dB) | constant mean (dB) | model - per-class (dB) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in rows:
+    for row in _shown_rows(rows):
         lines.append(f"| {row['step']} | {row['train_seconds'] / 60:.1f} | {row['psnr_model']:.2f} | "
                      f"{row['psnr_class_mean']:.2f} | {row['psnr_constant_mean']:.2f} | "
                      f"{row['psnr_model'] - row['psnr_class_mean']:+.2f} |")
     lines += ["", f"**Result: {'PASSED' if r['passed'] else 'FAILED'}** - after {base['step']} steps "
               f"({base['train_seconds'] / 60:.1f} min) the model is {r['margin_db']:+.2f} dB above the per-class mean "
               "colour (target: >= +3 dB).", "",
+              "Notes:",
+              "- Step counts are deterministic for a seed; how many steps fit in the time budget depends on the load "
+              "of the shared machine (see the load averages above).",
+              "- `--threads 1`: a first attempt with torch's default (2 threads) while other jobs held the cores "
+              "made 50 steps in 219 s instead of 11 s: intra-op threads of a small model stall under "
+              "oversubscription. `asap demo` therefore defaults to one thread.",
+              "- The learning rate is 1e-3 for G and D instead of the paper's TTUR 1e-4 / 4e-4: in a probe with the "
+              "paper's rates (L1 + GAN, same model) the held-out PSNR after 150 steps was 15.2 dB instead of 20.1 dB.",
+              "- Regression test of the claim (step-bounded, not timed): `tests/test_train_quality.py` (marked slow, "
+              "300 steps).",
+              "",
               f"Reproduce: `python benchmarks/quality.py --minutes {minutes:g} --threads {r['threads']} --md benchmarks/QUALITY.md`", ""]
     return "\n".join(lines)
 
