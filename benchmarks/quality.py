@@ -164,11 +164,13 @@ def markdown(r: dict, minutes: float) -> str:
               "Notes:",
               "- Step counts are deterministic for a seed; how many steps fit in the time budget depends on the load "
               "of the shared machine (see the load averages above).",
-              "- `--threads 1`: a first attempt with torch's default (2 threads) while other jobs held the cores "
+              "- `--threads 1`: a first attempt with torch's default (2 threads) while other jobs (and this session's "
+              "tests) held the cores "
               "made 50 steps in 219 s instead of 11 s: intra-op threads of a small model stall under "
               "oversubscription. `asap demo` therefore defaults to one thread.",
               "- The learning rate is 1e-3 for G and D instead of the paper's TTUR 1e-4 / 4e-4: in a probe with the "
-              "paper's rates (L1 + GAN, same model) the held-out PSNR after 150 steps was 15.2 dB instead of 20.1 dB.",
+              "paper's rates (same model and data) the held-out PSNR was 14.3 dB after 100 steps with L1 + GAN (18.8 dB "
+              "with 1e-3) and 15.2 dB after 150 steps with L1 alone (20.1 dB with 1e-3, L1 + GAN).",
               "- Regression test of the claim (step-bounded, not timed): `tests/test_train_quality.py` (marked slow, "
               "300 steps).",
               "",
