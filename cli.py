@@ -587,5 +587,34 @@ def infer(
                          + "; ".join(str(r.input) for r in summary.failed[:5]) + (" ..." if n_bad > 5 else ""))
 
 
+@app.command()
+@cli_errors
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    kernel_cache: Optional[Path] = typer.Option(None, "--kernel-cache", help="AOT kernel cache folder to inspect "
+                                                "(default: $ASAP_KERNEL_CACHE or ~/.cache/asap-deploy/kernels)."),
+) -> None:
+    """What is installed and usable here (torch, ONNX Runtime providers, CUDA, TensorRT, Triton, AOT kernels), and what to install."""
+    from rich.markup import escape
+
+    from asap_deploy.doctor import machine_info, machine_line, run_checks, usable_backends
+
+    checks = run_checks(kernel_cache)
+    backends = usable_backends(checks)
+    if as_json:
+        console.print_json(json.dumps({"machine": machine_info(), "checks": [c.to_dict() for c in checks],
+                                       "backends": backends}))
+        return
+    table = Table(title="asap doctor")
+    for col in ("component", "status", "version", "detail", "to fix"):
+        table.add_column(col, overflow="fold")
+    colour = {"ok": "green", "missing": "red", "warn": "yellow"}
+    for c in checks:
+        table.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", escape(c.version), escape(c.detail), escape(c.fix))
+    console.print(table)
+    console.print("machine: " + escape(machine_line(machine_info())), highlight=False)
+    console.print("backends usable here: " + escape(", ".join(f"{k}: {v}" for k, v in backends.items())), highlight=False)
+
+
 if __name__ == "__main__":
     app()
