@@ -589,6 +589,92 @@ def infer(
 
 @app.command()
 @cli_errors
+def bench(
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (.pt): exported to a temporary bundle first."),
+    bundle_dir: Optional[Path] = typer.Option(None, "--bundle", help="Bundle folder written by `asap export`."),
+    engine_file: Optional[Path] = typer.Option(None, "--engine", help="A TensorRT engine (its folder is the bundle)."),
+    backends: list[str] = typer.Option([], "--backends", "-b", help="torch, onnxruntime, onnxruntime-cuda, tensorrt "
+                                       "(repeat or comma-separate; default: all usable here). The authors' forward is "
+                                       "always included as the baseline."),
+    size: list[str] = typer.Option(["1024x1024"], "--size", help="HxW or N (repeatable)."),
+    batch: list[int] = typer.Option([1], "--batch", help="Batch size(s) (repeatable)."),
+    precision: list[str] = typer.Option(["fp32"], "--precision", help="fp32 and/or fp16 (repeatable)."),
+    warmup: float = typer.Option(0.2, "--warmup", help="Warm-up seconds per row."),
+    iterations: int = typer.Option(10, "--iterations", help="Minimum timed calls per row."),
+    duration: float = typer.Option(3.0, "--duration", help="Minimum timed seconds per row."),
+    out: Path = typer.Option(Path("asap_bench"), "-o", "--out", help="Folder for report.json, report.md, latency.png."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON report here."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory per row."),
+    seed: int = typer.Option(0, help="Seed of the random model (no model given) and the label maps."),
+) -> None:
+    """Latency per backend, size and stage (min/mean/median/p90/p95/p99, throughput, memory) vs the authors' forward."""
+    import tempfile
+
+    from rich.markup import escape
+
+    from asap_deploy.engines.bench import COLUMNS, BenchOptions, parse_size, random_bundle, run_bench, table_rows, \
+        write_reports
+    from asap_deploy.errors import UsageError
+    from asap_deploy.export.bundle import load_bundle
+
+    given = [n for n, v in (("--model", model), ("--bundle", bundle_dir), ("--engine", engine_file)) if v is not None]
+    if len(given) > 1:
+        raise UsageError(f"give at most one of --model, --bundle, --engine (got {', '.join(given)})")
+    names = [b.strip() for item in backends for b in item.split(",") if b.strip()]
+    precisions = list(dict.fromkeys(p for item in precision for p in item.split(",") if p))
+    opts = BenchOptions(backends=names or ["torch", "onnxruntime"], sizes=[parse_size(s) for s in size], batches=batch,
+                        precisions=precisions, warmup_s=warmup, min_iters=iterations, min_seconds=duration,
+                        memory=memory, seed=seed)
+    opts.check()
+    tmp = tempfile.TemporaryDirectory(prefix="asap_bench_")
+    try:
+        if bundle_dir is not None or engine_file is not None:
+            bundle = load_bundle(bundle_dir if bundle_dir is not None else engine_file.parent)
+            info = {"description": f"bundle {bundle.path}"}
+        elif model is not None:
+            from asap_deploy.export.bundle import export_checkpoint
+
+            with console.status("exporting the checkpoint to a temporary bundle"):
+                res = export_checkpoint(model, Path(tmp.name) / "bundle", fp16="fp16" in precisions)
+            bundle = load_bundle(res.path)
+            info = {"description": f"checkpoint {model}"}
+        else:
+            with console.status("making a random facades-preset model and exporting it"):
+                bundle = random_bundle(Path(tmp.name) / "bundle", "facades", seed=seed, fp16="fp16" in precisions)
+            info = {"description": "randomly initialised facades-preset model (13 labels, S=64, published widths)"}
+        info.update({"S": bundle.config.S, "config": bundle.config.to_dict()})
+        if not names:
+            from asap_deploy.infer import _ort_providers, tensorrt_usable
+
+            if "CUDAExecutionProvider" in _ort_providers():
+                opts.backends.append("onnxruntime-cuda")
+            if tensorrt_usable(bundle.path, precisions[0])[0] or engine_file is not None:
+                opts.backends.append("tensorrt")
+        with console.status("benchmarking") as status:
+            rep = run_bench(bundle, opts, progress=lambda msg: status.update(f"benchmarking {msg}"), model_info=info)
+    finally:
+        tmp.cleanup()
+    from asap_deploy.engines.bench import machine_text
+
+    table = Table(title=f"asap bench: {info['description']}")
+    for col in COLUMNS:
+        table.add_column(col, overflow="fold")
+    for row in table_rows(rep):
+        style = "bold" if row[0] == "authors" else None
+        table.add_row(*[escape(c) for c in row], style=style)
+    console.print(table)
+    console.print("machine: " + escape(machine_text(rep)), highlight=False)
+    console.print(f"[dim]{escape(rep['timing'])}; >= {iterations} iterations and >= {duration} s per row after "
+                  f"{warmup} s warm-up[/]", highlight=False)
+    paths = write_reports(rep, out, json_file)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values() if p), highlight=False)
+    failed = [r for r in rep["rows"] if r["status"] != "ok"]
+    console.print(f"[bold {'green' if not failed else 'yellow'}]{'PASSED' if not failed else 'DONE with failures'}[/] | "
+                  f"{len(rep['rows']) - len(failed)} ok, {len(failed)} failed row(s) | {rep['seconds']:.1f} s", highlight=False)
+
+
+@app.command()
+@cli_errors
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     kernel_cache: Optional[Path] = typer.Option(None, "--kernel-cache", help="AOT kernel cache folder to inspect "

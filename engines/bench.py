@@ -1,0 +1,467 @@
+"""`asap bench` as a library: latency per backend, size, batch, precision and stage, with the
+authors' forward as the baseline measured in the same run, reported as JSON, Markdown and a PNG.
+
+What is timed (wall clock, `time.perf_counter`, host side):
+  * stages `predictor` (ids -> parameter grid), `pixelwise` (ids + grid -> RGB) and `end_to_end`
+    (ids -> uint8 RGB), each called through the Engine interface, so every backend is timed the
+    same way: host arrays in, host arrays out. On a GPU the host<->device copies of the inputs and
+    outputs are INSIDE these times (TensorRT: H2D + execute + D2H + stream sync; they are not split
+    out in this version).
+  * `authors`: benchmarks' restatement of the authors' forward (engines/authors.py) on the
+    full-resolution fp32 one-hot their generator receives; building that one-hot is their caller's
+    work and is not timed (in their favour). fp32 only.
+Per item: warm-up for `warmup_s` (at least one call), then at least `min_iters` calls AND
+`min_seconds` (trtexec's defaults: 200 ms, 10, 3 s). Statistics: min, max, mean, std, median,
+p90, p95, p99 with trtexec's percentile rule `sorted[max(n - 1 - int((1 - p/100) * n), 0)]`;
+throughput = images / total wall time of the timed calls. Peak memory: the growth of the process's
+resident high-water mark during the item's timed calls over its resident size before them
+(Linux: /proc/self/clear_refs resets it); memory that earlier items left in allocator caches is
+not counted again, so this is a lower bound (benchmarks/onnx_speed.py measures in fresh processes).
+On CUDA torch, torch.cuda.max_memory_allocated is reported as device memory.
+A backend that fails to load or run becomes rows with status "failed: ..." and the table goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from asap_deploy.errors import UsageError
+
+SCHEMA = "asap-deploy/bench"
+SCHEMA_VERSION = 1
+STAGES = ("predictor", "pixelwise", "end_to_end")
+BASELINE = "authors"
+BENCH_BACKENDS = ("authors", "torch", "onnxruntime", "onnxruntime-cuda", "tensorrt")
+PERCENTILES = (90, 95, 99)
+
+
+def percentile(sorted_samples: Sequence[float], p: float) -> float:
+    """trtexec's rule: sorted[max(n - 1 - int((1 - p/100) * n), 0)]."""
+    n = len(sorted_samples)
+    return sorted_samples[max(n - 1 - int((1 - p / 100) * n), 0)]
+
+
+def summarize(samples: Sequence[float], images_per_call: int, wall_s: float) -> dict:
+    """Statistics of per-call seconds, in ms, + throughput (images/s over the timed wall time)."""
+    s = sorted(samples)
+    out = {"iterations": len(s), "min_ms": s[0] * 1e3, "max_ms": s[-1] * 1e3, "mean_ms": statistics.fmean(s) * 1e3,
+           "std_ms": (statistics.stdev(s) * 1e3) if len(s) > 1 else 0.0, "median_ms": statistics.median(s) * 1e3,
+           "total_s": wall_s, "throughput_ips": images_per_call * len(s) / wall_s if wall_s > 0 else math.inf}
+    for p in PERCENTILES:
+        out[f"p{p}_ms"] = percentile(s, p) * 1e3
+    return out
+
+
+@dataclass
+class BenchOptions:
+    backends: list[str] = field(default_factory=lambda: ["torch", "onnxruntime"])
+    sizes: list[tuple[int, int]] = field(default_factory=lambda: [(1024, 1024)])
+    batches: list[int] = field(default_factory=lambda: [1])
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    warmup_s: float = 0.2
+    min_iters: int = 10
+    min_seconds: float = 3.0
+    memory: bool = True
+    seed: int = 0
+
+    def check(self, S: int | None = None) -> None:  # noqa: N803
+        for b in self.backends:
+            if b not in BENCH_BACKENDS:
+                import difflib
+
+                near = difflib.get_close_matches(b, BENCH_BACKENDS, n=1)
+                raise UsageError(f"unknown backend {b!r}{'; did you mean ' + repr(near[0]) + '?' if near else ''} "
+                                 f"(choose from: {', '.join(BENCH_BACKENDS[1:])}; the authors' baseline is always included)")
+        for s in self.stages:
+            if s not in STAGES:
+                raise UsageError(f"unknown stage {s!r} (choose from: {', '.join(STAGES)})")
+        for p in self.precisions:
+            if p not in ("fp32", "fp16"):
+                raise UsageError(f"unknown precision {p!r} (choose from: fp32, fp16)")
+        if self.min_iters < 1 or self.min_seconds < 0 or self.warmup_s < 0:
+            raise UsageError("--iterations must be >= 1, --duration and --warmup >= 0")
+        if any(b < 1 for b in self.batches):
+            raise UsageError("--batch must be >= 1")
+        for h, w in self.sizes:
+            if h < 1 or w < 1:
+                raise UsageError(f"size {h}x{w} must be positive")
+            if S and (h % S or w % S):
+                raise UsageError(f"size {h}x{w} (HxW) is not a multiple of S={S}: use {-(-h // S) * S}x{-(-w // S) * S}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1024' or '512x1024' (HxW)."""
+    t = text.lower().replace(" ", "")
+    try:
+        if "x" in t:
+            h, w = t.split("x", 1)
+            return int(h), int(w)
+        return int(t), int(t)
+    except ValueError as exc:
+        raise UsageError(f"bad size {text!r}: expected N or HxW, e.g. 1024 or 512x1024") from exc
+
+
+# ---- timing -------------------------------------------------------------------------------------------
+def _kib(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(fn: Callable[[], object], opts: BenchOptions, images_per_call: int,
+            device_peak: Callable[[], float | None] | None = None) -> dict:
+    """Warm up, then time `fn` for >= min_iters calls and >= min_seconds; stats + peak memory."""
+    t_end = time.perf_counter() + opts.warmup_s
+    fn()
+    while time.perf_counter() < t_end:
+        fn()
+    before = _kib("VmRSS") if opts.memory else None
+    reset = opts.memory and before is not None and _reset_peak()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < opts.min_iters or time.perf_counter() - start < opts.min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - start
+    out = summarize(samples, images_per_call, wall)
+    peak = _kib("VmHWM") if reset else None
+    out["peak_host_mib"] = (peak - before) / 1024 if peak is not None and before is not None else None
+    out["peak_device_mib"] = device_peak() if device_peak else None
+    return out
+
+
+# ---- backends as stage callables -------------------------------------------------------------------------
+class _Item:
+    """The three stage callables of one backend on one input (labels, instances)."""
+
+    def __init__(self, backend: str, ctx: "_Context", precision: str):
+        self.backend = backend
+        self.ctx = ctx
+        self.precision = precision
+        self.device_peak = None
+        if backend == BASELINE:
+            if precision != "fp32":
+                raise UsageError("the authors' forward is fp32 only (the baseline of the fp32 rows)")
+            from .authors import AuthorsForward
+
+            self.engine = None
+            self.authors = AuthorsForward(ctx.torch_model())
+        else:
+            self.engine = ctx.engine(backend, precision)
+            if backend == "torch" and getattr(self.engine, "device", None) is not None and self.engine.device.type == "cuda":
+                import torch
+
+                self.device_peak = lambda: torch.cuda.max_memory_allocated() / 2**20
+
+    def stage(self, stage: str, labels: np.ndarray, instances: np.ndarray | None) -> Callable[[], object]:
+        if self.engine is not None:
+            e = self.engine
+            if stage == "end_to_end":
+                return lambda: e.run(labels, instances)
+            if stage == "predictor":
+                return lambda: e.predict_params(labels, instances)
+            params = e.predict_params(labels, instances)
+            return lambda: e.pixelwise(labels, params)
+        import torch
+
+        a = self.authors
+        lt = torch.from_numpy(np.ascontiguousarray(labels))
+        it = torch.from_numpy(np.ascontiguousarray(instances)) if instances is not None else None
+        with torch.inference_mode():
+            onehot = a.encode(lt, it)
+            params = a.lowres(onehot) if stage == "pixelwise" else None
+
+        def run(f):
+            def call():
+                with torch.inference_mode():
+                    return f()
+            return call
+
+        return run({"end_to_end": lambda: a(onehot), "predictor": lambda: a.lowres(onehot),
+                    "pixelwise": lambda: a.pixelwise(onehot, params)}[stage])
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+class _Context:
+    """The model under test: a bundle (ONNX Runtime, TensorRT) and its PyTorch twin (torch, authors)."""
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+        self._model = None
+
+    def torch_model(self):
+        if self._model is None:
+            from .torch_engine import TorchEngine
+
+            self._model = TorchEngine.from_bundle(self.bundle).model
+        return self._model
+
+    def engine(self, backend: str, precision: str):
+        from . import create_engine
+
+        if backend == "torch":
+            if precision != "fp32":
+                raise UsageError("the torch backend is fp32 only")
+            from .torch_engine import TorchEngine
+
+            return TorchEngine(self.torch_model())
+        if backend == "onnxruntime-cuda":
+            return create_engine("onnxruntime", self.bundle, precision,
+                                 providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        return create_engine(backend, self.bundle, precision)
+
+
+def _status(exc: BaseException) -> str:
+    msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return "failed: " + " ".join(msg.split())[:300]
+
+
+def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None = None,
+              model_info: dict | None = None) -> dict:
+    """Benchmark `bundle` (export.bundle.Bundle) -> report dict (schema asap-deploy/bench v1)."""
+    from asap_deploy.doctor import machine_info
+    from asap_deploy.export.synthetic import random_label_maps
+
+    cfg = bundle.config
+    opts.check(cfg.S)
+    backends = [BASELINE] + [b for b in dict.fromkeys(opts.backends) if b != BASELINE]
+    ctx = _Context(bundle)
+    rows: list[dict] = []
+    machine = machine_info()
+    t_start = time.perf_counter()
+    for precision in opts.precisions:
+        for backend in backends:
+            base = {"backend": backend, "precision": precision}
+            if backend == BASELINE and precision != "fp32":
+                continue
+            try:
+                item = _Item(backend, ctx, precision)
+            except Exception as exc:  # noqa: BLE001 - any backend failure becomes a row; the table goes on
+                for (h, w) in opts.sizes:
+                    for n in opts.batches:
+                        rows.append({**base, "size": [h, w], "batch": n, "stage": "all", "status": _status(exc)})
+                continue
+            try:
+                for (h, w) in opts.sizes:
+                    for n in opts.batches:
+                        labels, inst = random_label_maps(cfg, n, h, w, seed=opts.seed)
+                        for st in opts.stages:
+                            row = {**base, "size": [h, w], "batch": n, "stage": st}
+                            if progress:
+                                progress(f"{backend} {precision} {h}x{w} batch {n} {st}")
+                            try:
+                                row.update(measure(item.stage(st, labels, inst), opts, n, item.device_peak))
+                                row["status"] = "ok"
+                            except Exception as exc:  # noqa: BLE001 - a failing run is a row, not the end
+                                row["status"] = _status(exc)
+                            rows.append(row)
+            finally:
+                item.close()
+    add_ratios(rows)
+    import os
+
+    machine["load_avg_start"] = machine.pop("load_avg", None)
+    machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "machine": machine,
+        "model": model_info or {"bundle": str(bundle.path), "config": cfg.to_dict(), "S": cfg.S},
+        "options": {k: v for k, v in asdict(opts).items()},
+        "baseline": BASELINE,
+        "timing": ("wall clock per call through the Engine interface (host arrays in and out; on GPUs H2D/D2H "
+                   "included); authors: their forward on the full-res fp32 one-hot (one-hot not timed); "
+                   "percentiles: trtexec rule; throughput: images / timed wall time"),
+        "seconds": time.perf_counter() - t_start,
+        "rows": rows,
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each ok row: `vs_authors` = its median / the authors' median (same size, batch, stage, fp32
+    baseline of this run) and `speedup_vs_authors` = the inverse."""
+    base = {(tuple(r["size"]), r["batch"], r["stage"]): r for r in rows
+            if r["backend"] == BASELINE and r.get("status") == "ok"}
+    for r in rows:
+        b = base.get((tuple(r["size"]), r["batch"], r["stage"]))
+        if r.get("status") == "ok" and b is not None:
+            r["vs_authors"] = r["median_ms"] / b["median_ms"]
+            r["speedup_vs_authors"] = b["median_ms"] / r["median_ms"]
+        else:
+            r["vs_authors"] = r["speedup_vs_authors"] = None
+
+
+# ---- reports -------------------------------------------------------------------------------------------------
+def validate_report(rep: dict) -> None:
+    """Check a report's structure (the JSON schema, written as code); ValueError naming the field."""
+    def need(obj, key, typ, where):
+        if key not in obj or not isinstance(obj[key], typ):
+            raise ValueError(f"{where}.{key}: missing or not {typ}")
+
+    for k, t in (("schema", str), ("schema_version", int), ("machine", dict), ("model", dict), ("options", dict),
+                 ("baseline", str), ("rows", list), ("timing", str)):
+        need(rep, k, t, "report")
+    if rep["schema"] != SCHEMA or rep["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"report.schema: {rep['schema']} v{rep['schema_version']}")
+    for k, t in (("cpu", str), ("cores", int), ("gpu", dict), ("libraries", dict)):
+        need(rep["machine"], k, t, "machine")
+    for i, r in enumerate(rep["rows"]):
+        where = f"rows[{i}]"
+        for k, t in (("backend", str), ("precision", str), ("size", list), ("batch", int), ("stage", str),
+                     ("status", str)):
+            need(r, k, t, where)
+        if r["status"] == "ok":
+            for k in ("min_ms", "max_ms", "mean_ms", "std_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms",
+                      "throughput_ips", "total_s"):
+                need(r, k, (int, float), where)
+            need(r, "iterations", int, where)
+            if not r["min_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]:
+                raise ValueError(f"{where}: statistics out of order")
+            for k in ("vs_authors", "speedup_vs_authors", "peak_host_mib", "peak_device_mib"):
+                if k not in r or not (r[k] is None or isinstance(r[k], (int, float))):
+                    raise ValueError(f"{where}.{k}: missing or not a number/null")
+
+
+def _fmt(v, spec=".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table_rows(rep: dict) -> list[list[str]]:
+    """Rows of the terminal/Markdown table: backend, precision, size, batch, stage, status, stats."""
+    out = []
+    for r in rep["rows"]:
+        size = f"{r['size'][0]}x{r['size'][1]}"
+        if r["status"] != "ok":
+            out.append([r["backend"], r["precision"], size, str(r["batch"]), r["stage"], r["status"]] + ["-"] * 10)
+            continue
+        out.append([r["backend"], r["precision"], size, str(r["batch"]), r["stage"], "ok",
+                    _fmt(r["min_ms"]), _fmt(r["mean_ms"]), _fmt(r["median_ms"]), _fmt(r["p90_ms"]), _fmt(r["p95_ms"]),
+                    _fmt(r["p99_ms"]), _fmt(r["throughput_ips"], ".2f"), _fmt(r["peak_host_mib"], ".0f"),
+                    _fmt(r["vs_authors"], ".3f"), _fmt(r["speedup_vs_authors"], ".2f") + ("x" if r["speedup_vs_authors"] else "")])
+    return out
+
+
+COLUMNS = ["backend", "precision", "size", "batch", "stage", "status", "min ms", "mean ms", "median ms", "p90 ms",
+           "p95 ms", "p99 ms", "images/s", "peak MiB", "time vs authors", "speed-up"]
+
+
+def machine_text(rep: dict) -> str:
+    from asap_deploy.doctor import machine_line
+
+    m = dict(rep["machine"])
+    m["load_avg"] = m.get("load_avg_start")
+    return machine_line(m).replace(", load ", ", load at start ", 1)
+
+
+def write_reports(rep: dict, out_dir: Path, json_file: Path | None = None) -> dict[str, Path]:
+    """report.json, report.md and latency.png in `out_dir` (+ the JSON at `json_file`), atomically."""
+    from asap_deploy.io import write_json, write_text
+
+    out_dir = Path(out_dir)
+    paths = {"json": write_json(out_dir / "report.json", rep), "markdown": write_text(out_dir / "report.md", to_markdown(rep))}
+    try:
+        paths["plot"] = plot(rep, out_dir / "latency.png")
+    except ImportError:
+        paths["plot"] = None  # matplotlib is optional (the [torch] extra)
+    if json_file is not None:
+        paths["json_file"] = write_json(Path(json_file), rep)
+    return paths
+
+
+def to_markdown(rep: dict) -> str:
+    o = rep["options"]
+    lines = [f"# asap bench", "",
+             f"Machine: {machine_text(rep)}", "",
+             f"Model: {rep['model'].get('description') or rep['model'].get('bundle', '')} (S={rep['model'].get('S')})", "",
+             f"Timing: {rep['timing']}. Warm-up {o['warmup_s']} s, then >= {o['min_iters']} iterations and "
+             f">= {o['min_seconds']} s per row. Baseline: the authors' forward, measured in the same run; "
+             "'time vs authors' = median / authors' median (lower is better), speed-up = its inverse. "
+             "Peak MiB: resident high-water mark growth during the row (lower bound).", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in table_rows(rep):
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    lines += ["", f"Total benchmark time {rep.get('seconds', 0):.0f} s; load average (1, 5, 15 min) at the start "
+              f"{rep['machine'].get('load_avg_start')}, at the end {rep['machine'].get('load_avg_end')} (a shared "
+              "CPU makes rows noisy).", ""]
+    return "\n".join(lines)
+
+
+def plot(rep: dict, path: Path) -> Path:
+    """PNG bar chart: median latency (log scale) per backend, grouped by stage, one panel per size/batch/precision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from asap_deploy.io import atomic_path
+
+    ok = [r for r in rep["rows"] if r["status"] == "ok"]
+    groups = sorted({(tuple(r["size"]), r["batch"], r["precision"]) for r in ok})
+    backends = list(dict.fromkeys(r["backend"] for r in ok))
+    stages = [s for s in STAGES if any(r["stage"] == s for r in ok)]
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 4.2), squeeze=False)
+    for ax, (size, batch, prec) in zip(axes[0], groups):
+        width = 0.8 / max(1, len(backends))
+        for bi, b in enumerate(backends):
+            vals = []
+            for s in stages:
+                r = next((r for r in ok if r["backend"] == b and r["stage"] == s and tuple(r["size"]) == size
+                          and r["batch"] == batch and r["precision"] == prec), None)
+                vals.append(r["median_ms"] if r else 0)
+            xs = np.arange(len(stages)) + bi * width
+            bars = ax.bar(xs, vals, width, label=b)
+            for x, v in zip(xs, vals):
+                if v:
+                    ax.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+            del bars
+        ax.set_xticks(np.arange(len(stages)) + width * (len(backends) - 1) / 2)
+        ax.set_xticklabels(stages)
+        ax.set_yscale("log")
+        ax.set_ylabel("median latency (ms, log scale)")
+        ax.set_title(f"{size[0]}x{size[1]}, batch {batch}, {prec}", fontsize=10)
+        ax.legend(fontsize=8)
+    if not groups:
+        axes[0][0].text(0.5, 0.5, "no successful rows", ha="center")
+    fig.suptitle(machine_text(rep)[:110], fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+# ---- the default model ---------------------------------------------------------------------------------------
+def random_bundle(out_dir: Path, preset_name: str = "facades", seed: int = 0, fp16: bool = False, config=None):
+    """Export a randomly initialised model of a preset (or config) to `out_dir`; returns the Bundle."""
+    from asap_deploy.config import preset
+    from asap_deploy.errors import require_torch
+    from asap_deploy.export.bundle import export_model, load_bundle
+    from asap_deploy.export.synthetic import random_generator
+
+    require_torch("asap bench without --bundle (a random model is made and exported)")
+    cfg = config or preset(preset_name)
+    return load_bundle(export_model(random_generator(cfg, seed), out_dir, fp16=fp16, overwrite=True,
+                                    source={"random_init": True, "preset": preset_name, "seed": seed}).path)
