@@ -45,7 +45,9 @@ PERCENTILES = (90, 95, 99)
 def percentile(sorted_samples: Sequence[float], p: float) -> float:
     """trtexec's rule: sorted[max(n - 1 - int((1 - p/100) * n), 0)]."""
     n = len(sorted_samples)
-    return sorted_samples[max(n - 1 - int((1 - p / 100) * n), 0)]
+    # (100 - p) * n / 100 rather than (1 - p/100) * n: the same number without the binary rounding
+    # that turns (1 - 0.9) * 10 into 0.99999 (and p90 of 10 samples into the maximum)
+    return sorted_samples[max(n - 1 - int((100 - p) * n / 100), 0)]
 
 
 def summarize(samples: Sequence[float], images_per_call: int, wall_s: float) -> dict:
@@ -435,7 +437,7 @@ def plot(rep: dict, path: Path) -> Path:
             bars = ax.bar(xs, vals, width, label=b)
             for x, v in zip(xs, vals):
                 if v:
-                    ax.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+                    ax.text(x, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
             del bars
         ax.set_xticks(np.arange(len(stages)) + width * (len(backends) - 1) / 2)
         ax.set_xticklabels(stages)
