@@ -426,6 +426,10 @@ def train(
     overrides = _parse_overrides(set_)
     if cfg is None and not resume:
         cfg = default_config_for(data)
+    if resume and overrides:
+        from asap_deploy.errors import UsageError
+
+        raise UsageError("--set cannot change the model of a resumed run (its config is in train_state.pt)")
     if cfg is not None and overrides:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
     opts = TrainOptions(steps=steps, minutes=minutes, batch_size=batch_size, seed=seed, lr_g=lr_g, lr_d=lr_d,
@@ -500,8 +504,16 @@ def demo(
     console.print(f"held-out PSNR: model {q['psnr_model']:.2f} dB | per-class mean colour {q['psnr_class_mean']:.2f} dB | "
                   f"constant mean colour {q['psnr_constant_mean']:.2f} dB ({result['steps']} steps)")
     console.print("wrote:")
-    for path in result["files"]:
-        console.print(f"  {path}")
+    groups: dict = {}
+    for path in map(Path, result["files"]):
+        if path.parent.name == "results":  # one line per kind of picture
+            groups.setdefault((path.parent, path.name.split("_")[0]), []).append(path.name)
+        else:
+            console.print(f"  {path}")
+    what = {"label": "label maps (ids)", "compare": "label | generated | target"}
+    for (folder, kind), names in groups.items():
+        span = names[0] if len(names) == 1 else f"{names[0].rsplit('.', 1)[0]}..{names[-1].split('_')[-1]}"
+        console.print(f"  {folder}/{span} ({len(names)} {what.get(kind, kind)})")
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM -> KeyboardInterrupt: temp files are removed on the way out

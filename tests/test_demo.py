@@ -29,8 +29,9 @@ def test_demo_writes_what_it_promises(tmp_path):
     for name in ("loss_curve.png", "results_grid.png", "quality.json", "run/model.pt", "run/losses.jsonl",
                  "data/dataset.json", "results/label_00.png", "results/compare_07.png"):
         assert (out / name).is_file(), name
-        if name != "data/dataset.json":  # the data folder is listed as a whole
+        if not name.startswith(("data/", "results/")):  # folders listed as a whole / per kind
             assert said(name.split("/")[-1], r), name
+    assert said("results/label_00..07.png (8 label maps", r) and said("results/compare_00..07.png (8 label |", r)
     q = json.loads((out / "quality.json").read_text())
     assert q["steps"] == 2 and set(q) >= {"psnr_model", "psnr_class_mean", "psnr_constant_mean"}
     assert said("held-out PSNR", r)
@@ -66,6 +67,8 @@ def test_make_data_then_train_then_resume(tmp_path):
     assert state["options"]["lambda_l1"] == 10.0
     r = runner.invoke(app, base + ["--steps", "2"])
     assert r.exit_code == 2 and said("--resume", r)  # refuses to overwrite a run
+    r = runner.invoke(app, ["train", "--out", str(run), "--resume", "--steps", "3", "--set", "lr_depth=2"])
+    assert r.exit_code == 2 and said("cannot change the model of a resumed run", r)
     r = runner.invoke(app, ["train", "--out", str(run), "--resume", "--steps", "3", "--data", str(data)])
     assert r.exit_code == 0, r.output
     assert said("trained 1 steps (total 3)", r)
