@@ -49,6 +49,15 @@ def cli_errors(fn):
 
             err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # a safety net: library code wraps these in typed errors naming the file
+            if os.environ.get("ASAP_DEBUG"):
+                raise
+            from rich.markup import escape
+
+            where = f"{exc.filename}: " if exc.filename else ""
+            err_console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))} "
+                              "(run with --debug for the traceback)", highlight=False)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
@@ -249,6 +258,7 @@ def compile_kernels(
     params_dtype: str = typer.Option("fp16", "--params-dtype",
                                      help="Parameter-grid dtypes: fp16, fp32 (the re-pack pre-pass gives fp16)."),
     out_dtype: str = typer.Option("fp32,fp16", "--out-dtype", help="Output dtypes: fp32, fp16, u8."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the kernels of a folder that already holds an index.json."),
 ) -> None:
     """Compile the fused kernel ahead of time for GPUs (no GPU needed): cubin + PTX + JSON metadata."""
     import time
@@ -261,7 +271,8 @@ def compile_kernels(
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
     variants = aot.variants_for(cfgs, params_dtypes=split(params_dtype), out_dtypes=split(out_dtype))
     with console.status("compiling") as status:
-        index = aot.compile_kernels(archs, out_dir, variants, progress=lambda msg: status.update(f"compiling {msg}"))
+        index = aot.compile_kernels(archs, out_dir, variants, progress=lambda msg: status.update(f"compiling {msg}"),
+                                    overwrite=overwrite)
     table = Table(title=f"{out_dir} (Triton {index['triton_version']})")
     for col in ("arch", "kernel", "variant", "shared B", "warps", "hidden args"):
         table.add_column(col)
@@ -295,6 +306,7 @@ def build_engine(
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file, full TensorRT (default: "
                                                 "BUNDLE_DIR/timing.<flavor>.cache)."),
     as_json: bool = typer.Option(False, "--json", help="Print the sidecars as JSON."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace engines that already exist (checked before building any)."),
 ) -> None:
     """Build TensorRT engines (+ JSON sidecars) from a bundle; the SpatialMLP node becomes the asap plugin."""
     import time
@@ -310,7 +322,7 @@ def build_engine(
     bundle = load_bundle(bundle_dir)
     opts = BuildOptions(flavor=flavor, stage=stage, fp16=fp16, archs=parse_archs(arch) if arch else None,
                         profile=make_profile(bundle.config.S, min_shape, opt_shape, max_shape), out_dir=out,
-                        timing_cache=timing_cache)
+                        timing_cache=timing_cache, overwrite=overwrite)
     try:
         with console.status("building") as status:
             built = build_engines(bundle, opts, progress=lambda msg: status.update(msg))
@@ -346,11 +358,12 @@ def make_data(
     size: int = typer.Option(64, help="Image side in pixels (a multiple of 16)."),
     classes: int = typer.Option(6, help="Number of label classes."),
     seed: int = typer.Option(0, help="Random seed: the same seed writes the same files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the data set in a folder that is not empty."),
 ) -> None:
     """Write a synthetic paired data set whose textures depend on class AND pixel position."""
     from asap_deploy.synthetic import make_dataset
 
-    info = make_dataset(out, n, n_val, size, classes, seed)
+    info = make_dataset(out, n, n_val, size, classes, seed, overwrite=overwrite)
     console.print(f"wrote {info['train']} training and {info['val']} held-out pairs ({size}x{size}, "
                   f"{classes} classes, seed {seed}) to {out}/ (facades layout; dataset.json describes it)")
 
@@ -474,8 +487,10 @@ def demo(
     seed: int = typer.Option(0, help="Seed of the data set and the training run."),
     threads: int = typer.Option(1, help="CPU threads (1: the small model gains little from more, and "
                                 "suffers badly when the cores are shared)."),
+    bench_size: int = typer.Option(1024, "--bench-size", help="Side of the square label map the bench step times."),
 ) -> None:
-    """Make a synthetic data set, train a small ASAP-Net for a few minutes, write label maps, results and the loss curve."""
+    """The whole pipeline on a CPU in a few minutes: synthetic data, train a small ASAP-Net, export, validate ONNX
+    Runtime against PyTorch, infer (also at --scale 2 and 4), a short bench at 1024x1024; one folder + index.html."""
     from asap_deploy.errors import require_torch
 
     require_torch("asap demo")
@@ -487,6 +502,8 @@ def demo(
     def on_event(kind, **kw):
         if kind == "stage":
             console.print(f"[bold]{kw['text']}[/]")
+        elif kind == "note":
+            console.print(f"  [dim]{kw['text']}[/]", highlight=False)
         elif kind == "train_start":
             bar.start()
             state["task"] = bar.add_task("train", total=kw.get("total"), completed=0, losses="")
@@ -497,12 +514,22 @@ def demo(
             bar.stop()
 
     try:
-        result = run_demo(out, minutes=minutes, steps=steps, seed=seed, on_event=on_event, threads=threads)
+        result = run_demo(out, minutes=minutes, steps=steps, seed=seed, on_event=on_event, threads=threads,
+                          bench_size=bench_size)
     finally:
         bar.stop()
     q = result["quality"]
     console.print(f"held-out PSNR: model {q['psnr_model']:.2f} dB | per-class mean colour {q['psnr_class_mean']:.2f} dB | "
                   f"constant mean colour {q['psnr_constant_mean']:.2f} dB ({result['steps']} steps)")
+    v = result["validation"]
+    console.print(f"ONNX Runtime vs PyTorch: {'[green]PASSED[/]' if v['passed'] else '[red]FAILED[/]'} ({v['report']})")
+    table = Table(title=f"latency at {bench_size}x{bench_size} (median ms; speed-up vs the authors' forward)")
+    for col in ("backend", "stage", "median ms", "speed-up"):
+        table.add_column(col)
+    for r in result["bench"]:
+        table.add_row(r["backend"], r["stage"], "-" if r["median_ms"] is None else f"{r['median_ms']:.1f}",
+                      "-" if r["speedup_vs_authors"] is None else f"{r['speedup_vs_authors']:.2f}x")
+    console.print(table)
     console.print("wrote:")
     groups: dict = {}
     for path in map(Path, result["files"]):
@@ -514,6 +541,11 @@ def demo(
     for (folder, kind), names in groups.items():
         span = names[0] if len(names) == 1 else f"{names[0].rsplit('.', 1)[0]}..{names[-1].split('_')[-1]}"
         console.print(f"  {folder}/{span} ({len(names)} {what.get(kind, kind)})")
+    console.print(f"[bold]open {(out / 'index.html').resolve()}[/] to see it all on one page")
+    if not v["passed"]:
+        from asap_deploy.errors import ValidationFailed
+
+        raise ValidationFailed(f"the demo's bundle failed validation (see {v['report']}/report.json)")
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM -> KeyboardInterrupt: temp files are removed on the way out
@@ -542,6 +574,10 @@ def infer(
     batch: int = typer.Option(4, "--batch", help="Inputs of the same size per engine call."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs/engines."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first bad input."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (default: such an "
+                                   "input fails and the others go on)."),
+    max_pixels: int = typer.Option(64 * 1024 * 1024, "--max-pixels", help="Refuse label maps whose header declares "
+                                   "more pixels than this, before decoding them."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the progress display."),
 ) -> None:
     """Translate label maps to photos: one PNG per input (written atomically); non-zero exit if any input failed."""
@@ -556,7 +592,8 @@ def infer(
     signal.signal(signal.SIGTERM, _raise_interrupt)
     source = Source(model=model, bundle=bundle_dir, engine=engine_file)
     opts = InferOptions(out_dir=out, palette=palette, instances=instances, hires_labels=hires_labels, scale=scale,
-                        side_by_side=side_by_side, batch_size=batch, fail_fast=fail_fast, precision=precision)
+                        side_by_side=side_by_side, batch_size=batch, fail_fast=fail_fast, precision=precision,
+                        overwrite=overwrite, max_pixels=max_pixels)
     choice = choose_backend(backend, source, precision, scale)
     if not as_json:
         console.print(f"backend: [bold]{choice.backend}[/] ({escape(choice.reason)})", highlight=False)
@@ -618,6 +655,7 @@ def bench(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON report here."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory per row."),
     seed: int = typer.Option(0, help="Seed of the random model (no model given) and the label maps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace report.json/report.md/latency.png (and --json) if they exist (checked before measuring)."),
 ) -> None:
     """Latency per backend, size and stage (min/mean/median/p90/p95/p99, throughput, memory) vs the authors' forward."""
     import tempfile
@@ -638,6 +676,11 @@ def bench(
                         precisions=precisions, warmup_s=warmup, min_iters=iterations, min_seconds=duration,
                         memory=memory, seed=seed)
     opts.check()
+    if not overwrite:
+        from asap_deploy.io import refuse_existing
+
+        refuse_existing([out / n for n in ("report.json", "report.md", "latency.png")]
+                        + ([json_file] if json_file is not None else []), "report")
     tmp = tempfile.TemporaryDirectory(prefix="asap_bench_")
     try:
         if bundle_dir is not None or engine_file is not None:

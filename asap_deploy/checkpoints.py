@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ModelConfig, infer_config, preset as make_preset
-from .errors import CheckpointError, require_torch
+from .errors import CheckpointError, OutputError, require_torch
 from .io import atomic_path
 
 FORMAT = "asap-deploy/generator"
@@ -127,6 +127,17 @@ def save_generator(model, path: str | os.PathLike, extra: Mapping[str, Any] | No
     obj = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.cfg.to_dict(),
            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
            "extra": dict(extra or {})}
+    save_atomic(obj, path)
+    return Path(path)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file renamed over `path`; a failed write (disk full: torch raises
+    RuntimeError, not OSError) is an OutputError naming `path` and leaves no file behind."""
+    torch = require_torch("saving checkpoints")
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            raise OutputError(f"{path}: cannot write ({str(exc).strip().splitlines()[-1]}); nothing was written") from exc
     return Path(path)

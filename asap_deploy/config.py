@@ -146,7 +146,7 @@ class ModelConfig:
             raise ConfigError("model config is missing the required field 'label_nc'")
         try:
             return cls(**dict(data))
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # e.g. label_nc "x": int() in validate()
             raise ConfigError(f"invalid model config: {exc}") from exc
 
     @classmethod

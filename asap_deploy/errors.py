@@ -68,6 +68,12 @@ class EngineError(AsapError):
     exit_code = 11
 
 
+class OutputError(AsapError):
+    """An output that cannot be written (unwritable folder, disk full) or already exists without --overwrite."""
+
+    exit_code = 12
+
+
 class MissingDependencyError(AsapError):
     """An optional dependency (extra) is needed for this command."""
 

@@ -80,6 +80,9 @@ def _open(path: Path, max_pixels: int):
         raise InputError(f"{path}: no such file")
     try:
         im = Image.open(path)
+    except Image.DecompressionBombError as exc:  # the header declares more than 2x Pillow's own limit
+        raise InputError(f"{path}: the image header declares more pixels than Pillow decodes "
+                         f"({2 * (Image.MAX_IMAGE_PIXELS or 0)}; --max-pixels {max_pixels}): {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: cannot read the image ({exc})") from exc
     w, h = im.size
@@ -342,6 +345,7 @@ class InferOptions:
     fail_fast: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     precision: str = "fp32"
+    overwrite: bool = False  # False: an existing output file fails that input (the others go on)
 
 
 @dataclass
@@ -424,6 +428,8 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
     opts = options
     if opts.batch_size < 1:
         raise UsageError(f"--batch must be >= 1 (got {opts.batch_size})")
+    if opts.max_pixels < 1:
+        raise UsageError(f"--max-pixels must be >= 1 (got {opts.max_pixels})")
     scale = check_scale(opts.scale) if opts.scale is not None else None
     if opts.hires_labels is not None and scale is None:
         raise UsageError("--hires-labels needs --scale K (the high-resolution maps are K times the input size)")
@@ -476,6 +482,8 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
             if r.output in owners:
                 raise InputError(f"{p}: its output {r.output} would overwrite the output of {owners[r.output]} "
                                  "(same file name); rename one of them")
+            if not opts.overwrite and r.output.exists():
+                raise InputError(f"{p}: its output {r.output} already exists; pass --overwrite to replace it")
             owners[r.output] = p
         except AsapError as exc:
             r.error, r.output = exc.message, None

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, OutputError
 
 # Refuse images whose header declares more pixels than this before decoding them.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
@@ -19,17 +19,27 @@ DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds.
+
+    An OSError while creating, writing or renaming (unwritable folder, disk full) becomes an
+    OutputError naming `path`; the temporary file is removed on every failure, Ctrl-C included.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     tmp = Path(tmp)
     try:
-        yield tmp
-        if tmp.exists():  # mkstemp makes 0600 files: give the result the usual umask permissions
-            os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            if tmp.exists():  # mkstemp makes 0600 files: give the result the usual umask permissions
+                os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); nothing was written") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -39,6 +49,13 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def refuse_existing(paths, what: str = "output") -> None:
+    """OutputError naming the first of `paths` that exists (commands call this unless --overwrite)."""
+    for p in paths:
+        if Path(p).exists():
+            raise OutputError(f"{p}: the {what} already exists; pass --overwrite to replace it")
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -57,6 +74,25 @@ def _cv2():
     return cv2
 
 
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) declared by an image file's header, without decoding pixels (PNG read here,
+    other formats through Pillow's lazy open); None if the format is not recognised."""
+    size = _png_size(path)
+    if size is not None:
+        return size
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a base dependency
+        return None
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Image.DecompressionBombError:
+        return (Image.MAX_IMAGE_PIXELS or 0) * 2 + 1, 1  # more pixels than Pillow itself accepts
+    except (OSError, SyntaxError, ValueError):
+        return None  # not an image Pillow knows: OpenCV decides below
+
+
 def _png_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from a PNG header, or None if the file is not a PNG."""
     with open(path, "rb") as f:
@@ -71,7 +107,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    size = _png_size(path)
+    size = _header_size(path)  # refuse absurd sizes before any pixel buffer is allocated
     if size is not None and size[0] * size[1] > max_pixels:
         raise InputError(f"{path}: {size[0]}x{size[1]} pixels exceeds the limit of {max_pixels} pixels")
     cv2 = _cv2()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
 from .io import write_json, write_png
 
 # Orientations as (ax, ay): the grating varies along ax*x + ay*y.
@@ -96,8 +96,12 @@ def render_target(labels: np.ndarray, textures: list[ClassTexture]) -> np.ndarra
 
 
 def make_dataset(out: str | os.PathLike, n_train: int = 200, n_val: int | None = None, size: int = 64,
-                 n_classes: int = 6, seed: int = 0) -> dict:
-    """Write a synthetic set in the facades layout ({train,val}_label/, {train,val}_img/) + dataset.json."""
+                 n_classes: int = 6, seed: int = 0, overwrite: bool = True) -> dict:
+    """Write a synthetic set in the facades layout ({train,val}_label/, {train,val}_img/) + dataset.json.
+
+    `overwrite=False` (the CLI's default) refuses a folder that is not empty. When replacing a set,
+    files of the old set that the new one does not have are removed; dataset.json is written last
+    (a set without it was interrupted)."""
     if size < 32 or size % 16:
         raise UsageError(f"--size must be a multiple of 16 and >= 32 (got {size})")
     if not 2 <= n_classes <= 255:
@@ -108,6 +112,10 @@ def make_dataset(out: str | os.PathLike, n_train: int = 200, n_val: int | None =
     if n_val < 1:
         raise UsageError(f"--n-val must be >= 1 (got {n_val})")
     out = Path(out)
+    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"{out}: already exists and is not empty; pass --overwrite to replace the data set")
+    if (out / "dataset.json").exists():
+        (out / "dataset.json").unlink()  # the set is incomplete until the new one is written
     textures = class_textures(n_classes, size, seed)
     for split, n, stream in (("train", n_train, 2), ("val", n_val, 3)):
         rng = np.random.default_rng([seed, stream])
@@ -115,6 +123,11 @@ def make_dataset(out: str | os.PathLike, n_train: int = 200, n_val: int | None =
             labels = random_label_map(rng, size, n_classes)
             write_png(out / f"{split}_label" / f"{i:06d}.png", labels)
             write_png(out / f"{split}_img" / f"{i:06d}.png", render_target(labels, textures))
+        for kind in ("label", "img"):  # leftovers of a larger set written here before
+            keep = {f"{i:06d}.png" for i in range(n)}
+            for old in (out / f"{split}_{kind}").glob("*.png"):
+                if old.name not in keep:
+                    old.unlink()
     info = {"kind": "asap-deploy synthetic", "layout": "facades", "size": size, "classes": n_classes,
             "seed": seed, "train": n_train, "val": n_val,
             "suggested_config": {"label_nc": n_classes, "crop_size": size},

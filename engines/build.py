@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from asap_deploy.errors import EngineError, UsageError
-from asap_deploy.io import atomic_path, write_json
+from asap_deploy.io import atomic_path, refuse_existing, write_json
 
 SIDECAR_SCHEMA = "asap-deploy/engine"
 SIDECAR_VERSION = 1
@@ -185,7 +185,8 @@ def rebuild_command(sc: dict) -> str:
     stage = {"asap": "end-to-end"}.get(sc.get("graph"), sc.get("graph"))
     bundle = sc.get("bundle", {}).get("path", "BUNDLE_DIR")
     fp16 = " --fp16" if sc.get("precision") == "fp16" else ""
-    return f"asap build-engine {bundle} --stage {stage} --flavor {sc.get('tensorrt', {}).get('flavor')}{fp16}"
+    return (f"asap build-engine {bundle} --stage {stage} --flavor {sc.get('tensorrt', {}).get('flavor')}{fp16} "
+            "--overwrite")
 
 
 def check_sidecar(sc: dict, engine_bytes: bytes | None = None, *, trt_version: str | None = None,
@@ -235,6 +236,7 @@ class BuildOptions:
     out_dir: Path | None = None  # default: the bundle folder
     timing_cache: Path | None = None  # default: <bundle>/timing.<flavor>.cache (full TensorRT only)
     kernel_cache: Path | None = None
+    overwrite: bool = True  # False (the CLI's default): refuse engines that exist, before building any
 
 
 @dataclass
@@ -315,6 +317,8 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
     strongly_typed = not (options.fp16 and src_precision == "fp32")
     pairs = [(precision, precision)] if strongly_typed else [("fp32", "fp32"), ("fp16", "fp16")]
     out_dir = Path(options.out_dir) if options.out_dir else bundle.path
+    if not options.overwrite:
+        refuse_existing([out_dir / engine_name(g, precision, flavor) for g in graphs], "engine")
     cache_path = Path(options.timing_cache) if options.timing_cache else bundle.path / f"timing.{flavor}.cache"
 
     pack = None

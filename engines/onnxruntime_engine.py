@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from asap_deploy.errors import MissingDependencyError, UsageError
+from asap_deploy.errors import BundleError, MissingDependencyError, UsageError
 
 from .base import IMAGE, IMAGE_FLOAT, Engine
 
@@ -46,7 +46,12 @@ class OnnxRuntimeEngine(Engine):
         if graph not in self._sessions:
             ort = _ort()
             path = self.bundle.file(graph, self.precision)
-            self._sessions[graph] = ort.InferenceSession(str(path), self._options, providers=self.providers)
+            try:
+                self._sessions[graph] = ort.InferenceSession(str(path), self._options, providers=self.providers)
+            except (RuntimeError, ValueError) as exc:  # onnxruntime's Fail/InvalidGraph/NotImplemented
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise BundleError(f"{path}: ONNX Runtime cannot load this graph (an operator it does not know, or "
+                                  f"an invalid graph; re-export the bundle with `asap export`): {first}") from exc
         return self._sessions[graph]
 
     def describe(self) -> dict:

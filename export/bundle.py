@@ -250,6 +250,25 @@ class Bundle:
         return self.path / file_name(graph, precision)
 
 
+def _check_manifest_shape(manifest: dict, mpath: Path) -> None:
+    """BundleError unless `files` maps plain file names (inside the bundle folder: no folders, no
+    '..', no absolute paths) to entries with a sha256, and `precisions` lists known precisions. A
+    manifest is untrusted: a name like '../../dev/zero' must not make us read outside the bundle."""
+    files, precisions = manifest["files"], manifest["precisions"]
+    if not isinstance(files, dict):
+        raise BundleError(f"{mpath}: 'files' must map file names to their sha256, got {type(files).__name__}")
+    for name, entry in files.items():
+        if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+                or "\0" in name or Path(name).name != name):
+            raise BundleError(f"{mpath}: the manifest lists {name!r}, which is not a plain file name inside the "
+                              "bundle folder; refusing to read it")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise BundleError(f"{mpath}: the manifest entry of {name} has no sha256")
+    if not isinstance(precisions, list) or not precisions or any(p not in PRECISIONS for p in precisions):
+        raise BundleError(f"{mpath}: 'precisions' must be a non-empty list of {', '.join(PRECISIONS)}, "
+                          f"got {precisions!r}")
+
+
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     """Read a bundle's manifest and check every file against its sha256 (BundleError naming the file)."""
     path = Path(path)
@@ -273,6 +292,7 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     for key in ("config", "files", "precisions", "graphs"):
         if key not in manifest:
             raise BundleError(f"{mpath}: manifest lacks the field {key!r}")
+    _check_manifest_shape(manifest, mpath)
     try:
         cfg = ModelConfig.from_dict(manifest["config"])
     except ConfigError as exc:

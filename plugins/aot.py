@@ -250,11 +250,15 @@ def compile_repack(src_dtype: str, cc: int, out_dir: str | Path, num_warps: int 
 
 def compile_kernels(archs: Sequence[int], out_dir: str | Path, variants: Sequence[Variant],
                     repack_dtypes: Sequence[str] = PARAM_DTYPES,
-                    progress: Callable[[str], None] | None = None) -> dict:
+                    progress: Callable[[str], None] | None = None, overwrite: bool = True) -> dict:
     """Compile every variant (and the re-pack pre-pass) for every architecture; write index.json.
-    Needs Triton, no GPU."""
-    triton, _, _ = _triton()
+    Needs Triton, no GPU. `overwrite=False` (the CLI's default) refuses a folder holding an index.json."""
     out_dir = Path(out_dir)
+    if not overwrite:
+        from asap_deploy.io import refuse_existing
+
+        refuse_existing([out_dir / "index.json"], "kernel folder (index.json)")
+    triton, _, _ = _triton()
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for cc in archs:

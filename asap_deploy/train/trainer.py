@@ -17,8 +17,11 @@ processes equal the single-process gradient of the global batch up to float summ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import read_state, save_generator
+from ..checkpoints import read_state, save_atomic, save_generator
 from ..config import ModelConfig
 from ..errors import CheckpointError, UsageError
-from ..io import atomic_path, write_json, write_text
+from ..io import write_json, write_text
 from ..model import ASAPNetGenerator, init_weights, label_channels
 from .discriminator import MultiscaleDiscriminator
 from .distributed import DistContext, any_true
@@ -248,8 +251,7 @@ class Trainer:
             return paths
         self.out.mkdir(parents=True, exist_ok=True)
         save_generator(self.g_raw, paths["generator"], extra={"step": self.step, "seed": self.opts.seed})
-        with atomic_path(paths["state"]) as tmp:
-            torch.save(self.state_dict(), tmp)
+        save_atomic(self.state_dict(), paths["state"])
         write_text(paths["log"], "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
         write_json(paths["config"], self.cfg.to_dict())
         if self.history:
@@ -259,6 +261,27 @@ class Trainer:
         return paths
 
     # ---- the loop --------------------------------------------------------------------------------
+    @staticmethod
+    @contextlib.contextmanager
+    def _sigint_at_step_boundary():
+        """A first Ctrl-C only sets a flag (checked between steps, so the state that is saved is never
+        half a step: G updated but not D, or a checkpoint half written); a second one interrupts at
+        once. Off the main thread (signals cannot be caught there) nothing changes."""
+        pending = []
+        if threading.current_thread() is not threading.main_thread():
+            yield pending
+            return
+
+        def on_sigint(signum, frame):
+            pending.append(signum)
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C: the usual KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield pending
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
     def run(self, on_step: Callable[[int, int | None, dict[str, float]], None] | None = None,
             stop_at: int | None = None) -> dict[str, Any]:
         """Train until `opts.steps` (or the time budget, or `stop_at`); checkpoint every save_every steps,
@@ -267,24 +290,31 @@ class Trainer:
         t0 = time.monotonic()
         start = self.step
         last: dict[str, float] = {}
+        consistent = True  # False while a step or a checkpoint is half done
         try:
-            while True:
-                if o.steps is not None and self.step >= o.steps:
-                    break
-                if stop_at is not None and self.step >= stop_at:
-                    break
-                if o.minutes is not None and any_true(time.monotonic() - t0 >= o.minutes * 60, self.ctx):
-                    break
-                last = self.train_step(*self.local_batch(self.step))
-                if self.step % o.log_every == 0 or self.step == 1:
-                    self.history.append({"step": self.step, **last})
-                if self.step % o.save_every == 0:
-                    self.save()
-                if on_step is not None:
-                    on_step(self.step, o.steps, last)
+            with self._sigint_at_step_boundary() as pending:
+                while True:
+                    if pending:
+                        raise KeyboardInterrupt
+                    consistent = False
+                    if o.steps is not None and self.step >= o.steps:
+                        break
+                    if stop_at is not None and self.step >= stop_at:
+                        break
+                    if o.minutes is not None and any_true(time.monotonic() - t0 >= o.minutes * 60, self.ctx):
+                        break
+                    last = self.train_step(*self.local_batch(self.step))
+                    if self.step % o.log_every == 0 or self.step == 1:
+                        self.history.append({"step": self.step, **last})
+                    if self.step % o.save_every == 0:
+                        self.save()
+                    consistent = True
+                    if on_step is not None:
+                        on_step(self.step, o.steps, last)
         except KeyboardInterrupt:
-            self.save()  # the work so far survives Ctrl-C; --resume continues from here
-            raise
+            if consistent:  # the work so far survives Ctrl-C; --resume continues from here
+                self.save()
+            raise  # else (a second Ctrl-C mid-step): the last complete checkpoint stays as it is
         if last and (not self.history or self.history[-1]["step"] != self.step):
             self.history.append({"step": self.step, **last})
         paths = self.save()
