@@ -4,7 +4,12 @@
 2. train a small ASAP-Net for a bounded time
 3. measure held-out PSNR next to the position-blind baselines
 4. write label maps, generated images beside their targets, and the loss curve
-(Later steps - export, validate, bench - append to `run_demo`.)
+5. export the ONNX bundle
+6. validate ONNX Runtime against the PyTorch reference on the held-out label maps
+7. `asap infer` on held-out label maps at their own size and at --scale 2 and 4 (resolution-free
+   rendering), next to nearest/bicubic upscaling of the scale-1 image
+8. a short `asap bench` at 1024x1024 (the authors' forward as the baseline)
+and an index.html (static) that shows it all together.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+import json
 
 from .io import to_uint8, write_json, write_png
 
@@ -39,8 +46,14 @@ def demo_options(minutes: float | None, steps: int | None, seed: int):
                         decay_steps=0, lambda_l1=100.0, ndf=32, save_every=10**9, log_every=5)
 
 
+STAGES = 8
+SCALES = (2, 4)
+BENCH_SIZE = 1024
+
+
 def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: int | None = None, seed: int = 0,
-             on_event: Callable[..., None] | None = None, threads: int | None = 1) -> dict[str, Any]:
+             on_event: Callable[..., None] | None = None, threads: int | None = 1,
+             bench_size: int = BENCH_SIZE, bench_seconds: float = 1.0) -> dict[str, Any]:
     import torch
 
     if threads:
@@ -58,7 +71,7 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     files: list[Path] = []
 
     # 1. data
-    emit("stage", text=f"1/4 making a synthetic data set in {out / 'data'}")
+    emit("stage", text=f"1/{STAGES} making a synthetic data set in {out / 'data'}")
     make_dataset(out / "data", DEMO_TRAIN, DEMO_VAL, DEMO_SIZE, DEMO_CLASSES, seed)
     files.append(out / "data")
 
@@ -67,7 +80,7 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     opts = demo_options(minutes, steps, seed)
     train_set = PairedDataset(find_samples(out / "data", "train")[1], cfg, augment=True)
     val_set = PairedDataset(find_samples(out / "data", "val")[1], cfg)
-    emit("stage", text=f"2/4 training a small ASAP-Net ({cfg.S}x{cfg.S} tiles, MLP {cfg.mlp_channels}) "
+    emit("stage", text=f"2/{STAGES} training a small ASAP-Net ({cfg.S}x{cfg.S} tiles, MLP {cfg.mlp_channels}) "
                        + (f"for {minutes:g} min" if minutes else f"for {steps} steps"))
     trainer = Trainer(cfg, opts, train_set, out / "run")
     emit("train_start", total=steps)
@@ -76,14 +89,14 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     files += [Path(summary["paths"]["generator"]), Path(summary["paths"]["log"])]
 
     # 3. quality
-    emit("stage", text="3/4 measuring held-out PSNR")
+    emit("stage", text=f"3/{STAGES} measuring held-out PSNR")
     model = trainer.g_raw.eval()
     quality = quality_report(model, val_set, DEMO_CLASSES)
     quality["steps"] = trainer.step
     files.append(write_json(out / "quality.json", quality))
 
     # 4. pictures: label map | generated | target, one row per held-out sample
-    emit("stage", text=f"4/4 writing pictures to {out / 'results'}")
+    emit("stage", text=f"4/{STAGES} writing pictures to {out / 'results'}")
     pal = label_palette(DEMO_CLASSES)
     rows = []
     with torch.no_grad():
@@ -103,4 +116,132 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     files.append(write_png(out / "results_grid.png", np.repeat(np.repeat(grid, scale, 0), scale, 1)))
     if trainer.history:
         files.append(plot_losses(trainer.history, out / "loss_curve.png"))
-    return {"quality": quality, "steps": trainer.step, "seconds": summary["seconds"], "files": [str(f) for f in files]}
+
+    # 5. export
+    emit("stage", text=f"5/{STAGES} exporting the ONNX bundle to {out / 'bundle'}")
+    from .export.bundle import export_model, load_bundle
+
+    export_model(model, out / "bundle", source={"checkpoint": str(summary["paths"]["generator"])}, overwrite=True)
+    bundle = load_bundle(out / "bundle")
+    files.append(out / "bundle")
+
+    # 6. validate ONNX Runtime against the PyTorch reference
+    emit("stage", text=f"6/{STAGES} validating ONNX Runtime against PyTorch on the held-out label maps")
+    from .engines import create_engine
+    from .engines.validate import folder_samples, validate
+
+    val_labels = find_samples(out / "data", "val")[0].label_dir
+    samples = folder_samples(cfg, val_labels)
+    with create_engine("torch", bundle) as ref, create_engine("onnxruntime", bundle) as ort:
+        report = validate(bundle, ref, [ort], samples, "fp32", out / "validation")
+    files.append(out / "validation")
+
+    # 7. infer at the maps' own size and resolution-free at K x
+    emit("stage", text=f"7/{STAGES} asap infer on held-out label maps at scale 1, {', '.join(map(str, SCALES))}")
+    shown = sorted(val_labels.glob("*.png"))[:N_SHOWN // 2]
+    scale_runs = infer_scales(shown, out / "bundle", out / "infer")
+    files.append(write_png(out / "scale_grid.png", scale_grid(shown, out / "infer", pal)))
+
+    # 8. bench
+    emit("stage", text=f"8/{STAGES} asap bench at {bench_size}x{bench_size} (authors' forward as baseline)")
+    from .engines.bench import BenchOptions, run_bench, write_reports
+
+    bench = run_bench(bundle, BenchOptions(sizes=[(bench_size, bench_size)], min_iters=3, min_seconds=bench_seconds, warmup_s=0.0),
+                      progress=lambda msg: emit("note", text=msg))
+    bench_files = write_reports(bench, out / "bench")
+    files += list(bench_files.values())
+
+    result = {"quality": quality, "steps": trainer.step, "seconds": summary["seconds"], "bench_size": bench_size,
+              "validation": {"passed": report.passed, "report": str(report.report_dir)},
+              "infer": scale_runs, "bench": bench_rows(bench)}
+    files.append(write_index(out, result))
+    result["files"] = [str(f) for f in files]
+    return result
+
+
+def infer_scales(labels: list[Path], bundle_dir: Path, out: Path) -> dict[str, Any]:
+    """`asap infer` (ONNX Runtime) at scale 1 and every SCALES entry; folder per scale."""
+    from .infer import InferOptions, Source, infer
+
+    runs = {}
+    for k in (1, *SCALES):
+        res = infer(labels, Source(bundle=bundle_dir), InferOptions(out_dir=out / f"scale{k}", scale=None if k == 1 else k,
+                                                                    batch_size=len(labels)), backend="onnxruntime")
+        if res.failed:
+            from .errors import InputError
+
+            raise InputError(f"demo infer at scale {k} failed: {res.failed[0].error}")
+        runs[f"scale{k}"] = {"images": len(res.written), "backend": res.backend, "seconds": res.seconds}
+    return runs
+
+
+def scale_grid(labels: list[Path], infer_dir: Path, pal: np.ndarray) -> np.ndarray:
+    """Rows: label map | scale-1 output upscaled nearest | bicubic | rendered at scale 4, all at 4x."""
+    import cv2
+
+    from .io import read_label_map, read_rgb
+
+    k = SCALES[-1]
+    rows = []
+    for p in labels:
+        lab = read_label_map(p)
+        h, w = lab.shape
+        base = read_rgb(infer_dir / "scale1" / p.name)
+        cells = [np.repeat(np.repeat(pal[lab], k, 0), k, 1),
+                 cv2.resize(base, (w * k, h * k), interpolation=cv2.INTER_NEAREST),
+                 cv2.resize(base, (w * k, h * k), interpolation=cv2.INTER_CUBIC),
+                 read_rgb(infer_dir / f"scale{k}" / p.name)]
+        gap = np.full((h * k, 4, 3), 255, np.uint8)
+        rows.append(np.concatenate([c for cell in cells for c in (cell, gap)][:-1], 1))
+    sep = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
+    return np.concatenate([c for r in rows for c in (r, sep)][:-1], 0)
+
+
+def bench_rows(rep: dict) -> list[dict[str, Any]]:
+    """The bench report's rows, reduced to what the demo shows."""
+    keep = ("backend", "stage", "status", "median_ms", "speedup_vs_authors")
+    return [{k: r.get(k) for k in keep} for r in rep.get("rows", [])]
+
+
+def write_index(out: Path, result: dict[str, Any]) -> Path:
+    """index.html: every picture and report of the demo on one static page."""
+    from html import escape
+
+    from .io import write_text
+
+    q = result["quality"]
+    val = json.loads((out / "validation" / "report.json").read_text()) if (out / "validation" / "report.json").is_file() else {}
+    bench_md = (out / "bench" / "report.md").read_text() if (out / "bench" / "report.md").is_file() else ""
+    def cell(v, fmt: str) -> str:
+        return "" if v is None else format(v, fmt)
+
+    rows = "".join(
+        f"<tr><td>{escape(str(r['backend']))}</td><td>{escape(str(r['stage']))}</td><td>{escape(str(r['status']))}</td>"
+        f"<td>{cell(r['median_ms'], '.1f')}</td><td>{cell(r['speedup_vs_authors'], '.2f')}</td></tr>"
+        for r in result["bench"])
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>asap-deploy demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} img{{max-width:100%;image-rendering:pixelated}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}} pre{{background:#f4f4f4;padding:8px;overflow:auto}}</style>
+</head><body>
+<h1>asap-deploy demo</h1>
+<p>A small ASAP-Net trained for {result['steps']} steps ({result['seconds']:.0f} s) on a synthetic data set whose
+textures depend on class and position.</p>
+<h2>Held-out quality</h2>
+<table><tr><th>model</th><th>per-class mean colour</th><th>constant mean colour</th></tr>
+<tr><td>{q['psnr_model']:.2f} dB</td><td>{q['psnr_class_mean']:.2f} dB</td><td>{q['psnr_constant_mean']:.2f} dB</td></tr></table>
+<h2>Label | generated | target</h2><img src="results_grid.png" alt="results grid">
+<h2>Loss curve</h2><img src="loss_curve.png" alt="loss curve">
+<h2>Validation: ONNX Runtime vs PyTorch</h2>
+<p><b>{'PASSED' if result['validation']['passed'] else 'FAILED'}</b> (fp32 thresholds);
+full report: <a href="validation/report.json">validation/report.json</a></p>
+<pre>{escape(json.dumps(val.get('backends', val), indent=1)[:4000])}</pre>
+<h2>Resolution-free rendering</h2>
+<p>Label map | scale-1 output upscaled (nearest) | (bicubic) | the MLP evaluated on a {SCALES[-1]}x denser grid
+(<code>asap infer --scale {SCALES[-1]}</code>).</p><img src="scale_grid.png" alt="scale grid">
+<h2>Latency at {result['bench_size']}x{result['bench_size']}</h2>
+<table><tr><th>backend</th><th>stage</th><th>status</th><th>median ms</th><th>speed-up vs the authors' forward</th></tr>{rows}</table>
+<img src="bench/latency.png" alt="latency chart"><pre>{escape(bench_md)}</pre>
+</body></html>
+"""
+    return write_text(out / "index.html", page)

@@ -24,12 +24,13 @@ def said(text: str, r) -> bool:
 
 def test_demo_writes_what_it_promises(tmp_path):
     out = tmp_path / "demo"
-    r = runner.invoke(app, ["demo", "--out", str(out), "--steps", "2", "--minutes", "5"])
+    r = runner.invoke(app, ["demo", "--out", str(out), "--steps", "2", "--minutes", "5", "--bench-size", "32"])
     assert r.exit_code == 0, r.output
     for name in ("loss_curve.png", "results_grid.png", "quality.json", "run/model.pt", "run/losses.jsonl",
-                 "data/dataset.json", "results/label_00.png", "results/compare_07.png"):
+                 "data/dataset.json", "results/label_00.png", "results/compare_07.png", "bundle/manifest.json",
+                 "validation/report.json", "scale_grid.png", "bench/report.json", "bench/latency.png", "index.html"):
         assert (out / name).is_file(), name
-        if not name.startswith(("data/", "results/")):  # folders listed as a whole / per kind
+        if not name.startswith(("data/", "results/", "bundle/", "validation/")):  # folders listed as a whole
             assert said(name.split("/")[-1], r), name
     assert said("results/label_00..07.png (8 label maps", r) and said("results/compare_00..07.png (8 label |", r)
     q = json.loads((out / "quality.json").read_text())
@@ -42,14 +43,27 @@ def test_demo_writes_what_it_promises(tmp_path):
     np.testing.assert_array_equal(row[:, -64:], read_rgb(out / "data" / "val_img" / "000000.png"))
     model, ck = load_generator(out / "run" / "model.pt")
     assert ck.config.label_nc == 6 and ck.config.S == 4
+    # the pipeline after training: validation passed, infer at scale 1/2/4, bench rows, one page linking it all
+    assert json.loads((out / "validation" / "report.json").read_text())["passed"] is True
+    assert said("ONNX Runtime vs PyTorch: PASSED", r)
+    for k in (1, 2, 4):
+        assert read_rgb(out / "infer" / f"scale{k}" / "000000.png").shape == (64 * k, 64 * k, 3)
+    bench = json.loads((out / "bench" / "report.json").read_text())
+    assert {r_["backend"] for r_ in bench["rows"]} >= {"authors", "torch", "onnxruntime"}
+    page = (out / "index.html").read_text()
+    import re
+
+    for src in re.findall(r'(?:src|href)="([^"]+)"', page):
+        assert (out / src).is_file(), src
     assert not list(out.rglob(".*.tmp")) and not [p for p in out.rglob(".*") if p.is_file()]
 
 
 def test_demo_library_time_budget(tmp_path):
     events = []
-    res = run_demo(tmp_path / "d", minutes=0.001, steps=None, on_event=lambda kind, **kw: events.append(kind))
+    res = run_demo(tmp_path / "d", minutes=0.001, steps=None, on_event=lambda kind, **kw: events.append(kind),
+                   bench_size=32, bench_seconds=0.0)
     assert res["steps"] >= 0 and events[0] == "stage" and "train_start" in events and "train_end" in events
-    assert Path(res["files"][-1]).name in ("loss_curve.png", "results_grid.png")
+    assert events.count("stage") == 8 and Path(res["files"][-1]).name == "index.html"
 
 
 def test_make_data_then_train_then_resume(tmp_path):
