@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,11 @@ def read_state(path: str | os.PathLike) -> Any:
             f"{path}: refused to load: the file is not a plain weights file (it would need to run code "
             f"or is corrupt). Only tensors and plain containers are accepted. Details: {first}"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
+            # damaged bytes reach torch's weights-only unpickler as broken opcodes/arguments:
+            LookupError, TypeError, AttributeError, OverflowError, struct.error) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, Any], ModelConfig | None, str]:

@@ -178,6 +178,11 @@ def read_sidecar(engine_path: Path) -> dict:
     if not isinstance(sc, dict) or sc.get("schema") != SIDECAR_SCHEMA or sc.get("schema_version") != SIDECAR_VERSION:
         raise EngineError(f"{p}: not an asap-deploy engine sidecar of version {SIDECAR_VERSION}; "
                           f"rebuild the engine with `asap build-engine`")
+    bad = [k for k in ("engine", "tensorrt", "targets", "source_onnx", "bundle", "profile") if not isinstance(sc.get(k), dict)]
+    bad += [k for k in ("plugin",) if sc.get(k) is not None and not isinstance(sc.get(k), dict)]
+    if bad or not isinstance(sc["targets"].get("sm", []), list):
+        raise EngineError(f"{p}: malformed sidecar (field(s) {', '.join(bad) or 'targets.sm'} of the wrong type); "
+                          "rebuild the engine with `asap build-engine`")
     return sc
 
 
@@ -294,6 +299,9 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
     graphs = stage_graphs(options.stage)
     S = bundle.config.S  # noqa: N806
     profile = (options.profile or default_profile(S)).check(S)
+    if not options.overwrite:  # before any TensorRT work
+        refuse_existing([Path(options.out_dir or bundle.path) / engine_name(g, "fp16" if options.fp16 else "fp32", flavor)
+                         for g in graphs], "engine")
     trt = trt_compat.import_trt(flavor)  # TrtUnavailable: what to install
     targets = _targets(trt, flavor, options.archs)  # tensorrt: GPU checked before any TensorRT object
     if flavor == "rtx":
@@ -317,8 +325,6 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
     strongly_typed = not (options.fp16 and src_precision == "fp32")
     pairs = [(precision, precision)] if strongly_typed else [("fp32", "fp32"), ("fp16", "fp16")]
     out_dir = Path(options.out_dir) if options.out_dir else bundle.path
-    if not options.overwrite:
-        refuse_existing([out_dir / engine_name(g, precision, flavor) for g in graphs], "engine")
     cache_path = Path(options.timing_cache) if options.timing_cache else bundle.path / f"timing.{flavor}.cache"
 
     pack = None
