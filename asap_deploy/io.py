@@ -74,7 +74,7 @@ def _cv2():
     return cv2
 
 
-def _header_size(path: Path) -> tuple[int, int] | None:
+def _header_size(path: Path, max_pixels: int) -> tuple[int, int] | None:
     """(width, height) declared by an image file's header, without decoding pixels (PNG read here,
     other formats through Pillow's lazy open); None if the format is not recognised."""
     size = _png_size(path)
@@ -87,8 +87,9 @@ def _header_size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             return im.size
-    except Image.DecompressionBombError:
-        return (Image.MAX_IMAGE_PIXELS or 0) * 2 + 1, 1  # more pixels than Pillow itself accepts
+    except Image.DecompressionBombError as exc:  # more pixels than Pillow itself opens
+        raise InputError(f"{path}: the image header declares more pixels than Pillow decodes "
+                         f"({2 * (Image.MAX_IMAGE_PIXELS or 0)}; limit {max_pixels}): {exc}") from exc
     except (OSError, SyntaxError, ValueError):
         return None  # not an image Pillow knows: OpenCV decides below
 
@@ -107,7 +108,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    size = _header_size(path)  # refuse absurd sizes before any pixel buffer is allocated
+    size = _header_size(path, max_pixels)  # refuse absurd sizes before any pixel buffer is allocated
     if size is not None and size[0] * size[1] > max_pixels:
         raise InputError(f"{path}: {size[0]}x{size[1]} pixels exceeds the limit of {max_pixels} pixels")
     cv2 = _cv2()
