@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import ModelConfig
-from .errors import AsapError, InputError, UsageError
+from .errors import AsapError, BundleError, InputError, UsageError
 from .io import DEFAULT_MAX_PIXELS, write_png, to_uint8
 from .palette import Palette, load_palette
 
@@ -548,6 +548,8 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
                         hj = hires[j][None] if hires[j] is not None else None
                         images.append(to_uint8(renderer.render(params[j:j + 1], lab_b[j:j + 1], scale, h, w, hj,
                                                                str(r.input)))[0])
+            except BundleError:
+                raise  # the model itself is unusable (e.g. a graph ONNX Runtime refuses): not one input's fault
             except AsapError as exc:
                 for r in ok:
                     r.error, r.output = f"{r.input}: {exc.message}", None

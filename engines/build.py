@@ -183,6 +183,9 @@ def read_sidecar(engine_path: Path) -> dict:
     if bad or not isinstance(sc["targets"].get("sm", []), list):
         raise EngineError(f"{p}: malformed sidecar (field(s) {', '.join(bad) or 'targets.sm'} of the wrong type); "
                           "rebuild the engine with `asap build-engine`")
+    if sc["engine"].get("file") != engine_path.name:
+        raise EngineError(f"{p}: describes the engine {sc['engine'].get('file')!r}, not {engine_path.name} (a sidecar "
+                          "copied from another engine?); rebuild the engine with `asap build-engine`")
     return sc
 
 

@@ -20,6 +20,17 @@ def _ort():
     return onnxruntime
 
 
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """onnxruntime's own exception classes (Fail, InvalidGraph, NotImplemented, ...: they derive
+    from Exception directly), plus the RuntimeError/ValueError its Python layer raises."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    return tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type)) + (RuntimeError,
+                                                                                                 ValueError)
+
+
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
 
@@ -48,7 +59,7 @@ class OnnxRuntimeEngine(Engine):
             path = self.bundle.file(graph, self.precision)
             try:
                 self._sessions[graph] = ort.InferenceSession(str(path), self._options, providers=self.providers)
-            except (RuntimeError, ValueError) as exc:  # onnxruntime's Fail/InvalidGraph/NotImplemented
+            except _ort_errors() as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise BundleError(f"{path}: ONNX Runtime cannot load this graph (an operator it does not know, or "
                                   f"an invalid graph; re-export the bundle with `asap export`): {first}") from exc
