@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from asap_deploy.config import DONTCARE_ID, ModelConfig
-from asap_deploy.errors import BundleError, ConfigError
+from asap_deploy.errors import BundleError, ConfigError, OutputError
 
 from . import graphs
 from .synthetic import DONTCARE_COLOUR, label_palette
@@ -171,8 +171,11 @@ def export_model(model, out_dir: str | os.PathLike, *, source: dict[str, Any] | 
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     source = dict(source or {})
     source["weights_sha256"] = weights_digest(state)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create the bundle folder ({exc.strerror or exc})") from exc
     try:
         files: dict[str, dict[str, Any]] = {}
         for g in graphs.GRAPH_NAMES:
@@ -195,6 +198,8 @@ def export_model(model, out_dir: str | os.PathLike, *, source: dict[str, Any] | 
         manifest = build_manifest(cfg, files, source, precisions)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         replace_dir(tmp, out_dir)
+    except OSError as exc:  # disk full, file size limit, folder gone: typed, and nothing is left behind
+        raise OutputError(f"{out_dir}: cannot write the bundle ({exc.strerror or exc}); nothing was written") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..checkpoints import read_state, save_atomic, save_generator
 from ..config import ModelConfig
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, OutputError, UsageError
 from ..io import write_json, write_text
 from ..model import ASAPNetGenerator, init_weights, label_channels
 from .discriminator import MultiscaleDiscriminator
@@ -249,7 +249,7 @@ class Trainer:
                  "log": self.out / LOG_FILE, "curve": self.out / CURVE_FILE, "config": self.out / "config.json"}
         if not self.ctx.is_main:
             return paths
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._make_out_dir()
         save_generator(self.g_raw, paths["generator"], extra={"step": self.step, "seed": self.opts.seed})
         save_atomic(self.state_dict(), paths["state"])
         write_text(paths["log"], "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
@@ -259,6 +259,12 @@ class Trainer:
 
             plot_losses(self.history, paths["curve"])
         return paths
+
+    def _make_out_dir(self) -> None:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.out}: cannot create the run folder ({exc.strerror or exc})") from exc
 
     # ---- the loop --------------------------------------------------------------------------------
     @staticmethod
@@ -291,6 +297,8 @@ class Trainer:
         start = self.step
         last: dict[str, float] = {}
         consistent = True  # False while a step or a checkpoint is half done
+        if self.ctx.is_main:
+            self._make_out_dir()  # an unwritable --out fails now, not at the first checkpoint
         try:
             with self._sigint_at_step_boundary() as pending:
                 while True:
