@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from asap_deploy.errors import BundleError, MissingDependencyError, UsageError
+from asap_deploy.errors import BundleError, InputError, MissingDependencyError, UsageError
 
 from .base import IMAGE, IMAGE_FLOAT, Engine
 
@@ -75,13 +75,25 @@ class OnnxRuntimeEngine(Engine):
         names = [i.name for i in self.session(graph).get_inputs()]
         return {k: arrays[k] for k in names}
 
+    def _run(self, graph: str, outputs: list[str], **arrays):
+        """session.run with onnxruntime's errors (e.g. a map too small for the model's reflection
+        padding) as an InputError that says which input shape failed."""
+        feeds = self._feeds(graph, **arrays)
+        try:
+            return self.session(graph).run(outputs, feeds)
+        except _ort_errors() as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            shape = "x".join(map(str, arrays["labels"].shape))
+            raise InputError(f"ONNX Runtime could not run {graph} on label maps of shape {shape} (N x H x W): "
+                             f"{first}") from exc
+
     def _generate(self, labels, instances):
-        img, f = self.session("asap").run([IMAGE, IMAGE_FLOAT], self._feeds("asap", labels=labels, instances=instances))
+        img, f = self._run("asap", [IMAGE, IMAGE_FLOAT], labels=labels, instances=instances)
         return {IMAGE: img, IMAGE_FLOAT: f}
 
     def _predict_params(self, labels, instances):
-        return self.session("predictor").run(["params"], self._feeds("predictor", labels=labels, instances=instances))[0]
+        return self._run("predictor", ["params"], labels=labels, instances=instances)[0]
 
     def _pixelwise(self, labels, params):
-        img, f = self.session("pixelwise").run([IMAGE, IMAGE_FLOAT], self._feeds("pixelwise", labels=labels, params=params))
+        img, f = self._run("pixelwise", [IMAGE, IMAGE_FLOAT], labels=labels, params=params)
         return {IMAGE: img, IMAGE_FLOAT: f}
