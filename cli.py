@@ -137,17 +137,44 @@ def inspect(
 @cli_errors
 def export(
     checkpoint: Path = typer.Argument(..., help="Our checkpoint (.pt) or the authors' latest_net_G.pth."),
-    out: Path = typer.Option(..., "-o", "--out", help="Bundle folder to write (written atomically)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Bundle folder to write (written atomically); "
+                                       "not needed when CHECKPOINT is a bundle folder and --triton-repo is given."),
     preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write the *.fp16.onnx variants."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle folder (and --triton-repo)."),
+    triton_repo: Optional[Path] = typer.Option(None, "--triton-repo", help="Also write a Triton Inference Server model "
+                                               "repository here (start: tritonserver --model-repository DIR)."),
+    triton_max_batch: int = typer.Option(8, "--triton-max-batch", help="Repository: max_batch_size of the models."),
+    triton_delay_ms: float = typer.Option(2.0, "--triton-max-delay-ms", help="Repository: dynamic batcher queue delay."),
+    triton_instances: int = typer.Option(1, "--triton-instances", help="Repository: model instances per device."),
+    triton_kind: str = typer.Option("cpu", "--triton-kind", help="Repository: cpu or gpu for the ONNX Runtime model."),
 ) -> None:
     """Export a checkpoint to an ONNX bundle: predictor, pixelwise and end-to-end graphs (+ fp16) and manifest.json."""
     import time
 
-    from asap_deploy.export.bundle import export_checkpoint
+    from asap_deploy.errors import UsageError
+    from asap_deploy.export.bundle import MANIFEST, export_checkpoint
 
+    def write_repo(bundle_path: Path) -> None:
+        from asap_deploy.export.bundle import load_bundle
+        from asap_deploy.export.triton_repo import RepoOptions, write_triton_repo
+
+        rep = write_triton_repo(load_bundle(bundle_path), triton_repo, RepoOptions(
+            max_batch=triton_max_batch, max_delay_ms=triton_delay_ms, instances=triton_instances, kind=triton_kind,
+            overwrite=overwrite))
+        for note in rep.notes:
+            console.print(f"[dim]note: {note}[/]", highlight=False)
+        console.print(f"Triton model repository {rep.path}: models {', '.join(rep.models)} (configs checked against "
+                      f"Triton's ModelConfig); start it with: tritonserver --model-repository {rep.path}", highlight=False)
+
+    if triton_repo is not None and (checkpoint / MANIFEST).is_file():
+        if out is not None:
+            raise UsageError(f"{checkpoint} is already a bundle: drop -o/--out (only --triton-repo is written)")
+        write_repo(checkpoint)
+        return
+    if out is None:
+        raise UsageError("give -o/--out BUNDLE (the folder to export to)")
     t0 = time.perf_counter()
     with console.status("exporting") as status:
         res = export_checkpoint(checkpoint, out, config=_load_config(preset, config), preset=None, fp16=fp16,
@@ -162,6 +189,8 @@ def export(
     console.print(f"config: {m['source'].get('config_source', 'given')}; labels {m['labels']['ids']}"
                   + (" + 255 (don't care)" if m["labels"]["dontcare_id"] is not None else "")
                   + f"; exported in {time.perf_counter() - t0:.1f} s")
+    if triton_repo is not None:
+        write_repo(res.path)
 
 
 @app.command()
@@ -552,6 +581,31 @@ def _raise_interrupt(signum, frame):  # SIGTERM -> KeyboardInterrupt: temp files
     raise KeyboardInterrupt
 
 
+def _infer_on_ray(inputs, source, opts, backend: str, address: str, actors: int, as_json: bool) -> None:
+    """`asap infer --ray`: the same per-file results and exit code as local infer (asap_deploy/ray_infer.py)."""
+    from rich.markup import escape
+
+    from asap_deploy.errors import InputError
+    from asap_deploy.ray_infer import RayOptions, ray_infer
+
+    with console.status(f"translating on Ray ({address}, {actors} actor(s))"):
+        summary = ray_infer(inputs, source, opts, backend, RayOptions(address=address, actors=actors))
+    if as_json:
+        console.print_json(json.dumps(summary.to_dict()))
+    else:
+        for r in summary.failed:
+            console.print(f"[red]failed:[/] {escape(r.error)}", highlight=False)
+    n_ok, n_bad = len(summary.written), len(summary.failed)
+    line = (f"{n_ok} image(s) written to {opts.out_dir}, {n_bad} failed | {summary.seconds:.2f} s | "
+            f"{summary.images_per_s:.2f} images/s | backend {summary.backend} on Ray ({address})")
+    if not as_json:
+        console.print(f"[bold {'green' if not n_bad else 'red'}]{'PASSED' if not n_bad else 'FAILED'}[/] | {escape(line)}",
+                      highlight=False)
+    if n_bad:
+        raise InputError(f"{n_bad} of {n_bad + n_ok} input(s) failed: "
+                         + "; ".join(str(r.input) for r in summary.failed[:5]) + (" ..." if n_bad > 5 else ""))
+
+
 @app.command()
 @cli_errors
 def infer(
@@ -579,6 +633,9 @@ def infer(
     max_pixels: int = typer.Option(64 * 1024 * 1024, "--max-pixels", help="Refuse label maps whose header declares "
                                    "more pixels than this, before decoding them."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the progress display."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="Run on Ray Data: local (a Ray instance on this "
+                                              "machine), auto (this machine's cluster) or ray://HOST:PORT."),
+    ray_actors: int = typer.Option(2, "--ray-actors", help="With --ray: actors in the pool, one engine each."),
 ) -> None:
     """Translate label maps to photos: one PNG per input (written atomically); non-zero exit if any input failed."""
     import signal
@@ -599,6 +656,8 @@ def infer(
         console.print(f"backend: [bold]{choice.backend}[/] ({escape(choice.reason)})", highlight=False)
         for s in choice.skipped:
             console.print(f"  [dim]skipped {escape(s)}[/]", highlight=False)
+    if ray_address is not None:
+        return _infer_on_ray(inputs, source, opts, backend, ray_address, ray_actors, as_json)
     with console.status("loading the model"):
         engine, _ = open_engine(choice, source, precision)
     bar = Progress(TextColumn("[bold]infer[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -755,6 +814,89 @@ def doctor(
     console.print(table)
     console.print("machine: " + escape(machine_line(machine_info())), highlight=False)
     console.print("backends usable here: " + escape(", ".join(f"{k}: {v}" for k, v in backends.items())), highlight=False)
+
+
+@app.command()
+@cli_errors
+def serve(
+    source: Path = typer.Argument(..., help="Bundle folder (asap export) or TensorRT engine file (asap build-engine)."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto, onnxruntime, tensorrt or torch."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default loopback only; 0.0.0.0 for all)."),
+    port: int = typer.Option(8000, "--port", help="HTTP port (gRPC: --grpc-port, metrics: --metrics-port)."),
+    grpc_port: int = typer.Option(8001, "--grpc-port"),
+    metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics at /metrics."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Largest batch the dynamic batcher forms (same-size requests)."),
+    max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="How long a request may wait for others of its size."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs/engines."),
+) -> None:
+    """Serve the model as `asap` on NVIDIA Triton Inference Server (PyTriton) until Ctrl-C / SIGTERM."""
+    from rich.markup import escape
+
+    from asap_deploy.infer import Source, choose_backend, open_engine
+    from asap_deploy.serve import ServeOptions, check_serve_dependencies, serve as run_serve
+
+    opts = ServeOptions(host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch=max_batch,
+                        max_delay_ms=max_delay_ms)
+    opts.check()
+    check_serve_dependencies()
+    src = Source(engine=source) if source.is_file() else Source(bundle=source)
+    choice = choose_backend(backend, src, precision)
+    console.print(f"backend: [bold]{choice.backend}[/] ({escape(choice.reason)})", highlight=False)
+    with console.status("loading the model"):
+        engine, _ = open_engine(choice, src, precision)
+
+    def ready(ep) -> None:
+        d = ep.to_dict()
+        console.print(f"[bold green]serving[/] model [bold]{d['model']}[/]: HTTP {d['http']}  gRPC {d['grpc']}  "
+                      f"metrics {d['metrics']}  health {d['health']}  (Ctrl-C or SIGTERM stops it)", highlight=False)
+
+    console.print("starting Triton Inference Server ...")
+    try:
+        run_serve(engine, opts, on_ready=ready)
+    finally:
+        engine.close()
+    console.print("server stopped")
+
+
+@app.command()
+@cli_errors
+def loadtest(
+    url: str = typer.Argument("http://127.0.0.1:8000", help="http://HOST:PORT or grpc://HOST:PORT of a Triton server."),
+    concurrency: int = typer.Option(1, "--concurrency", "-c", help="Requests in flight at once."),
+    requests: Optional[int] = typer.Option(None, "--requests", "-n", help="Requests to send (default 100 unless "
+                                           "--duration is given)."),
+    duration: Optional[float] = typer.Option(None, "--duration", help="Stop after this many seconds."),
+    size: list[str] = typer.Option(["256x256"], "--size", help="WxH of the label maps (repeat for a mix)."),
+    model: str = typer.Option("asap", "--model", help="Model name on the server."),
+    label_nc: Optional[int] = typer.Option(None, "--label-nc", help="Draw ids from 0..N-1 (default: from the model "
+                                           "config's parameters, else 0 only)."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Per-request timeout in seconds."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+) -> None:
+    """Load a served `asap` model: throughput, latency min/median/p90/p99, errors (bounded in count and time)."""
+    from asap_deploy.io import atomic_path
+    from asap_deploy.loadtest import LoadOptions, parse_wxh, run_loadtest
+
+    sizes = [parse_wxh(s) for s in size]
+    opts = LoadOptions(url=url, model=model, concurrency=concurrency,
+                       requests=requests if requests is not None or duration is not None else 100,
+                       duration_s=duration, sizes=sizes, label_nc=label_nc, timeout_s=timeout)
+    with console.status(f"load test on {url}"):
+        rep = run_loadtest(opts).to_dict()
+    table = Table(title=f"asap loadtest {url} (model {model}, concurrency {concurrency}, sizes {', '.join(rep['sizes'])})")
+    for col in ("requests ok", "errors", "wall s", "req/s", "Mpx/s", "min ms", "median ms", "p90 ms", "p99 ms"):
+        table.add_column(col)
+    lat = rep["latency_ms"]
+    f = (lambda k: f"{lat[k]:.1f}" if k in lat else "-")
+    table.add_row(str(rep["requests_ok"]), str(rep["errors"]), f"{rep['wall_s']:.2f}", f"{rep['throughput_rps']:.2f}",
+                  f"{rep['megapixels_per_s']:.2f}", f("min"), f("median"), f("p90"), f("p99"))
+    console.print(table)
+    for msg, n in rep["error_messages"].items():
+        err_console.print(f"[red]{n} x[/] {msg}", highlight=False, markup=False)
+    if json_file is not None:
+        with atomic_path(json_file) as tmp:
+            tmp.write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
+        console.print(f"report: {json_file}")
 
 
 if __name__ == "__main__":

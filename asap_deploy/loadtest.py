@@ -69,6 +69,16 @@ def parse_url(url: str) -> tuple[str, str]:
     return proto, rest
 
 
+def parse_wxh(text: str) -> tuple[int, int]:
+    """'WxH' or 'N' (square) -> (H, W)."""
+    t = text.lower().replace(" ", "")
+    try:
+        w, h = t.split("x", 1) if "x" in t else (t, t)
+        return int(h), int(w)
+    except ValueError as exc:
+        raise UsageError(f"bad size {text!r}: expected WxH (e.g. 512x256) or N") from exc
+
+
 def percentile(sorted_samples: Sequence[float], p: float) -> float:
     from asap_deploy.engines.bench import percentile as _p
 
