@@ -208,7 +208,7 @@ def test_served_model_end_to_end(bundle_dir, engine, tmp_path):
                              "--max-batch", "4", "--max-delay-ms", "5"], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{http}", concurrency=8)
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
         deadline = time.monotonic() + 90
         while True:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
@@ -225,7 +225,11 @@ def test_served_model_end_to_end(bundle_dir, engine, tmp_path):
         def send(a: np.ndarray, dtype: str = "UINT8"):
             t = httpclient.InferInput("labels", list(a.shape), dtype)
             t.set_data_from_numpy(a)
-            return client.infer("asap", [t]).as_numpy("image")
+            c = httpclient.InferenceServerClient(f"127.0.0.1:{http}")  # gevent clients are per thread
+            try:
+                return c.infer("asap", [t]).as_numpy("image")
+            finally:
+                c.close()
 
         goods = [rng.integers(0, 6, (1, h, w)).astype(np.uint8) for h, w in [(16, 24), (32, 32), (8, 64)] * 6]
         bads = [(ids(h=12), "multiples of S=8"), (ids(h=16, w=40, value=7), "label id 7"),
@@ -270,5 +274,11 @@ def test_served_model_end_to_end(bundle_dir, engine, tmp_path):
         log.close()
     assert rc == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert "server stopped" in (tmp_path / "serve.log").read_text()
-    left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert not left, f"processes left in the server's session: {left}"
+    deadline = time.monotonic() + 20  # children of the server (tritonserver, backend stubs) exit after it
+    while True:
+        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    ps = subprocess.run(["ps", "-o", "pid,stat,args", "-p", ",".join(left)], capture_output=True, text=True).stdout if left else ""
+    assert not left, f"processes left in the server's session:\n{ps}"
