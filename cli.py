@@ -47,7 +47,8 @@ def cli_errors(fn):
                 raise
             from rich.markup import escape  # messages hold text like 'asap-deploy[gpu]'
 
-            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+            # soft_wrap: never break a message inside a file name (the terminal wraps, paths stay copyable)
+            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:  # a safety net: library code wraps these in typed errors naming the file
             if os.environ.get("ASAP_DEBUG"):
@@ -56,7 +57,7 @@ def cli_errors(fn):
 
             where = f"{exc.filename}: " if exc.filename else ""
             err_console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))} "
-                              "(run with --debug for the traceback)", highlight=False)
+                              "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ModelConfig, infer_config, preset as make_preset
-from .errors import CheckpointError, OutputError, require_torch
+from .errors import CheckpointError, ConfigError, OutputError, require_torch
 from .io import atomic_path
 
 FORMAT = "asap-deploy/generator"
@@ -58,8 +58,11 @@ def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, Any], ModelConfig | 
         if obj.get("version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: checkpoint format version {obj.get('version')!r} is not supported "
                                   f"(this asap-deploy reads version {FORMAT_VERSION})")
-        sd, cfg = obj.get("state_dict"), ModelConfig.from_dict(obj.get("config", {}))
-        kind = "asap-deploy"
+        try:
+            cfg = ModelConfig.from_dict(obj.get("config", {}))
+        except ConfigError as exc:  # a damaged or hand-edited checkpoint: say which file
+            raise CheckpointError(f"{path}: the model config stored in the checkpoint is invalid: {exc.message}") from exc
+        sd, kind = obj.get("state_dict"), "asap-deploy"
     elif isinstance(obj, Mapping) and obj and all(isinstance(k, str) for k in obj):
         sd, cfg, kind = obj, None, "authors"
     else:

@@ -124,3 +124,11 @@ def test_written_files_get_umask_permissions(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_invalid_stored_config_is_a_checkpoint_error_naming_the_file(tmp_path):
+    obj = {"format": "asap-deploy/generator", "version": 1, "config": {**CFG.to_dict(), "hr_wieth": 64},
+           "state_dict": make_model().state_dict()}
+    torch.save(obj, tmp_path / "typo.pt")
+    with pytest.raises(CheckpointError, match=r"typo.pt: the model config stored .* hr_wieth"):
+        load_checkpoint(tmp_path / "typo.pt")
