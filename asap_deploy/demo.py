@@ -29,14 +29,6 @@ DEMO_TRAIN, DEMO_VAL = 200, 32
 N_SHOWN = 8
 
 
-def label_palette(n: int) -> np.ndarray:
-    """(n, 3) uint8 distinct-ish colours for drawing label maps."""
-    rng = np.random.default_rng(12345)
-    pal = rng.integers(40, 256, (max(n, 1), 3)).astype(np.uint8)
-    pal[0] = (70, 70, 70)
-    return pal
-
-
 def demo_options(minutes: float | None, steps: int | None, seed: int):
     """Training options of the demo: the SPADE recipe plus L1 (weight 100, as the authors' --L1_loss),
     a smaller discriminator, and a higher learning rate, so a CPU gets somewhere in minutes."""
@@ -97,13 +89,15 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
 
     # 4. pictures: label map | generated | target, one row per held-out sample
     emit("stage", text=f"4/{STAGES} writing pictures to {out / 'results'}")
-    pal = label_palette(DEMO_CLASSES)
+    from .palette import bundle_palette
+
+    palette = bundle_palette(cfg)
     rows = []
     with torch.no_grad():
         for i in range(min(N_SHOWN, len(val_set))):
             labels, inst, image = val_set[i]
             fake = model(labels[None], None if inst is None else inst[None])[0]
-            lab_rgb = pal[labels.numpy()]
+            lab_rgb = palette.colourise(labels.numpy())
             gen = to_uint8(fake.permute(1, 2, 0).numpy())
             tgt = to_uint8(image.permute(1, 2, 0).numpy())
             files.append(write_png(out / "results" / f"label_{i:02d}.png", labels.numpy().astype(np.uint8)))
@@ -140,7 +134,7 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     emit("stage", text=f"7/{STAGES} asap infer on held-out label maps at scale 1, {', '.join(map(str, SCALES))}")
     shown = sorted(val_labels.glob("*.png"))[:N_SHOWN // 2]
     scale_runs = infer_scales(shown, out / "bundle", out / "infer")
-    files.append(write_png(out / "scale_grid.png", scale_grid(shown, out / "infer", pal)))
+    files.append(write_png(out / "scale_grid.png", scale_grid(shown, out / "infer", palette)))
 
     # 8. bench
     emit("stage", text=f"8/{STAGES} asap bench at {bench_size}x{bench_size} (authors' forward as baseline)")
@@ -175,7 +169,7 @@ def infer_scales(labels: list[Path], bundle_dir: Path, out: Path) -> dict[str, A
     return runs
 
 
-def scale_grid(labels: list[Path], infer_dir: Path, pal: np.ndarray) -> np.ndarray:
+def scale_grid(labels: list[Path], infer_dir: Path, palette) -> np.ndarray:
     """Rows: label map | scale-1 output upscaled nearest | bicubic | rendered at scale 4, all at 4x."""
     import cv2
 
@@ -187,7 +181,7 @@ def scale_grid(labels: list[Path], infer_dir: Path, pal: np.ndarray) -> np.ndarr
         lab = read_label_map(p)
         h, w = lab.shape
         base = read_rgb(infer_dir / "scale1" / p.name)
-        cells = [np.repeat(np.repeat(pal[lab], k, 0), k, 1),
+        cells = [np.repeat(np.repeat(palette.colourise(lab), k, 0), k, 1),
                  cv2.resize(base, (w * k, h * k), interpolation=cv2.INTER_NEAREST),
                  cv2.resize(base, (w * k, h * k), interpolation=cv2.INTER_CUBIC),
                  read_rgb(infer_dir / f"scale{k}" / p.name)]

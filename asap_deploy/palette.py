@@ -114,10 +114,27 @@ def _unpack(k: int) -> tuple[int, int, int]:
     return (k >> 16) & 255, (k >> 8) & 255, k & 255
 
 
-def bundle_palette(cfg: ModelConfig) -> Palette:
-    """The palette every bundle manifest stores for `cfg` (export/synthetic.label_palette)."""
-    from asap_deploy.export.synthetic import DONTCARE_COLOUR, label_palette
+DONTCARE_COLOUR = [255, 255, 255]
 
+
+def label_palette(n: int) -> list[list[int]]:
+    """A distinct RGB colour per label channel 0..n-1 (bit-interleaved colour map: the bits of the
+    id are spread over the high bits of R, G and B in turn)."""
+    out = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for bit in range(7, -1, -1):
+            r |= (c & 1) << bit
+            g |= ((c >> 1) & 1) << bit
+            b |= ((c >> 2) & 1) << bit
+            c >>= 3
+        out.append([r, g, b])
+    return out
+
+
+def bundle_palette(cfg: ModelConfig) -> Palette:
+    """The palette every bundle manifest stores for `cfg`: `label_palette`, don't care in white."""
     cols = {i: tuple(c) for i, c in enumerate(label_palette(cfg.n_label_channels))}
     if cfg.accepts_dontcare_id:
         cols[DONTCARE_ID] = tuple(DONTCARE_COLOUR)

@@ -263,13 +263,13 @@ def comparison_grid(labels: np.ndarray, ref: np.ndarray, got: np.ndarray, cfg: M
     """One row: label map (palette) | reference | backend | |difference| x gain as a heat map."""
     import cv2
 
-    from asap_deploy.export.synthetic import colourise
+    from asap_deploy.palette import bundle_palette
 
     diff = np.abs(ref.astype(np.int32) - got.astype(np.int32)).max(axis=-1)
     heat = cv2.applyColorMap(np.clip(diff * gain, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
     sep = np.full((labels.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([colourise(labels, cfg), sep, ref, sep, got, sep, heat], axis=1)
+    return np.concatenate([bundle_palette(cfg).colourise(labels), sep, ref, sep, got, sep, heat], axis=1)
 
 
 def write_report(report: ValidationReport, pictures, cfg: ModelConfig, out: Path) -> None:

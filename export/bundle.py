@@ -28,7 +28,7 @@ from asap_deploy.config import DONTCARE_ID, ModelConfig
 from asap_deploy.errors import BundleError, ConfigError, OutputError
 
 from . import graphs
-from .synthetic import DONTCARE_COLOUR, label_palette
+from asap_deploy.palette import DONTCARE_COLOUR, label_palette
 
 SCHEMA = "asap-deploy/bundle"
 SCHEMA_VERSION = 1

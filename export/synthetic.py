@@ -1,4 +1,4 @@
-"""Synthetic inputs: realistic random label maps (blobs of classes), random generators, a palette.
+"""Synthetic inputs: realistic random label maps (blobs of classes) and random generators.
 
 Used by `asap validate --random`, the tests and the benchmarks. numpy + OpenCV only, except
 `random_generator` (torch).
@@ -9,34 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 from asap_deploy.config import DONTCARE_ID, ModelConfig
-
-
-def label_palette(n: int) -> list[list[int]]:
-    """A distinct RGB colour per label channel 0..n-1 (bit-interleaved colour map: the bits of the
-    id are spread over the high bits of R, G and B in turn)."""
-    out = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for bit in range(7, -1, -1):
-            r |= (c & 1) << bit
-            g |= ((c >> 1) & 1) << bit
-            b |= ((c >> 2) & 1) << bit
-            c >>= 3
-        out.append([r, g, b])
-    return out
-
-
-DONTCARE_COLOUR = [255, 255, 255]
-
-
-def colourise(labels: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """(H, W) ids -> (H, W, 3) uint8 in the bundle palette (don't care in white)."""
-    pal = np.zeros((max(256, cfg.n_label_channels), 3), np.uint8)
-    pal[: cfg.n_label_channels] = np.array(label_palette(cfg.n_label_channels), np.uint8)
-    if cfg.accepts_dontcare_id:
-        pal[DONTCARE_ID] = DONTCARE_COLOUR
-    return pal[np.clip(labels.astype(np.int64), 0, len(pal) - 1)]
 
 
 def random_label_maps(cfg: ModelConfig, n: int, height: int, width: int, seed: int = 0,
