@@ -2,10 +2,11 @@
 
 Input is label IDS (N, H, W), never a host-side one-hot. The low-res stream has the authors'
 module structure so their state dicts load with their key names. The pixelwise stage runs per
-tile, in chunks of tile rows, without any full-resolution intermediate of the authors' code:
-  * the positional encoding is one (S*S, 4 log2 S) table shared by every tile;
+tile, in cache-sized chunks, without any full-resolution intermediate of the authors' code:
+  * the positional encoding is one (S*S, 4 log2 S) table shared by every tile (separable in x, y);
   * layer 1 for one-hot inputs is a row gather of the tile's weight matrix by label id;
-  * bias is fused into each batched matmul (baddbmm).
+  * each layer's bias is the first row of its matrix (activations carry a constant 1).
+The low-res stream's tent pre-downsample is computed from the ids, not from a full-res one-hot.
 """
 
 from __future__ import annotations
@@ -88,6 +89,24 @@ def one_hot(channel_idx: torch.Tensor, n: int, dtype: torch.dtype = torch.float3
     """(N, H, W) int64 -> (N, n, H, W) one-hot."""
     out = torch.zeros((channel_idx.shape[0], n, *channel_idx.shape[1:]), dtype=dtype, device=channel_idx.device)
     return out.scatter_(1, channel_idx.unsqueeze(1), 1.0)
+
+
+def tent_downsample_ids(channel_idx: torch.Tensor, n: int, stride: int) -> torch.Tensor:
+    """The tent pre-downsample of the one-hot of `channel_idx` (N, H, W), computed from the ids:
+    the horizontal pass adds each tap's weight to the class under it, so no full-resolution
+    one-hot exists; the vertical pass is the usual depthwise conv on the `stride`-times narrower
+    result. Equals `TentDownsample(stride, n)(one_hot(channel_idx, n))` up to float rounding."""
+    b, _, W = channel_idx.shape  # noqa: N806
+    pad = stride // 2
+    k = torch.from_numpy(tent_kernel(stride)).to(channel_idx.device)
+    col = torch.arange(-pad, W + pad, device=channel_idx.device).abs()  # reflect padding of the columns
+    col = torch.where(col >= W, 2 * (W - 1) - col, col)
+    w_out = (W + 2 * pad - 2 * stride) // stride + 1
+    taps = col[(torch.arange(w_out, device=col.device) * stride).view(-1, 1) + torch.arange(2 * stride, device=col.device)]
+    lab = channel_idx[:, :, taps]  # (N, H, w_out, 2s): the class under each tap
+    horiz = torch.zeros((*lab.shape[:3], n), device=lab.device).scatter_add_(3, lab, k.expand(lab.shape).contiguous())
+    horiz = F.pad(horiz.permute(0, 3, 1, 2), (0, 0, pad, pad), mode="reflect")
+    return F.conv2d(horiz, k.view(1, 1, -1, 1).repeat(n, 1, 1, 1), stride=(stride, 1), groups=n)
 
 
 class TentDownsample(nn.Module):
@@ -270,11 +289,25 @@ class ASAPNetGenerator(nn.Module):
             x = torch.cat([x, instance_edges(instances.to(x.device))], 1)
         return x
 
+    def lowres_input(self, channel_idx: torch.Tensor, instances: torch.Tensor | None) -> torch.Tensor:
+        """`pre_downsample(encode(...))`, without the full-resolution one-hot when S1 > 1."""
+        s1 = self.cfg.pre_downsample
+        if s1 == 1:
+            return self.encode(channel_idx, instances)
+        x = tent_downsample_ids(channel_idx, self.cfg.n_label_channels, s1)
+        if self.cfg.instance_edges:
+            edges = instance_edges(instances.to(x.device))
+            tent = self.pre_downsample
+            edges = F.pad(edges, [s1 // 2] * 4, mode="reflect")
+            edges = F.conv2d(F.conv2d(edges, tent.kernel_h[-1:], stride=(1, s1)), tent.kernel_v[-1:], stride=(s1, 1))
+            x = torch.cat([x, edges], 1)
+        return x
+
     def predict_params(self, labels: torch.Tensor, instances: torch.Tensor | None = None) -> torch.Tensor:
         """labels (N, H, W) -> parameter grid (N, P, H/S, W/S) in the public layout."""
         self.check_inputs(labels, instances)
         idx = label_channels(labels, self.cfg)
-        return self.lowres_stream(self.pre_downsample(self.encode(idx, instances)))
+        return self.lowres_stream(self.lowres_input(idx, instances))
 
     def pixelwise(self, labels: torch.Tensor, params: torch.Tensor,
                   chunk_pixels: int = DEFAULT_CHUNK_PIXELS) -> torch.Tensor:
@@ -285,7 +318,7 @@ class ASAPNetGenerator(nn.Module):
     def forward(self, labels: torch.Tensor, instances: torch.Tensor | None = None) -> torch.Tensor:
         self.check_inputs(labels, instances)
         idx = label_channels(labels, self.cfg)
-        params = self.lowres_stream(self.pre_downsample(self.encode(idx, instances)))
+        params = self.lowres_stream(self.lowres_input(idx, instances))
         return pixelwise(idx, params, self.cfg).permute(0, 3, 1, 2).contiguous()
 
 

@@ -39,18 +39,14 @@ ITEMS = ["onnxruntime:end_to_end", "onnxruntime:predictor", "onnxruntime:pixelwi
 
 
 def machine() -> dict:
-    name = "?"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import onnxruntime
+    """The doctor's machine description plus this script's thread count and load."""
     import torch
 
-    return {"cpu": name, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "onnxruntime": onnxruntime.__version__, "load_avg_before": os.getloadavg()}
+    from asap_deploy.doctor import machine_info
+
+    info = machine_info()
+    info.update(torch_threads=torch.get_num_threads(), load_avg_before=os.getloadavg())
+    return info
 
 
 def _kib(field: str) -> int:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,22 +29,12 @@ import torch  # noqa: E402
 
 from asap_deploy.data import PairedDataset, find_samples  # noqa: E402
 from asap_deploy.demo import demo_options  # noqa: E402
+from asap_deploy.doctor import cpu_model  # noqa: E402
 from asap_deploy.io import write_json, write_text  # noqa: E402
 from asap_deploy.synthetic import make_dataset  # noqa: E402
 from asap_deploy.train import small_config  # noqa: E402
 from asap_deploy.train.evaluate import quality_report  # noqa: E402
 from asap_deploy.train.trainer import Trainer  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_avg() -> str:
@@ -102,7 +90,7 @@ def main() -> int:
     load_after = load_avg()
     final = rows[-1]
     margin = final["psnr_model"] - final["psnr_class_mean"]
-    result = {"minutes": args.minutes, "machine": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+    result = {"minutes": args.minutes, "machine": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "load_before": load_before, "load_after": load_after,
               "config": cfg.to_dict(), "options": {k: v for k, v in vars(opts).items()},
               "data": {"n_train": args.n_train, "n_val": args.n_val, "size": args.size,

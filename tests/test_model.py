@@ -163,3 +163,22 @@ def test_generator_is_differentiable():
     out.square().mean().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("s,n,H,W", [(2, 5, 8, 12), (4, 13, 16, 32), (8, 3, 32, 16)])  # noqa: N803
+def test_tent_from_ids_equals_tent_of_one_hot(s, n, H, W):  # noqa: N803
+    from asap_deploy.model import one_hot, tent_downsample_ids
+
+    idx = torch.randint(0, n, (2, H, W))
+    want = TentDownsample(s, n)(one_hot(idx, n))
+    torch.testing.assert_close(tent_downsample_ids(idx, n, s), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("edges", [False, True])
+def test_lowres_input_equals_downsampled_encoding(edges):
+    cfg = small_cfg(crop_size=512, learned_ds_factor=4, instance_edges=edges)  # S=32: pre-downsample by 8
+    model = ASAPNetGenerator(cfg)
+    idx = torch.randint(0, cfg.n_label_channels, (2, 64, 96))
+    inst = torch.randint(0, 4, (2, 64, 96)) if edges else None
+    want = model.pre_downsample(model.encode(idx, inst))
+    torch.testing.assert_close(model.lowres_input(idx, inst), want, atol=1e-6, rtol=0)
