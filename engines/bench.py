@@ -131,8 +131,11 @@ def _reset_peak() -> bool:
 
 
 def measure(fn: Callable[[], object], opts: BenchOptions, images_per_call: int,
-            device_peak: Callable[[], float | None] | None = None) -> dict:
-    """Warm up, then time `fn` for >= min_iters calls and >= min_seconds; stats + peak memory."""
+            device_peak: Callable[[], float | None] | None = None,
+            phases: Callable[[], dict[str, float]] | None = None) -> dict:
+    """Warm up, then time `fn` for >= min_iters calls and >= min_seconds; stats + peak memory.
+    `phases` (GPU engines): after each call, its host->device / compute / device->host ms, reported
+    as median per phase ("phases_ms") next to the wall-clock figures that include them."""
     t_end = time.perf_counter() + opts.warmup_s
     fn()
     while time.perf_counter() < t_end:
@@ -140,13 +143,17 @@ def measure(fn: Callable[[], object], opts: BenchOptions, images_per_call: int,
     before = _kib("VmRSS") if opts.memory else None
     reset = opts.memory and before is not None and _reset_peak()
     samples: list[float] = []
+    split: dict[str, list[float]] = {}
     start = time.perf_counter()
     while len(samples) < opts.min_iters or time.perf_counter() - start < opts.min_seconds:
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
+        for k, v in (phases() if phases else {}).items():
+            split.setdefault(k, []).append(v)
     wall = time.perf_counter() - start
     out = summarize(samples, images_per_call, wall)
+    out["phases_ms"] = {k: statistics.median(v) for k, v in split.items()} or None
     peak = _kib("VmHWM") if reset else None
     out["peak_host_mib"] = (peak - before) / 1024 if peak is not None and before is not None else None
     out["peak_device_mib"] = device_peak() if device_peak else None
@@ -276,7 +283,8 @@ def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None
                             if progress:
                                 progress(f"{backend} {precision} {h}x{w} batch {n} {st}")
                             try:
-                                row.update(measure(item.stage(st, labels, inst), opts, n, item.device_peak))
+                                row.update(measure(item.stage(st, labels, inst), opts, n, item.device_peak,
+                                                   getattr(item.engine, "last_phases", None)))
                                 row["status"] = "ok"
                             except Exception as exc:  # noqa: BLE001 - a failing run is a row, not the end
                                 row["status"] = _status(exc)
@@ -345,6 +353,9 @@ def validate_report(rep: dict) -> None:
             for k in ("vs_authors", "speedup_vs_authors", "peak_host_mib", "peak_device_mib"):
                 if k not in r or not (r[k] is None or isinstance(r[k], (int, float))):
                     raise ValueError(f"{where}.{k}: missing or not a number/null")
+            ph = r.get("phases_ms")
+            if ph is not None and not (isinstance(ph, dict) and all(isinstance(v, (int, float)) for v in ph.values())):
+                raise ValueError(f"{where}.phases_ms: not null or a mapping of phase -> ms")
 
 
 def _fmt(v, spec=".1f") -> str:
@@ -405,6 +416,15 @@ def to_markdown(rep: dict) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in table_rows(rep):
         lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    split = [r for r in rep["rows"] if r.get("phases_ms")]
+    if split:  # GPU engines: the wall-clock latency above includes these transfers
+        lines += ["", "GPU phases per call (median ms, CUDA events): host->device | GPU compute | device->host", "",
+                  "| backend | precision | size | batch | stage | H2D ms | GPU compute ms | D2H ms |", "|" + "---|" * 8]
+        for r in split:
+            ph = r["phases_ms"]
+            lines.append(f"| {r['backend']} | {r['precision']} | {r['size'][0]}x{r['size'][1]} | {r['batch']} | "
+                         f"{r['stage']} | {ph.get('h2d_ms', 0):.3f} | {ph.get('gpu_compute_ms', 0):.3f} | "
+                         f"{ph.get('d2h_ms', 0):.3f} |")
     lines += ["", f"Total benchmark time {rep.get('seconds', 0):.0f} s; load average (1, 5, 15 min) at the start "
               f"{rep['machine'].get('load_avg_start')}, at the end {rep['machine'].get('load_avg_end')} (a shared "
               "CPU makes rows noisy).", ""]

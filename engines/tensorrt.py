@@ -67,6 +67,9 @@ def check_input_range(name: str, shape: tuple[int, ...], profile: dict) -> None:
                           f"min {tuple(lo)} .. max {tuple(hi)}; rebuild with wider --min/--max")
 
 
+PHASES = ("h2d_ms", "gpu_compute_ms", "d2h_ms")  # what `last_phases` reports, as trtexec splits latency
+
+
 def _drv():
     from cuda.bindings import driver
 
@@ -106,6 +109,9 @@ class _GraphRunner:
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self._bound: dict[tuple, _Bound] = {}
+        # CUDA events around upload | compute | download: the phases of the last run, for bench
+        self._events = [_ck(_drv().cuEventCreate(0), "cuEventCreate") for _ in range(4)]
+        self.last_phases: dict[str, float] = {}
 
     def _bind(self, feeds: dict[str, np.ndarray]) -> _Bound:
         key = shape_key(feeds)
@@ -144,9 +150,12 @@ class _GraphRunner:
             raise EngineError(f"{self.path.name}: inputs {missing} not given")
         feeds = {n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.inputs}
         b = self._bind(feeds)
+        ev = self._events
+        _ck(drv.cuEventRecord(ev[0], self.stream), "cuEventRecord")
         for n in self.inputs:
             a = feeds[n]
             _ck(drv.cuMemcpyHtoDAsync(b.ptrs[n], a.ctypes.data, a.nbytes, self.stream), f"upload {n}")
+        _ck(drv.cuEventRecord(ev[1], self.stream), "cuEventRecord")
         if self.cuda_graph and b.runs >= 1:
             if b.graph_exec is None:  # capture after one plain run (plugins initialise on first enqueue)
                 mode = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
@@ -159,17 +168,24 @@ class _GraphRunner:
         else:
             self._execute()
         b.runs += 1
+        _ck(drv.cuEventRecord(ev[2], self.stream), "cuEventRecord")
         out = {}
         for n in self.outputs:
             a = np.empty(b.out_shapes[n], self.dtypes[n])
             _ck(drv.cuMemcpyDtoHAsync(a.ctypes.data, b.ptrs[n], a.nbytes, self.stream), f"download {n}")
             out[n] = a
+        _ck(drv.cuEventRecord(ev[3], self.stream), "cuEventRecord")
         _ck(drv.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
+        self.last_phases = {name: float(_ck(drv.cuEventElapsedTime(ev[i], ev[i + 1]), "cuEventElapsedTime"))
+                            for i, name in enumerate(PHASES)}
         return out
 
     def close(self) -> None:
         for k in list(self._bound):
             self._free(self._bound.pop(k))
+        for e in self._events:
+            _drv().cuEventDestroy(e)
+        self._events = []
         self.context = None
         self.engine = None
 
@@ -228,6 +244,15 @@ class TensorRTEngine(Engine):
             path, sc, blob = self._files[graph]
             self._runners[graph] = _GraphRunner(self.trt, self._runtime, path, sc, blob, self.stream, self.cuda_graph)
         return self._runners[graph]
+
+    def last_phases(self) -> dict[str, float]:
+        """H2D / GPU compute / D2H milliseconds of the last call (summed over its engines)."""
+        out = dict.fromkeys(PHASES, 0.0)
+        for r in self._runners.values():
+            for k, v in r.last_phases.items():
+                out[k] += v
+            r.last_phases = {}
+        return out
 
     def describe(self) -> dict:
         return {**super().describe(), "flavor": self.flavor, "tensorrt": self.trt.__version__, "gpu": self.gpu,

@@ -66,6 +66,26 @@ def test_measure_runs_at_least_iterations_and_seconds():
     assert out["total_s"] >= 0.05 and out["iterations"] >= 1
 
 
+def test_measure_reports_gpu_phases_as_medians():
+    """GPU engines report H2D / compute / D2H per call; bench keeps the median of each phase."""
+    seq = iter([{"h2d_ms": h, "gpu_compute_ms": 10 * h, "d2h_ms": 2 * h} for h in (9, 1, 3, 2, 5)] * 2)
+    out = measure(lambda: None, BenchOptions(warmup_s=0.0, min_iters=5, min_seconds=0.0), 1, phases=lambda: next(seq))
+    # read after each timed call only (not after the warm-up): 9, 1, 3, 2, 5 -> median 3
+    assert out["phases_ms"] == {"h2d_ms": 3, "gpu_compute_ms": 30, "d2h_ms": 6}
+    assert measure(lambda: None, BenchOptions(**FAST), 1)["phases_ms"] is None
+
+
+def test_markdown_shows_gpu_phases(bundle):
+    rep = run_bench(bundle, BenchOptions(backends=["onnxruntime"], sizes=[(16, 16)], stages=["end_to_end"], **FAST))
+    row = next(r for r in rep["rows"] if r["backend"] == "onnxruntime")
+    row["phases_ms"] = {"h2d_ms": 0.125, "gpu_compute_ms": 1.5, "d2h_ms": 0.25}
+    validate_report(rep)
+    assert "| onnxruntime | fp32 | 16x16 | 1 | end_to_end | 0.125 | 1.500 | 0.250 |" in to_markdown(rep)
+    row["phases_ms"] = {"h2d_ms": "fast"}
+    with pytest.raises(ValueError, match="phases_ms"):
+        validate_report(rep)
+
+
 def test_run_bench_report_baseline_and_failed_rows(bundle, tmp_path):
     opts = BenchOptions(backends=["onnxruntime", "tensorrt", "torch"], sizes=[(16, 24)], batches=[1, 2],
                         precisions=["fp32"], **FAST)
