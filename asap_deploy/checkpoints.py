@@ -130,7 +130,6 @@ def load_generator(path: str | os.PathLike, config: ModelConfig | None = None, p
 
 def save_generator(model, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
     """Write our checkpoint format atomically: {format, version, config, state_dict, extra}."""
-    torch = require_torch("saving checkpoints")
     obj = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.cfg.to_dict(),
            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
            "extra": dict(extra or {})}
