@@ -38,7 +38,8 @@ def _dist_version(dist: str) -> str | None:
         return None
 
 
-def _importable(module: str) -> bool:
+def importable(module: str) -> bool:
+    """Whether `module` can be imported here (found, and not blocked by sys.modules[module] = None)."""
     try:
         return importlib.util.find_spec(module) is not None and sys.modules.get(module, True) is not None
     except (ValueError, ImportError):
@@ -119,7 +120,7 @@ def machine_line(info: dict) -> str:
 
 # ---- checks -------------------------------------------------------------------------------------------
 def check_torch() -> Check:
-    if not _importable("torch"):
+    if not importable("torch"):
         return Check("torch", "missing", detail="the PyTorch reference, training, export and the authors' baseline",
                      fix="pip install 'asap-deploy[torch]'")
     import torch
@@ -131,7 +132,7 @@ def check_torch() -> Check:
 
 
 def check_onnxruntime() -> Check:
-    if not _importable("onnxruntime"):
+    if not importable("onnxruntime"):
         return Check("onnxruntime", "missing", fix="pip install onnxruntime (or onnxruntime-gpu for CUDA)")
     import onnxruntime
 
@@ -162,7 +163,7 @@ def check_tensorrt() -> list[Check]:
     out = []
     for flavor, module in trt_compat.MODULES.items():
         label = "TensorRT" if flavor == "tensorrt" else "TensorRT-RTX"
-        if not _importable(module):
+        if not importable(module):
             out.append(Check(label, "missing", fix=trt_compat.INSTALL[flavor]))
             continue
         try:
@@ -201,7 +202,7 @@ def rtx_parser_check() -> Check:
 
 
 def check_triton() -> Check:
-    if not _importable("triton"):
+    if not importable("triton"):
         return Check("triton", "missing", detail="the fused kernel (GPU JIT, CPU interpreter, AOT compile)",
                      fix="pip install 'asap-deploy[gpu]'")
     v = _dist_version("triton") or "?"

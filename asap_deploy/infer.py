@@ -217,16 +217,9 @@ class Choice:
 
 
 def _torch_ok() -> tuple[bool, str]:
-    import importlib.util
+    from .doctor import importable
 
-    try:
-        ok = importlib.util.find_spec("torch") is not None
-    except ValueError:  # sys.modules['torch'] = None
-        ok = False
-    if ok:
-        import sys
-
-        ok = sys.modules.get("torch", True) is not None
+    ok = importable("torch")
     return ok, "" if ok else "PyTorch is not installed (pip install 'asap-deploy[torch]')"
 
 
