@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -274,20 +272,14 @@ def comparison_grid(labels: np.ndarray, ref: np.ndarray, got: np.ndarray, cfg: M
 
 def write_report(report: ValidationReport, pictures, cfg: ModelConfig, out: Path) -> None:
     """report.json + one PNG grid per (sample, map, backend), written to a temp folder then renamed."""
-    from asap_deploy.export.bundle import replace_dir
+    from asap_deploy.export.bundle import staged_dir
     from asap_deploy.io import write_png
 
     out = Path(out)
     if out.exists() and not (out / "report.json").is_file() and any(out.iterdir()):
         raise BundleError(f"{out}: a non-empty folder that is not a validation report; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_dir(out, "validation report") as tmp:
         for smp, name, ref, got in pictures:
             for j in range(smp.labels.shape[0]):
                 write_png(tmp / f"{smp.name}_{j}_{name}.png", comparison_grid(smp.labels[j], ref[j], got[j], cfg))
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ refuses unknown schemas, missing files and any file whose sha256 differs from th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -171,12 +172,7 @@ def export_model(model, out_dir: str | os.PathLike, *, source: dict[str, Any] | 
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     source = dict(source or {})
     source["weights_sha256"] = weights_digest(state)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot create the bundle folder ({exc.strerror or exc})") from exc
-    try:
+    with staged_dir(out_dir, "bundle") as tmp:
         files: dict[str, dict[str, Any]] = {}
         for g in graphs.GRAPH_NAMES:
             if progress:
@@ -197,13 +193,28 @@ def export_model(model, out_dir: str | os.PathLike, *, source: dict[str, Any] | 
             del m32, variants
         manifest = build_manifest(cfg, files, source, precisions)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        replace_dir(tmp, out_dir)
-    except OSError as exc:  # disk full, file size limit, folder gone: typed, and nothing is left behind
-        raise OutputError(f"{out_dir}: cannot write the bundle ({exc.strerror or exc}); nothing was written") from exc
+    return ExportResult(out_dir, manifest)
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, what: str) -> Iterator[Path]:
+    """Yield a hidden temporary folder next to `target`; rename it over `target` (replace_dir) only
+    if the block succeeds, and remove it on every failure. An OSError (unwritable folder, disk full,
+    file size limit) becomes an OutputError naming `target`: typed, and nothing is left behind."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot create the {what} folder ({exc.strerror or exc})") from exc
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write the {what} ({exc.strerror or exc}); nothing was written") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return ExportResult(out_dir, manifest)
 
 
 def replace_dir(new: Path, target: Path) -> None:

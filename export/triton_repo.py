@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import numpy as np
 
 from asap_deploy.errors import BundleError, MissingDependencyError, UsageError
 
-from .bundle import MANIFEST, replace_dir, sha256_file
+from .bundle import MANIFEST, sha256_file, staged_dir
 
 ONNX_MODEL, TRT_MODEL = "asap", "asap_tensorrt"
 MARKER = "asap_triton_repo.json"
@@ -211,9 +210,7 @@ def write_triton_repo(bundle, out_dir: str | Path, opts: RepoOptions | None = No
     if trt is None and opts.tensorrt is None:
         notes.append(f"no {opts.precision} end-to-end TensorRT engine in {bundle.path}: only the ONNX Runtime model "
                      f"was written (asap build-engine {bundle.path} --stage end-to-end adds one)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, "model repository") as tmp:
         models: dict[str, dict[str, Any]] = {}
         configs = {ONNX_MODEL: config_text(ONNX_MODEL, "onnxruntime", cfg, opts, opts.kind)}
         (tmp / ONNX_MODEL / "1").mkdir(parents=True)
@@ -242,10 +239,6 @@ def write_triton_repo(bundle, out_dir: str | Path, opts: RepoOptions | None = No
                   sha256_file(bundle.path / MANIFEST), "precision": opts.precision, "models": models,
                   "start": f"tritonserver --model-repository {out_dir}"}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return RepoResult(out_dir, models, notes)
 
 
