@@ -94,10 +94,11 @@ def _open(path: Path, max_pixels: int):
     return im
 
 
-def _pixels(im, path: Path) -> np.ndarray:
+def _pixels(path: Path) -> np.ndarray:
+    """Decode the pixels of a file whose header `_open` has already checked; InputError naming it."""
     Image = _pil()  # noqa: N806
     try:
-        with Image.open(path) as fresh:  # decode from the file (a header-only handle may be closed)
+        with Image.open(path) as fresh:
             fresh.load()
             return _array(fresh)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -132,9 +133,8 @@ def decode_label_map(path: str | os.PathLike, cfg: ModelConfig, palette: Palette
     from .scale import channel_index
 
     path = Path(path)
-    im = _open(path, max_pixels)
-    im.close()
-    a = _pixels(im, path)
+    _open(path, max_pixels).close()  # header checks before any pixel is decoded
+    a = _pixels(path)
     if a.ndim == 3:
         if np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]):
             a = a[..., 0]
@@ -145,9 +145,8 @@ def decode_label_map(path: str | os.PathLike, cfg: ModelConfig, palette: Palette
 
 
 def decode_instance_map(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    im = _open(path, max_pixels)
-    im.close()
-    a = _pixels(im, path)
+    _open(path, max_pixels).close()  # header checks before any pixel is decoded
+    a = _pixels(path)
     if a.ndim != 2:
         raise InputError(f"{path}: instance maps must be single-channel 8- or 16-bit ids, got {a.shape[2]} channels")
     return a.astype(np.int32)
