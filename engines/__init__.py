@@ -15,13 +15,18 @@ from .base import IMAGE, IMAGE_FLOAT, Engine
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
+def did_you_mean(value: str, choices) -> str:
+    """"; did you mean 'x'?" naming the nearest of `choices`, or "" (a hint for an error message:
+    the guess is suggested, never run)."""
+    near = difflib.get_close_matches(value, list(choices), n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
 def check_backend(name: str) -> str:
     """Reject an unknown backend name, suggesting the nearest valid one (never running a guess)."""
     if name in BACKENDS:
         return name
-    near = difflib.get_close_matches(name, BACKENDS, n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
-    raise UsageError(f"unknown backend {name!r}{hint} (choose from: {', '.join(BACKENDS)})")
+    raise UsageError(f"unknown backend {name!r}{did_you_mean(name, BACKENDS)} (choose from: {', '.join(BACKENDS)})")
 
 
 def create_engine(name: str, bundle, precision: str = "fp32", **options) -> Engine:
@@ -42,4 +47,4 @@ def create_engine(name: str, bundle, precision: str = "fp32", **options) -> Engi
     return TorchEngine.from_bundle(bundle, **options)
 
 
-__all__ = ["BACKENDS", "Engine", "IMAGE", "IMAGE_FLOAT", "check_backend", "create_engine"]
+__all__ = ["BACKENDS", "Engine", "IMAGE", "IMAGE_FLOAT", "check_backend", "create_engine", "did_you_mean"]

@@ -77,10 +77,9 @@ class BenchOptions:
     def check(self, S: int | None = None) -> None:  # noqa: N803
         for b in self.backends:
             if b not in BENCH_BACKENDS:
-                import difflib
+                from . import did_you_mean
 
-                near = difflib.get_close_matches(b, BENCH_BACKENDS, n=1)
-                raise UsageError(f"unknown backend {b!r}{'; did you mean ' + repr(near[0]) + '?' if near else ''} "
+                raise UsageError(f"unknown backend {b!r}{did_you_mean(b, BENCH_BACKENDS)} "
                                  f"(choose from: {', '.join(BENCH_BACKENDS[1:])}; the authors' baseline is always included)")
         for s in self.stages:
             if s not in STAGES:

@@ -96,11 +96,9 @@ def make_profile(S: int, min_shape: str | None = None, opt_shape: str | None = N
 
 def stage_graphs(stage: str) -> tuple[str, ...]:
     if stage not in STAGES:
-        import difflib
+        from . import did_you_mean
 
-        near = difflib.get_close_matches(stage, list(STAGES), n=1)
-        raise UsageError(f"unknown stage {stage!r}" + (f"; did you mean {near[0]!r}?" if near else "")
-                         + f" (choose from: {', '.join(STAGES)})")
+        raise UsageError(f"unknown stage {stage!r}{did_you_mean(stage, STAGES)} (choose from: {', '.join(STAGES)})")
     return STAGES[stage]
 
 
