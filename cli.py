@@ -586,22 +586,33 @@ def _infer_on_ray(inputs, source, opts, backend: str, address: str, actors: int,
     """`asap infer --ray`: the same per-file results and exit code as local infer (asap_deploy/ray_infer.py)."""
     from rich.markup import escape
 
-    from asap_deploy.errors import InputError
     from asap_deploy.ray_infer import RayOptions, ray_infer
 
     with console.status(f"translating on Ray ({address}, {actors} actor(s))"):
         summary = ray_infer(inputs, source, opts, backend, RayOptions(address=address, actors=actors))
-    if as_json:
-        console.print_json(json.dumps(summary.to_dict()))
-    else:
+    if not as_json:
         for r in summary.failed:
             console.print(f"[red]failed:[/] {escape(r.error)}", highlight=False)
+    _infer_verdict(summary, opts.out_dir, as_json, f" on Ray ({address})")
+
+
+def _infer_verdict(summary, out_dir: Path, as_json: bool, where: str = "") -> None:
+    """The end of `asap infer`, local or --ray: the JSON summary or the PASSED/FAILED line; InputError
+    naming the first failed inputs if any failed."""
+    from rich.markup import escape
+
+    from asap_deploy.errors import InputError
+
+    if as_json:
+        console.print_json(json.dumps(summary.to_dict()))
     n_ok, n_bad = len(summary.written), len(summary.failed)
-    line = (f"{n_ok} image(s) written to {opts.out_dir}, {n_bad} failed | {summary.seconds:.2f} s | "
-            f"{summary.images_per_s:.2f} images/s | backend {summary.backend} on Ray ({address})")
+    line = (f"{n_ok} image(s) written to {out_dir}, {n_bad} failed | {summary.seconds:.2f} s | "
+            f"{summary.images_per_s:.2f} images/s | backend {summary.backend}{where}")
     if not as_json:
         console.print(f"[bold {'green' if not n_bad else 'red'}]{'PASSED' if not n_bad else 'FAILED'}[/] | {escape(line)}",
                       highlight=False)
+    if summary.stopped_early:
+        err_console.print("[yellow]stopped at the first failure (--fail-fast)[/]")
     if n_bad:
         raise InputError(f"{n_bad} of {n_bad + n_ok} input(s) failed: "
                          + "; ".join(str(r.input) for r in summary.failed[:5]) + (" ..." if n_bad > 5 else ""))
@@ -644,7 +655,6 @@ def infer(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from asap_deploy.errors import InputError
     from asap_deploy.infer import InferOptions, Source, choose_backend, infer as run_infer, open_engine
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -681,19 +691,7 @@ def infer(
             summary = run_infer(inputs, source, opts, backend, progress=on_file, engine=engine, choice=choice)
     finally:
         engine.close()
-    if as_json:
-        console.print_json(json.dumps(summary.to_dict()))
-    n_ok, n_bad = len(summary.written), len(summary.failed)
-    line = (f"{n_ok} image(s) written to {out}, {n_bad} failed | {summary.seconds:.2f} s | "
-            f"{summary.images_per_s:.2f} images/s | backend {summary.backend}")
-    if not as_json:
-        console.print(f"[bold {'green' if not n_bad else 'red'}]{'PASSED' if not n_bad else 'FAILED'}[/] | {escape(line)}",
-                      highlight=False)
-    if summary.stopped_early:
-        err_console.print("[yellow]stopped at the first failure (--fail-fast)[/]")
-    if n_bad:
-        raise InputError(f"{n_bad} of {n_bad + n_ok} input(s) failed: "
-                         + "; ".join(str(r.input) for r in summary.failed[:5]) + (" ..." if n_bad > 5 else ""))
+    _infer_verdict(summary, out, as_json)
 
 
 @app.command()
