@@ -5,8 +5,8 @@ What is timed (wall clock, `time.perf_counter`, host side):
   * stages `predictor` (ids -> parameter grid), `pixelwise` (ids + grid -> RGB) and `end_to_end`
     (ids -> uint8 RGB), each called through the Engine interface, so every backend is timed the
     same way: host arrays in, host arrays out. On a GPU the host<->device copies of the inputs and
-    outputs are INSIDE these times (TensorRT: H2D + execute + D2H + stream sync; they are not split
-    out in this version).
+    outputs are INSIDE these times (TensorRT: H2D + execute + D2H + stream sync); the TensorRT
+    engine also times each phase with CUDA events, reported per row as medians (`phases_ms`).
   * `authors`: benchmarks' restatement of the authors' forward (engines/authors.py) on the
     full-resolution fp32 one-hot their generator receives; building that one-hot is their caller's
     work and is not timed (in their favour). fp32 only.
@@ -299,7 +299,7 @@ def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "machine": machine,
         "model": model_info or {"bundle": str(bundle.path), "config": cfg.to_dict(), "S": cfg.S},
-        "options": {k: v for k, v in asdict(opts).items()},
+        "options": asdict(opts),
         "baseline": BASELINE,
         "timing": ("wall clock per call through the Engine interface (host arrays in and out; on GPUs H2D/D2H "
                    "included); authors: their forward on the full-res fp32 one-hot (one-hot not timed); "
@@ -405,7 +405,7 @@ def write_reports(rep: dict, out_dir: Path, json_file: Path | None = None) -> di
 
 def to_markdown(rep: dict) -> str:
     o = rep["options"]
-    lines = [f"# asap bench", "",
+    lines = ["# asap bench", "",
              f"Machine: {machine_text(rep)}", "",
              f"Model: {rep['model'].get('description') or rep['model'].get('bundle', '')} (S={rep['model'].get('S')})", "",
              f"Timing: {rep['timing']}. Warm-up {o['warmup_s']} s, then >= {o['min_iters']} iterations and "
@@ -453,11 +453,10 @@ def plot(rep: dict, path: Path) -> Path:
                           and r["batch"] == batch and r["precision"] == prec), None)
                 vals.append(r["median_ms"] if r else 0)
             xs = np.arange(len(stages)) + bi * width
-            bars = ax.bar(xs, vals, width, label=b)
+            ax.bar(xs, vals, width, label=b)
             for x, v in zip(xs, vals):
                 if v:
                     ax.text(x, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
-            del bars
         ax.set_xticks(np.arange(len(stages)) + width * (len(backends) - 1) / 2)
         ax.set_xticklabels(stages)
         ax.set_yscale("log")
