@@ -71,9 +71,10 @@ PHASES = ("h2d_ms", "gpu_compute_ms", "d2h_ms")  # what `last_phases` reports, a
 
 
 def _drv():
-    from cuda.bindings import driver
+    """cuda-python's driver module, imported as the plugin's launcher does (MissingDependencyError without it)."""
+    from asap_deploy.plugins.launcher import _driver
 
-    return driver
+    return _driver()
 
 
 def _ck(result, what: str):

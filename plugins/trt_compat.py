@@ -205,7 +205,9 @@ def cuda_device_count() -> tuple[int, str]:
 
 def device_sm(device: int = 0) -> tuple[int, str]:
     """(compute capability as 86 etc., device name) of a CUDA device via the driver API."""
-    from cuda.bindings import driver
+    from .launcher import _driver
+
+    driver = _driver()
 
     attr = driver.CUdevice_attribute
     err, dev = driver.cuDeviceGet(device)
