@@ -181,8 +181,11 @@ class TritonPythonModel:
 
 def _trt_engine(bundle, precision: str) -> tuple[str, Path] | None:
     """(flavor, path) of the bundle's end-to-end engine at `precision`, if any."""
-    for flavor in ("tensorrt", "rtx"):
-        p = bundle.path / f"asap.{precision}.{flavor}.engine"
+    from asap_deploy.engines.build import engine_name
+    from asap_deploy.plugins.trt_compat import FLAVORS
+
+    for flavor in FLAVORS:
+        p = bundle.path / engine_name("asap", precision, flavor)
         if p.is_file():
             return flavor, p
     return None
