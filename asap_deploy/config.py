@@ -123,6 +123,18 @@ class ModelConfig:
         return self.contain_dontcare_label is not False and self.n_label_channels <= DONTCARE_ID
 
     @property
+    def allowed_label_ids(self) -> str:
+        """The valid ids in words, for error messages: "0..N-1" (+ " or 255 (don't care)")."""
+        return f"0..{self.n_label_channels - 1}" + (f" or {DONTCARE_ID} (don't care)" if self.accepts_dontcare_id else "")
+
+    def invalid_label_ids(self, ids):
+        """Boolean mask over an integer numpy array of label ids: True where this model does not take the id."""
+        bad = (ids < 0) | (ids >= self.n_label_channels)
+        if self.accepts_dontcare_id:
+            bad &= ids != DONTCARE_ID
+        return bad
+
+    @property
     def label_dtype(self) -> str:
         """numpy dtype of label-id inputs: uint8 unless ids can exceed 255."""
         return "uint8" if self.n_label_channels <= DONTCARE_ID else "int32"

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import DONTCARE_ID, ModelConfig
+from .config import ModelConfig
 from .errors import DatasetError, InputError
 from .io import read_instance_map, read_label_map, read_rgb
 
@@ -193,11 +193,9 @@ class PairedDataset:
                                f"{s.label} is {labels.shape[1]}x{labels.shape[0]} (WxH)")
         labels = labels.astype(np.int64)
         n = self.cfg.n_label_channels
-        ok = labels < n
-        if self.cfg.accepts_dontcare_id:
-            ok |= labels == DONTCARE_ID
-        if not ok.all():
-            bad = np.unique(labels[~ok])
+        invalid = self.cfg.invalid_label_ids(labels)
+        if invalid.any():
+            bad = np.unique(labels[invalid])
             raise DatasetError(f"{s.label}: label id(s) {', '.join(map(str, bad[:8].tolist()))} out of range: the model "
                                f"has label_nc={self.cfg.label_nc} (ids 0..{n - 1}"
                                + (", or 255 don't care)" if self.cfg.accepts_dontcare_id else ")"))

@@ -130,15 +130,13 @@ class ScaleLayout:
 def channel_index(ids: np.ndarray, cfg: ModelConfig, what: str) -> np.ndarray:
     """Label ids -> one-hot channel index (id 255 -> last channel where accepted); InputError."""
     a = ids.astype(np.int64)
-    n = cfg.n_label_channels
-    if cfg.accepts_dontcare_id:
-        a = np.where(a == DONTCARE_ID, n - 1, a)
-    bad = (a < 0) | (a >= n)
+    bad = cfg.invalid_label_ids(a)
     if bad.any():
         y, x = (int(v[0]) for v in np.nonzero(bad)[-2:])
-        allowed = f"0..{n - 1}" + (" or 255 (don't care)" if cfg.accepts_dontcare_id else "")
         raise InputError(f"{what}: label id {int(ids[bad].flat[0])} at x={x}, y={y} is out of range: this model takes "
-                         f"ids {allowed}")
+                         f"ids {cfg.allowed_label_ids}")
+    if cfg.accepts_dontcare_id:
+        a = np.where(a == DONTCARE_ID, cfg.n_label_channels - 1, a)
     return a
 
 

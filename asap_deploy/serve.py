@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .config import DONTCARE_ID, ModelConfig
+from .config import ModelConfig
 from .errors import InputError, MissingDependencyError, UsageError
 
 MODEL_NAME = "asap"
@@ -151,14 +151,11 @@ def validate_request(request: dict[str, np.ndarray], cfg: ModelConfig,
         raise InputError(f"a {w}x{h} (WxH) label map: W and H must be multiples of S={S}; pad it to "
                          f"{-(-w // S) * S}x{-(-h // S) * S} (reflect, bottom/right) and crop the image back")
     ids = labels.astype(np.int64, copy=False)
-    bad = ids >= cfg.n_label_channels
-    if cfg.accepts_dontcare_id:
-        bad &= ids != DONTCARE_ID
-    bad |= ids < 0
+    bad = cfg.invalid_label_ids(ids)
     if bad.any():
-        allowed = f"0..{cfg.n_label_channels - 1}" + (f" or {DONTCARE_ID} (don't care)" if cfg.accepts_dontcare_id else "")
         y, x = (int(v) for v in np.argwhere(bad)[0][1:])
-        raise InputError(f"label id {int(ids[bad].flat[0])} at (x={x}, y={y}) is out of range: this model takes ids {allowed}")
+        raise InputError(f"label id {int(ids[bad].flat[0])} at (x={x}, y={y}) is out of range: this model takes ids "
+                         f"{cfg.allowed_label_ids}")
     instances = None
     if cfg.instance_edges:
         if INSTANCES not in request:
