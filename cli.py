@@ -873,7 +873,7 @@ def loadtest(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
 ) -> None:
     """Load a served `asap` model: throughput, latency min/median/p90/p99, errors (bounded in count and time)."""
-    from asap_deploy.io import atomic_path
+    from asap_deploy.io import write_text
     from asap_deploy.loadtest import LoadOptions, parse_wxh, run_loadtest
 
     sizes = [parse_wxh(s) for s in size]
@@ -893,8 +893,7 @@ def loadtest(
     for msg, n in rep["error_messages"].items():
         err_console.print(f"[red]{n} x[/] {msg}", highlight=False, markup=False)
     if json_file is not None:
-        with atomic_path(json_file) as tmp:
-            tmp.write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
+        write_text(json_file, json.dumps(rep, indent=2) + "\n")
         console.print(f"report: {json_file}")
 
 
