@@ -71,7 +71,8 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     cfg = small_config(DEMO_CLASSES, DEMO_SIZE)
     opts = demo_options(minutes, steps, seed)
     train_set = PairedDataset(find_samples(out / "data", "train")[1], cfg, augment=True)
-    val_set = PairedDataset(find_samples(out / "data", "val")[1], cfg)
+    val_layout, val_samples = find_samples(out / "data", "val")
+    val_set = PairedDataset(val_samples, cfg)
     emit("stage", text=f"2/{STAGES} training a small ASAP-Net ({cfg.S}x{cfg.S} tiles, MLP {cfg.mlp_channels}) "
                        + (f"for {minutes:g} min" if minutes else f"for {steps} steps"))
     trainer = Trainer(cfg, opts, train_set, out / "run")
@@ -124,7 +125,7 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     from .engines import create_engine
     from .engines.validate import folder_samples, validate
 
-    val_labels = find_samples(out / "data", "val")[0].label_dir
+    val_labels = val_layout.label_dir
     samples = folder_samples(cfg, val_labels)
     with create_engine("torch", bundle) as ref, create_engine("onnxruntime", bundle) as ort:
         report = validate(bundle, ref, [ort], samples, "fp32", out / "validation")
