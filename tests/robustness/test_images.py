@@ -158,10 +158,12 @@ def test_random_label_arrays(tmp_path, data):
     h, w = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))
     depth = data.draw(st.sampled_from([np.uint8, np.uint16]))
     top = 255 if depth == np.uint8 else 65535
-    pool = st.one_of(st.integers(0, CFG.label_nc - 1), st.just(255), st.integers(0, top))
+    pool = st.one_of(st.integers(0, CFG.label_nc - 1), st.just(CFG.label_nc), st.just(255), st.integers(0, top))
     a = np.array(data.draw(st.lists(pool, min_size=h * w, max_size=h * w)), dtype=depth).reshape(h, w)
     f = save_png(tmp_path / "r.png", a)
-    valid = (a < CFG.label_nc) | (a == 255)
+    # the documented rule: ids 0..n_label_channels-1 (with don't care that includes id label_nc, its
+    # channel, as in the authors' pipeline) and 255 where the config has a don't-care channel
+    valid = (a < CFG.n_label_channels) | ((a == 255) & (CFG.contain_dontcare_label is not False))
     if valid.all():
         assert np.array_equal(decode_label_map(f, CFG, PAL), a)
     else:
