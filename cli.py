@@ -578,10 +578,6 @@ def demo(
         raise ValidationFailed(f"the demo's bundle failed validation (see {v['report']}/report.json)")
 
 
-def _raise_interrupt(signum, frame):  # SIGTERM -> KeyboardInterrupt: temp files are removed on the way out
-    raise KeyboardInterrupt
-
-
 def _infer_on_ray(inputs, source, opts, backend: str, address: str, actors: int, as_json: bool) -> None:
     """`asap infer --ray`: the same per-file results and exit code as local infer (asap_deploy/ray_infer.py)."""
     from rich.markup import escape
@@ -657,7 +653,9 @@ def infer(
 
     from asap_deploy.infer import InferOptions, Source, choose_backend, infer as run_infer, open_engine
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    from asap_deploy.io import sigterm_as_interrupt
+
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     source = Source(model=model, bundle=bundle_dir, engine=engine_file)
     opts = InferOptions(out_dir=out, palette=palette, instances=instances, hires_labels=hires_labels, scale=scale,
                         side_by_side=side_by_side, batch_size=batch, fail_fast=fail_fast, precision=precision,

@@ -90,6 +90,7 @@ def _open(path: Path, max_pixels: int):
         im.close()
         raise InputError(f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels} pixels")
     if w == 0 or h == 0:
+        im.close()
         raise InputError(f"{path}: empty image ({w}x{h})")
     return im
 

@@ -45,6 +45,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp.unlink()
 
 
+def sigterm_as_interrupt(signum, frame):
+    """A SIGTERM handler raising KeyboardInterrupt, so a terminated command cleans up as on Ctrl-C
+    (atomic writes remove their temp files; servers stop cleanly)."""
+    raise KeyboardInterrupt
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -41,6 +41,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InputError, MissingDependencyError, UsageError
+from .io import sigterm_as_interrupt
 
 MODEL_NAME = "asap"
 LABELS, INSTANCES, IMAGE = "labels", "instances", "image"
@@ -223,10 +224,6 @@ def endpoints(opts: ServeOptions) -> Endpoints:
     return Endpoints(f"http://{host}:{opts.port}", f"{host}:{opts.grpc_port}", f"http://{host}:{opts.metrics_port}/metrics")
 
 
-def _raise_interrupt(signum, frame):  # SIGTERM -> KeyboardInterrupt: PyTriton's serve() stops cleanly on it
-    raise KeyboardInterrupt
-
-
 def serve(engine, opts: ServeOptions, on_ready: Callable[[Endpoints], None] | None = None,
           workspace: Path | None = None) -> None:
     """Serve `engine` as model `asap` until SIGINT/SIGTERM (or the server dies); blocks.
@@ -244,7 +241,7 @@ def serve(engine, opts: ServeOptions, on_ready: Callable[[Endpoints], None] | No
                         allow_gpu_metrics=False, exit_timeout_secs=opts.exit_timeout_s)
     batcher = DynamicBatcher(max_queue_delay_microseconds=int(round(opts.max_delay_ms * 1000)))
     mcfg = PTModelConfig(max_batch_size=opts.max_batch, batcher=batcher)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)  # PyTriton's serve() stops cleanly on it
     try:
         with Triton(config=tcfg, workspace=str(workspace) if workspace else None) as triton:
             triton.bind(model_name=MODEL_NAME, infer_func=make_infer_fn(engine, opts.max_pixels),
