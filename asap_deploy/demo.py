@@ -147,7 +147,8 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     files += list(bench_files.values())
 
     result = {"quality": quality, "steps": trainer.step, "seconds": summary["seconds"], "bench_size": bench_size,
-              "validation": {"passed": report.passed, "report": str(report.report_dir)},
+              "validation": {"passed": report.passed, "report": str(report.report_dir),
+                             "backends": report.to_dict().get("backends", {})},
               "infer": scale_runs, "bench": bench_rows(bench)}
     files.append(write_index(out, result))
     result["files"] = [str(f) for f in files]
@@ -205,7 +206,6 @@ def write_index(out: Path, result: dict[str, Any]) -> Path:
     from .io import write_text
 
     q = result["quality"]
-    val = json.loads((out / "validation" / "report.json").read_text()) if (out / "validation" / "report.json").is_file() else {}
     bench_md = (out / "bench" / "report.md").read_text() if (out / "bench" / "report.md").is_file() else ""
     def cell(v, fmt: str) -> str:
         return "" if v is None else format(v, fmt)
@@ -230,7 +230,7 @@ textures depend on class and position.</p>
 <h2>Validation: ONNX Runtime vs PyTorch</h2>
 <p><b>{'PASSED' if result['validation']['passed'] else 'FAILED'}</b> (fp32 thresholds);
 full report: <a href="validation/report.json">validation/report.json</a></p>
-<pre>{escape(json.dumps(val.get('backends', val), indent=1)[:4000])}</pre>
+<pre>{escape(json.dumps(result['validation']['backends'], indent=1)[:4000])}</pre>
 <h2>Resolution-free rendering</h2>
 <p>Label map | scale-1 output upscaled (nearest) | (bicubic) | the MLP evaluated on a {SCALES[-1]}x denser grid
 (<code>asap infer --scale {SCALES[-1]}</code>).</p><img src="scale_grid.png" alt="scale grid">
