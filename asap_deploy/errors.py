@@ -90,3 +90,12 @@ def require_torch(feature: str):
             "(CPU-only machines: pip install torch==2.13.0 first, or use constraints.txt)."
         ) from exc
     return torch
+
+
+def did_you_mean(value: str, choices) -> str:
+    """"; did you mean 'x'?" naming the nearest of `choices`, or "" (a hint for an error message:
+    the guess is suggested, never run)."""
+    import difflib
+
+    near = difflib.get_close_matches(value, list(choices), n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""

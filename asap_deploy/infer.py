@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import ModelConfig
-from .errors import AsapError, BundleError, InputError, UsageError
+from .errors import AsapError, BundleError, InputError, UsageError, did_you_mean
 from .io import DEFAULT_MAX_PIXELS, write_png, to_uint8
 from .palette import Palette, load_palette
 
@@ -251,10 +251,7 @@ def tensorrt_usable(bundle_dir: Path, precision: str) -> tuple[bool, str]:
 def choose_backend(requested: str, source: Source, precision: str = "fp32", scale: float | None = None) -> Choice:
     """auto: TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU > torch, with the reason and what was skipped."""
     if requested not in BACKEND_CHOICES:
-        import difflib
-
-        near = difflib.get_close_matches(requested, BACKEND_CHOICES, n=1)
-        raise UsageError(f"unknown backend {requested!r}{'; did you mean ' + repr(near[0]) + '?' if near else ''} "
+        raise UsageError(f"unknown backend {requested!r}{did_you_mean(requested, BACKEND_CHOICES)} "
                          f"(choose from: {', '.join(BACKEND_CHOICES)})")
     source.check()
     scaled = scale is not None and scale != 1

@@ -28,7 +28,7 @@ from typing import Mapping
 import numpy as np
 
 from .config import DONTCARE_ID, ModelConfig
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, did_you_mean
 
 # Cityscapes labelIds 0..33 -> colour (the public label definitions of the data set).
 CITYSCAPES = {
@@ -176,11 +176,7 @@ def load_palette(spec: str | os.PathLike | None, cfg: ModelConfig | None = None,
         return p
     path = Path(s)
     if not path.is_file():
-        import difflib
-
-        near = difflib.get_close_matches(s, NAMED + ("bundle",), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise UsageError(f"--palette {s!r}: no such palette or file{hint} (named: {', '.join(NAMED)}, bundle, or FILE.json)")
+        raise UsageError(f"--palette {s!r}: no such palette or file{did_you_mean(s, NAMED + ('bundle',))} (named: {', '.join(NAMED)}, bundle, or FILE.json)")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

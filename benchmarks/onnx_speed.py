@@ -31,7 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import numpy as np  # noqa: E402
 
 ITEMS = ["onnxruntime:end_to_end", "onnxruntime:predictor", "onnxruntime:pixelwise",
          "torch:end_to_end", "torch:predictor", "torch:pixelwise",

@@ -139,7 +139,7 @@ def markdown(r: dict, minutes: float) -> str:
         "constant mean colour, and per-class mean colour (fitted on the held-out set itself: the best any "
         "position-blind per-class colour can do).",
         "",
-        f"| step | train time (min) | model PSNR (dB) | per-class mean (dB) | constant mean (dB) | model - per-class (dB) |",
+        "| step | train time (min) | model PSNR (dB) | per-class mean (dB) | constant mean (dB) | model - per-class (dB) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in _shown_rows(rows):

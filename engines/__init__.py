@@ -5,21 +5,12 @@ Backends import their runtimes lazily: `asap_deploy.engines` itself needs only n
 
 from __future__ import annotations
 
-import difflib
-
-from asap_deploy.errors import UsageError
+from asap_deploy.errors import UsageError, did_you_mean
 
 from .base import IMAGE, IMAGE_FLOAT, Engine
 
 # Backends that run a bundle (the torch reference is built from the bundle's weights).
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-
-
-def did_you_mean(value: str, choices) -> str:
-    """"; did you mean 'x'?" naming the nearest of `choices`, or "" (a hint for an error message:
-    the guess is suggested, never run)."""
-    near = difflib.get_close_matches(value, list(choices), n=1)
-    return f"; did you mean {near[0]!r}?" if near else ""
 
 
 def check_backend(name: str) -> str:
@@ -47,4 +38,4 @@ def create_engine(name: str, bundle, precision: str = "fp32", **options) -> Engi
     return TorchEngine.from_bundle(bundle, **options)
 
 
-__all__ = ["BACKENDS", "Engine", "IMAGE", "IMAGE_FLOAT", "check_backend", "create_engine", "did_you_mean"]
+__all__ = ["BACKENDS", "Engine", "IMAGE", "IMAGE_FLOAT", "check_backend", "create_engine"]

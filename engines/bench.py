@@ -77,7 +77,7 @@ class BenchOptions:
     def check(self, S: int | None = None) -> None:  # noqa: N803
         for b in self.backends:
             if b not in BENCH_BACKENDS:
-                from . import did_you_mean
+                from asap_deploy.errors import did_you_mean
 
                 raise UsageError(f"unknown backend {b!r}{did_you_mean(b, BENCH_BACKENDS)} "
                                  f"(choose from: {', '.join(BENCH_BACKENDS[1:])}; the authors' baseline is always included)")

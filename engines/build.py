@@ -96,7 +96,7 @@ def make_profile(S: int, min_shape: str | None = None, opt_shape: str | None = N
 
 def stage_graphs(stage: str) -> tuple[str, ...]:
     if stage not in STAGES:
-        from . import did_you_mean
+        from asap_deploy.errors import did_you_mean
 
         raise UsageError(f"unknown stage {stage!r}{did_you_mean(stage, STAGES)} (choose from: {', '.join(STAGES)})")
     return STAGES[stage]
