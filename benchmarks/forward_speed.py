@@ -1,6 +1,6 @@
 """Forward speed: our generator vs the authors' forward (benchmarks/authors_forward.py), one run.
 
-    python benchmarks/forward_speed.py [--size 1024] [--runs 7] [--json benchmarks/forward_speed.json]
+    python benchmarks/forward_speed.py [--size 1024] [--runs 7] [--json benchmarks/results/forward_speed_1024.json]
 
 What is timed (wall clock, torch.no_grad, fp32, CPU, batch 1, median over runs after warm-up;
 the variants are interleaved inside each run so background load hits both alike):
@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--json", type=Path, default=Path(__file__).with_name("forward_speed.json"))
+    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "forward_speed_1024.json")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-child", choices=["ours", "authors"], help=argparse.SUPPRESS)
     args = ap.parse_args()

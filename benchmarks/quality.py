@@ -10,7 +10,7 @@ encoding can beat the per-class mean. Target: >= 3 dB above it after 10 CPU minu
 Training time counts train steps only (evaluations are excluded). PSNR: 8-bit images, MSE pooled
 over the held-out set.
 
-    python benchmarks/quality.py --minutes 10 --md benchmarks/QUALITY.md [--threads 1]
+    python benchmarks/quality.py --minutes 10 --threads 1 --md benchmarks/QUALITY.md --json benchmarks/results/quality_10min.json
 """
 
 from __future__ import annotations
