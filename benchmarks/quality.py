@@ -162,7 +162,8 @@ def markdown(r: dict, minutes: float) -> str:
               "- Regression test of the claim (step-bounded, not timed): `tests/test_train_quality.py` (marked slow, "
               "300 steps).",
               "",
-              f"Reproduce: `python benchmarks/quality.py --minutes {minutes:g} --threads {r['threads']} --md benchmarks/QUALITY.md`", ""]
+              f"Reproduce: `python benchmarks/quality.py --minutes {minutes:g} --threads {r['threads']} --md benchmarks/QUALITY.md "
+              "--json benchmarks/results/quality_10min.json` (every evaluation point: `results/quality_10min.json`)", ""]
     return "\n".join(lines)
 
 
