@@ -80,8 +80,7 @@ def label_channels(labels: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= n:
             bad = hi if hi >= n else lo
-            allowed = f"0..{n - 1}" + (" or 255 (don't care)" if cfg.accepts_dontcare_id else "")
-            raise InputError(f"label id {bad} is out of range: this model takes ids {allowed}")
+            raise InputError(f"label id {bad} is out of range: this model takes ids {cfg.allowed_label_ids}")
     return idx
 
 

@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from asap_deploy.config import DONTCARE_ID, ModelConfig
+from asap_deploy.config import ModelConfig
 from asap_deploy.errors import InputError
 
 IMAGE, IMAGE_FLOAT = "image", "image_float"
@@ -76,12 +76,10 @@ class Engine(ABC):
             raise InputError(f"label maps of {h}x{w} (HxW), batch {n}: H and W must be positive multiples of S={S} "
                              f"(pad to {-(-h // S) * S}x{-(-w // S) * S})")
         ids = labels.astype(np.int64, copy=False)
-        bad = (ids < 0) | (ids >= cfg.n_label_channels)
-        if cfg.accepts_dontcare_id:
-            bad &= ids != DONTCARE_ID
+        bad = cfg.invalid_label_ids(ids)
         if bad.any():
-            allowed = f"0..{cfg.n_label_channels - 1}" + (" or 255 (don't care)" if cfg.accepts_dontcare_id else "")
-            raise InputError(f"label id {int(ids[bad].flat[0])} is out of range: this model takes ids {allowed}")
+            raise InputError(f"label id {int(ids[bad].flat[0])} is out of range: this model takes ids "
+                             f"{cfg.allowed_label_ids}")
         labels = np.ascontiguousarray(labels, dtype=np.dtype(cfg.label_dtype))
         if cfg.instance_edges and need_instances:
             if instances is None:

@@ -125,7 +125,7 @@ def check_labels(labels, cfg: ModelConfig) -> None:
     lo, hi = int(labels.min()), int(labels.max())
     if lo >= 0 and hi < n:
         return
-    allowed = f"0..{n - 1}" + (" or 255 (don't care)" if cfg.accepts_dontcare_id else "")
+    allowed = cfg.allowed_label_ids
     if lo < 0:
         raise InputError(f"label id {lo} is out of range: this model takes ids {allowed}")
     if cfg.accepts_dontcare_id:
