@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -111,8 +111,9 @@ def kernel_cache_dir() -> Path:
     env = os.environ.get("ASAP_KERNEL_CACHE")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "asap-deploy" / "kernels"
+    from asap_deploy.plugins.trt_compat import cache_root
+
+    return cache_root() / "kernels"
 
 
 def plugin_kernels(cfg, archs: Sequence[int], dtype_pairs: Sequence[tuple[str, str]], cache_dir: Path | None = None,
@@ -250,7 +251,6 @@ class BuiltEngine:
     path: Path
     sidecar: dict
     seconds: float
-    notes: list[str] = field(default_factory=list)
 
 
 class _Logger:
@@ -390,7 +390,6 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
             raise EngineError(f"{src.name}: TensorRT could not build the engine: "
                               f"{'; '.join(log.errors()) or 'no message (run with --debug for the log)'}")
         engine = bytes(blob)
-        notes = []
         if uses_plugin:
             if PLUGIN_NAME.encode() not in engine or pack.to_bytes() not in engine:
                 raise EngineError(f"{src.name}: the engine was built without the plugin's kernels in its fields "
@@ -425,6 +424,6 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
         with atomic_path(eng_path) as tmp:
             tmp.write_bytes(engine)
         write_json(sidecar_path(eng_path), sidecar)
-        built.append(BuiltEngine(eng_path, sidecar, time.perf_counter() - t0, notes))
+        built.append(BuiltEngine(eng_path, sidecar, time.perf_counter() - t0))
         del network, parser, builder, config
     return built

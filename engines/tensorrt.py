@@ -16,7 +16,7 @@ execution for a fixed shape is captured once and replayed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,6 @@ class _Bound:
     out_shapes: dict[str, tuple[int, ...]]
     graph_exec: Any = None
     runs: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class _GraphRunner:

@@ -113,9 +113,13 @@ def _rtx_libs_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def cache_root() -> Path:
+    """asap-deploy's folder in the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "asap-deploy"
+
+
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "asap-deploy" / "tensorrt-rtx-libs"
+    return cache_root() / "tensorrt-rtx-libs"
 
 
 def _symlink(target: Path, link: Path) -> None:
