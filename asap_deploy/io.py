@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,44 +18,52 @@ from .errors import InputError, OutputError
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 
+# Temp files atomic_path has named and not yet removed. An interrupt can land on any bytecode,
+# including between creating a temp file and entering the block that removes it; the exit hook
+# removes whatever such a race left behind.
+_live_temps: set[Path] = set()
+
+
+@atexit.register
+def _remove_live_temps() -> None:
+    for tmp in list(_live_temps):
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds.
 
     An OSError while creating, writing or renaming (unwritable folder, disk full) becomes an
-    OutputError naming `path`; the temporary file is removed on every failure, Ctrl-C included.
+    OutputError naming `path`; the temporary file is removed on every failure, Ctrl-C and SIGTERM
+    included (the temp name is registered before the file exists; see _remove_live_temps).
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-    tmp = Path(tmp)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix or path.suffix or '.tmp'}"
+    _live_temps.add(tmp)
     try:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # 0o666 through the umask: the result gets the permissions of any new file
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        try:
             yield tmp
-            if tmp.exists():  # mkstemp makes 0600 files: give the result the usual umask permissions
-                os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         except OSError as exc:
             raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); nothing was written") from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        _live_temps.discard(tmp)
 
 
 def sigterm_as_interrupt(signum, frame):
     """A SIGTERM handler raising KeyboardInterrupt, so a terminated command cleans up as on Ctrl-C
     (atomic writes remove their temp files; servers stop cleanly)."""
     raise KeyboardInterrupt
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def refuse_existing(paths, what: str = "output") -> None:

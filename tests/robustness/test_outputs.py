@@ -8,10 +8,11 @@ real one for the process: RLIMIT_FSIZE makes the kernel refuse writes past a siz
 
 from __future__ import annotations
 
-import json
+import os
 import resource
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from asap_deploy.errors import InputError, OutputError, UsageError
+from asap_deploy.errors import InputError, OutputError
 
 from .conftest import ROOT, label_maps, py_cli, run_cli, save_png
 
@@ -184,3 +185,36 @@ def test_debug_shows_the_traceback(tmp_path):
     assert r.returncode == 4 and "Traceback" not in r.stderr and "junk.pt" in r.stderr
     r = _run(["--debug", "inspect", bad])
     assert r.returncode != 0 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
+
+
+def test_interrupt_right_after_the_temp_file_is_created_leaves_nothing(tmp_path, monkeypatch):
+    import asap_deploy.io as io
+
+    real_close = os.close
+
+    def close_then_interrupt(fd):  # SIGTERM landing on the first bytecode after the file exists
+        real_close(fd)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(io.os, "close", close_then_interrupt)
+        try:
+            with io.atomic_path(tmp_path / "out.png"):
+                pass
+        finally:
+            monkeypatch.undo()
+    assert _files(tmp_path) == []
+
+
+def test_interrupt_that_skips_the_write_blocks_cleanup_still_removes_the_temp_file(tmp_path):
+    # An interrupt can land inside contextlib's own code, so atomic_path's finally never runs.
+    # Model that: enter the block, write half a file, raise, and leave the interpreter without the
+    # generator ever being finalised (an exit hook registered first runs last and calls os._exit).
+    code = ("import atexit, os; atexit.register(os._exit, 1)\n"
+            "from asap_deploy.io import atomic_path\n"
+            f"cm = atomic_path({str(tmp_path / 'out.png')!r}); tmp = cm.__enter__(); tmp.write_bytes(b'half')\n"
+            "print(tmp.name, flush=True); raise KeyboardInterrupt\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 1 and "KeyboardInterrupt" in proc.stderr, proc.stderr
+    assert proc.stdout.strip().startswith(".out.png.")  # the temp file existed while the block was open
+    assert _files(tmp_path) == []
