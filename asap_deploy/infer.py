@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import ModelConfig
-from .errors import AsapError, BundleError, InputError, UsageError, did_you_mean
+from .errors import AsapError, BundleError, InputError, OutputError, UsageError, did_you_mean
 from .io import DEFAULT_MAX_PIXELS, write_png, to_uint8
 from .palette import Palette, load_palette
 
@@ -381,15 +381,16 @@ class InferSummary:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Create the output folder, or InputError if it cannot be created or written."""
+    """Create the output folder, or OutputError (the whole run stops before any work) if it cannot
+    be created or written."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"{out_dir}: cannot create the output folder ({exc.strerror})") from exc
+        raise OutputError(f"{out_dir}: cannot create the output folder ({exc.strerror})") from exc
     if not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a folder")
+        raise OutputError(f"{out_dir}: exists and is not a folder")
     if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise InputError(f"{out_dir}: the output folder is not writable")
+        raise OutputError(f"{out_dir}: the output folder is not writable")
 
 
 def remove_stale_partials(target: Path) -> None:
@@ -406,7 +407,7 @@ def _write(path: Path, img: np.ndarray) -> None:
     try:
         write_png(path, img)
     except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
 
 def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOptions, backend: str = "auto",

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from asap_deploy.cli import app
 from asap_deploy.config import ModelConfig
 from asap_deploy.engines import create_engine
-from asap_deploy.errors import InputError, UsageError
+from asap_deploy.errors import InputError, OutputError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
 from asap_deploy.export.synthetic import random_generator, random_label_maps
 from asap_deploy.infer import (InferOptions, Source, choose_backend, discover_inputs, infer, pad_to_multiple,
@@ -193,7 +193,7 @@ def test_unwritable_output_and_usage_errors(tmp_path, bundle_dir):
     blocker.write_text("x")
     for out in (blocker, blocker / "sub"):
         r = runner.invoke(app, ["infer", str(src), "--bundle", str(bundle_dir), "-o", str(out)])
-        assert r.exit_code == InputError.exit_code, r.output
+        assert r.exit_code == OutputError.exit_code, r.output
         assert str(out) in "".join(r.output.split())  # the message names the folder (rich may wrap it)
     r = runner.invoke(app, ["infer", str(src), "--bundle", str(bundle_dir), "--backend", "onnxrt"])
     assert r.exit_code == UsageError.exit_code and "did you mean 'onnxruntime'" in r.output

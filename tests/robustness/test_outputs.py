@@ -59,7 +59,7 @@ def test_unwritable_output_folder_for_every_writing_command(tmp_path, checkpoint
     bad = blocker / "sub"
     run_cli(["export", checkpoint, "-o", bad], OUT, names=(str(bad),), says=("cannot create the bundle folder",))
     run_cli(["make-data", bad, "--n", "2", "--size", "32"], OUT, names=(str(bad),))
-    run_cli(["infer", good_map, "--model", checkpoint, "-o", bad], InputError.exit_code, names=(str(bad),))
+    run_cli(["infer", good_map, "--model", checkpoint, "-o", bad], OUT, names=(str(bad),))
     run_cli(["train", "--data", dataset, "--out", bad, *TRAIN_ARGS], OUT, names=(str(bad),))
     run_cli(["compile-kernels", "-o", bad, "--arch", "sm_80"], None)  # needs Triton: only checked where it runs
     assert blocker.read_text() == "x" and not list(tmp_path.glob(".*"))
