@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from asap_deploy.config import ModelConfig
-from asap_deploy.errors import BundleError, InputError, UsageError
+from asap_deploy.errors import InputError, OutputError, UsageError
 
 from .base import IMAGE, IMAGE_FLOAT, Engine
 
@@ -213,6 +213,8 @@ def validate(bundle, reference: Engine, engines: list[Engine], samples: list[Sam
     """Compare every engine with the reference on every sample; write the report folder if given."""
     if precision not in THRESHOLDS:
         raise UsageError(f"unknown precision {precision!r} (choose from: {', '.join(THRESHOLDS)})")
+    if report_dir is not None:
+        check_report_dir(Path(report_dir))  # before the work, not after it
     t = THRESHOLDS[precision]
     per_backend: dict[str, dict[str, list]] = {e.name: {s: [] for s in STAGES} for e in engines}
     sample_rows, pictures = [], []
@@ -270,14 +272,21 @@ def comparison_grid(labels: np.ndarray, ref: np.ndarray, got: np.ndarray, cfg: M
     return np.concatenate([bundle_palette(cfg).colourise(labels), sep, ref, sep, got, sep, heat], axis=1)
 
 
+def check_report_dir(out: Path) -> None:
+    """OutputError unless `out` is absent, empty, or an earlier report (which is replaced)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; choose another --report")
+    if out.exists() and not (out / "report.json").is_file() and any(out.iterdir()):
+        raise OutputError(f"{out}: a non-empty folder that is not a validation report; refusing to replace it")
+
+
 def write_report(report: ValidationReport, pictures, cfg: ModelConfig, out: Path) -> None:
     """report.json + one PNG grid per (sample, map, backend), written to a temp folder then renamed."""
     from asap_deploy.export.bundle import staged_dir
     from asap_deploy.io import write_png
 
     out = Path(out)
-    if out.exists() and not (out / "report.json").is_file() and any(out.iterdir()):
-        raise BundleError(f"{out}: a non-empty folder that is not a validation report; refusing to replace it")
+    check_report_dir(out)
     with staged_dir(out, "validation report") as tmp:
         for smp, name, ref, got in pictures:
             for j in range(smp.labels.shape[0]):

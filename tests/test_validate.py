@@ -15,6 +15,7 @@ from asap_deploy.engines import IMAGE, IMAGE_FLOAT, create_engine
 from asap_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
 from asap_deploy.engines.validate import (THRESHOLDS, cosine, folder_samples, psnr_u8, random_samples,
                                           validate)
+from asap_deploy.errors import OutputError
 from asap_deploy.export.bundle import load_bundle
 from asap_deploy.export.synthetic import random_generator, random_label_maps
 from asap_deploy.io import write_png
@@ -104,6 +105,24 @@ def test_validate_fails_on_a_wrong_backend(bundle_dir, tmp_path):
     assert any(f.startswith("end_to_end: max_abs") for f in fails)
     assert not any(f.startswith("pixelwise") for f in fails)
     assert json.loads((tmp_path / "r" / "report.json").read_text())["passed"] is False
+
+
+class Untouchable:
+    def __getattr__(self, name):
+        raise AssertionError(f"validation work started ({name})")
+
+
+def test_validate_refuses_a_report_path_it_would_clobber_before_any_work(bundle_dir, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    (tmp_path / "file").write_text("keep")
+    for out in (tmp_path / "notes", tmp_path / "file"):
+        r = runner.invoke(app, ["validate", str(bundle_dir), "--random", "1", "--report", str(out)])
+        assert r.exit_code == OutputError.exit_code, r.output
+        assert str(out) in "".join(r.output.split())
+        with pytest.raises(OutputError, match="--report|not a validation report"):  # before any engine runs
+            validate(load_bundle(bundle_dir), Untouchable(), [Untouchable()], random_samples(CFG, 1), "fp32", out)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == (tmp_path / "file").read_text() == "keep"
 
 
 def test_validate_with_label_folder_and_checkpoint(bundle_dir, checkpoint, tmp_path):
