@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import AsapError, BundleError, InputError, OutputError, UsageError, did_you_mean
-from .io import DEFAULT_MAX_PIXELS, write_png, to_uint8
+from .io import DEFAULT_MAX_PIXELS, open_image, read_ids_or_rgb, read_instance_map, to_uint8, write_png
 from .palette import Palette, load_palette
 
 IMAGE_SUFFIXES = (".png",)
@@ -63,94 +63,21 @@ def discover_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[Path], lis
     return out, problems
 
 
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError as exc:  # pragma: no cover - Pillow is a base dependency
-        from .errors import MissingDependencyError
-
-        raise MissingDependencyError("reading label maps needs Pillow: pip install pillow") from exc
-    return Image
-
-
-def _open(path: Path, max_pixels: int):
-    """Pillow image with its header read (no pixels decoded yet); InputError naming the file."""
-    Image = _pil()  # noqa: N806
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        im = Image.open(path)
-    except Image.DecompressionBombError as exc:  # the header declares more than 2x Pillow's own limit
-        raise InputError(f"{path}: the image header declares more pixels than Pillow decodes "
-                         f"({2 * (Image.MAX_IMAGE_PIXELS or 0)}; --max-pixels {max_pixels}): {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read the image ({exc})") from exc
-    w, h = im.size
-    if w * h > max_pixels:
-        im.close()
-        raise InputError(f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels} pixels")
-    if w == 0 or h == 0:
-        im.close()
-        raise InputError(f"{path}: empty image ({w}x{h})")
-    return im
-
-
-def _pixels(path: Path) -> np.ndarray:
-    """Decode the pixels of a file whose header `_open` has already checked; InputError naming it."""
-    Image = _pil()  # noqa: N806
-    try:
-        with Image.open(path) as fresh:
-            fresh.load()
-            return _array(fresh)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path}: cannot decode the image (corrupt or truncated: {exc})") from exc
-
-
-def _array(im) -> np.ndarray:
-    mode = im.mode
-    if mode in ("P", "PA"):  # palette images: the indices are the ids
-        return np.array(im if mode == "P" else im.getchannel(0))
-    if mode == "1":
-        return np.array(im).astype(np.uint8)
-    if mode == "LA":
-        return np.array(im.getchannel(0))
-    if mode in ("L", "I", "I;16", "I;16B", "I;16L", "I;16N"):
-        a = np.array(im)
-        return a if a.dtype == np.uint8 else a.astype(np.int32)
-    if mode == "RGBA":
-        return np.array(im.convert("RGB"))
-    if mode == "RGB":
-        return np.array(im)
-    return np.array(im.convert("RGB"))
-
-
 def decode_label_map(path: str | os.PathLike, cfg: ModelConfig, palette: Palette,
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A label PNG -> (H, W) ids in the model's label dtype, validated.
 
     8/16-bit gray: the values are the ids; palette (mode P) PNG: the indices are the ids; colour:
     looked up in `palette` (a colour image whose pixels are all gray, R = G = B, is read as ids).
+    Instance maps: io.read_instance_map.
     """
     from .scale import channel_index
 
-    path = Path(path)
-    _open(path, max_pixels).close()  # header checks before any pixel is decoded
-    a = _pixels(path)
+    a = read_ids_or_rgb(path, max_pixels)
     if a.ndim == 3:
-        if np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]):
-            a = a[..., 0]
-        else:
-            a = palette.decode(a, str(path))
+        a = palette.decode(a, str(path))
     channel_index(a, cfg, str(path))  # InputError naming the file and the first bad id
     return a.astype(np.dtype(cfg.label_dtype))
-
-
-def decode_instance_map(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    _open(path, max_pixels).close()  # header checks before any pixel is decoded
-    a = _pixels(path)
-    if a.ndim != 2:
-        raise InputError(f"{path}: instance maps must be single-channel 8- or 16-bit ids, got {a.shape[2]} channels")
-    return a.astype(np.int32)
 
 
 def match_by_name(label: Path, where: Path, what: str) -> Path:
@@ -465,7 +392,7 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
     for p in paths:
         r = FileResult(p)
         try:
-            im = _open(p, opts.max_pixels)
+            im = open_image(p, opts.max_pixels)
             w, h = im.size
             im.close()
             r.size = (h, w)
@@ -501,7 +428,7 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
                         if opts.instances is None:
                             raise InputError(f"{r.input}: this model uses instance maps: pass --instances FOLDER")
                         ipath = match_by_name(r.input, Path(opts.instances), "instance map")
-                        inst = decode_instance_map(ipath, opts.max_pixels)
+                        inst = read_instance_map(ipath, opts.max_pixels)
                         if inst.shape != lab.shape:
                             raise InputError(f"{r.input}: its instance map {ipath} is {inst.shape[1]}x{inst.shape[0]}, "
                                              f"the label map {lab.shape[1]}x{lab.shape[0]}")

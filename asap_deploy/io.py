@@ -119,7 +119,9 @@ def _png_size(path: Path) -> tuple[int, int] | None:
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an image file unchanged (bit depth and channels kept), with errors naming the file."""
+    """Decode a photo unchanged with OpenCV (bit depth and channels kept, BGR), with errors naming
+    the file. Label and instance maps go through Pillow (read_ids_or_rgb), which keeps palette
+    indices."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -136,23 +138,87 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return img
 
 
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - Pillow is a base dependency
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError("reading label maps needs Pillow: pip install pillow") from exc
+    return Image
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """A Pillow image with only its header read (size known, no pixels decoded), after the checks
+    that need no pixels: exists, readable, not empty, at most `max_pixels`. InputError naming it."""
+    Image = _pil()  # noqa: N806
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError as exc:  # the header declares more than 2x Pillow's own limit
+        raise InputError(f"{path}: the image header declares more pixels than Pillow decodes "
+                         f"({2 * (Image.MAX_IMAGE_PIXELS or 0)}; --max-pixels {max_pixels}): {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the image ({exc})") from exc
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise InputError(f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels} pixels")
+    if w == 0 or h == 0:
+        im.close()
+        raise InputError(f"{path}: empty image ({w}x{h})")
+    return im
+
+
+def read_ids_or_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A label or instance map, header checked before any pixel is decoded: (H, W) ids (8-bit
+    gray or palette PNG: uint8, the palette indices are the ids; 16-bit: int32), or (H, W, 3) uint8
+    RGB for a colour image (one whose pixels are all gray, R = G = B, is read as ids)."""
+    Image = _pil()  # noqa: N806
+    path = Path(path)
+    open_image(path, max_pixels).close()
+    try:
+        with Image.open(path) as im:
+            im.load()
+            a = _pil_array(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: cannot decode the image (corrupt or truncated: {exc})") from exc
+    if a.ndim == 3 and np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]):
+        a = np.ascontiguousarray(a[..., 0])
+    return a
+
+
+def _pil_array(im) -> np.ndarray:
+    mode = im.mode
+    if mode in ("P", "PA"):  # palette images: the indices are the ids
+        return np.array(im if mode == "P" else im.getchannel(0))
+    if mode == "1":
+        return np.array(im).astype(np.uint8)
+    if mode == "LA":
+        return np.array(im.getchannel(0))
+    if mode in ("L", "I", "I;16", "I;16B", "I;16L", "I;16N"):
+        a = np.array(im)
+        return a if a.dtype == np.uint8 else a.astype(np.int32)
+    return np.array(im if mode == "RGB" else im.convert("RGB"))
+
+
 def read_label_map(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A label-id PNG (8- or 16-bit, single channel) -> (H, W) array of ids."""
-    img = read_image(path, max_pixels)
-    if img.ndim == 3:
-        if img.shape[2] >= 3 and np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2]):
-            img = img[..., 0]
-        else:
-            raise InputError(f"{path}: a colour image, expected single-channel label ids")
-    return img.astype(np.int32) if img.dtype == np.uint16 else img
+    """A label-id map (8/16-bit gray or palette PNG) -> (H, W) ids; colour maps need a palette
+    (infer.decode_label_map)."""
+    a = read_ids_or_rgb(path, max_pixels)
+    if a.ndim == 3:
+        raise InputError(f"{path}: a colour image, expected label ids (8/16-bit gray or palette PNG)")
+    return a
 
 
 def read_instance_map(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An instance-id PNG (8/16-bit gray) -> (H, W) int32."""
-    img = read_image(path, max_pixels)
-    if img.ndim != 2:
-        raise InputError(f"{path}: instance maps must be single-channel (8- or 16-bit), got {img.shape[2]} channels")
-    return img.astype(np.int32)
+    """An instance-id map (8/16-bit gray) -> (H, W) int32."""
+    a = read_ids_or_rgb(path, max_pixels)
+    if a.ndim != 2:
+        raise InputError(f"{path}: instance maps must be single-channel 8- or 16-bit ids, got {a.shape[2]} channels")
+    return a.astype(np.int32)
 
 
 def read_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

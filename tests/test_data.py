@@ -11,7 +11,7 @@ import torch
 
 from asap_deploy.config import ModelConfig
 from asap_deploy.data import PairedDataset, collate, find_samples
-from asap_deploy.errors import DatasetError, UsageError
+from asap_deploy.errors import DatasetError, InputError, UsageError
 from asap_deploy.io import read_label_map, read_rgb, write_png
 from asap_deploy.synthetic import class_textures, make_dataset, render_target
 
@@ -124,6 +124,31 @@ def test_random_crop_and_flip_are_seeded_and_consistent(tmp_path):
     assert int(((centre[1, 0, 0] + 1) * 127.5).round()) == 4 and int(((centre[0, 0, 0] + 1) * 127.5).round()) == 8
 
 
+def test_label_maps_read_alike_in_every_format_train_validate_and_infer_share(tmp_path):
+    """One reader for label maps (training data, validate --labels, infer): palette PNGs give their
+    indices, 16-bit gray its values, gray RGB its channel; a true colour map is refused by name."""
+    from PIL import Image
+
+    ids = RNG.integers(0, 4, (24, 40)).astype(np.uint8)
+    pal = Image.fromarray(ids, mode="P")
+    pal.putpalette(RNG.integers(0, 256, 768).astype(np.uint8).tolist())  # colours unrelated to the ids
+    pal.save(tmp_path / "palette.png")
+    Image.fromarray(ids.astype(np.uint16) * 1000).save(tmp_path / "sixteen.png")
+    write_png(tmp_path / "grey_rgb.png", np.repeat(ids[..., None], 3, axis=2))
+    write_png(tmp_path / "colour.png", RNG.integers(0, 256, (24, 40, 3)).astype(np.uint8))
+    np.testing.assert_array_equal(read_label_map(tmp_path / "palette.png"), ids)
+    np.testing.assert_array_equal(read_label_map(tmp_path / "sixteen.png"), ids.astype(np.int32) * 1000)
+    np.testing.assert_array_equal(read_label_map(tmp_path / "grey_rgb.png"), ids)
+    with pytest.raises(InputError, match=r"colour\.png: a colour image"):
+        read_label_map(tmp_path / "colour.png")
+    _pair(tmp_path / "d" / "train_label" / "a.png", tmp_path / "d" / "train_img" / "a.png")
+    square = Image.fromarray(ids[:, :24].repeat(2, axis=0)[:32].repeat(2, axis=1)[:, :32], mode="P")
+    square.putpalette(pal.getpalette())
+    square.save(tmp_path / "d" / "train_label" / "a.png")
+    labels, _, _ = PairedDataset(find_samples(tmp_path / "d")[1], CFG)[0]
+    np.testing.assert_array_equal(labels.numpy(), np.array(square))  # the indices, not the colours
+
+
 def test_bad_files_are_named(tmp_path):
     root = tmp_path
     _pair(root / "train_label" / "ok.png", root / "train_img" / "ok.png")
@@ -137,7 +162,7 @@ def test_bad_files_are_named(tmp_path):
     write_png(root / "train_img" / "ids.png", np.zeros((32, 32, 3), np.uint8))
     ds = PairedDataset(find_samples(root)[1], CFG)
     names = [s.label.name for s in ds.samples]
-    with pytest.raises(DatasetError, match=r"broken\.png: cannot decode"):
+    with pytest.raises(DatasetError, match=r"broken\.png: cannot (read|decode) the image"):
         ds[names.index("broken.png")]
     with pytest.raises(DatasetError, match=r"size\.png: label map is 32x32 but its image .*size\.png is 32x16"):
         ds[names.index("size.png")]
