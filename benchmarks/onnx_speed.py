@@ -3,7 +3,10 @@
 Facades preset (13 labels, S=64, the published low-res stream: ~82 M parameters), random weights,
 one 1024x1024 label map of random blobs, batch 1, fp32, CPU. The model is exported to a bundle
 (fp32 graphs only) and every backend runs the same weights:
-  onnxruntime  InferenceSession.run of asap.onnx / predictor.onnx / pixelwise.onnx (uint8 ids in)
+  onnxruntime  InferenceSession.run of asap.onnx / predictor.onnx / pixelwise.onnx (uint8 ids in),
+               each on the whole map in one run
+  onnxruntime-tiled  OnnxRuntimeEngine, what `asap infer` and `asap bench` run: above 2^17 pixels,
+               predictor.onnx on the whole map, then pixelwise.onnx in blocks of whole tiles
   torch        our ASAPNetGenerator (weights read back from the bundle), inference_mode
   authors      benchmarks/authors_forward.AuthorsForward on the full-resolution fp32 one-hot their
                generator receives (building that one-hot is not timed, in their favour)
@@ -33,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 ITEMS = ["onnxruntime:end_to_end", "onnxruntime:predictor", "onnxruntime:pixelwise",
+         "onnxruntime-tiled:end_to_end", "onnxruntime-tiled:pixelwise",
          "torch:end_to_end", "torch:predictor", "torch:pixelwise",
          "authors:end_to_end", "authors:predictor", "authors:pixelwise"]
 
@@ -62,6 +66,7 @@ class Runner:
         import onnxruntime as ort
         import torch
 
+        from asap_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
         from asap_deploy.engines.torch_engine import TorchEngine
         from asap_deploy.export.bundle import load_bundle
         from asap_deploy.export.synthetic import random_label_maps
@@ -75,6 +80,7 @@ class Runner:
         self.authors = AuthorsForward(self.model)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.engine = OnnxRuntimeEngine(self.bundle)
         self.sessions = {g: ort.InferenceSession(str(self.bundle.file(g)), opts, providers=["CPUExecutionProvider"])
                          for g in ("asap", "predictor", "pixelwise")}
         self.inputs = {}
@@ -94,6 +100,9 @@ class Runner:
             return {"end_to_end": lambda: s["asap"].run(["image"], {"labels": labels}),
                     "predictor": lambda: s["predictor"].run(["params"], {"labels": labels}),
                     "pixelwise": lambda: s["pixelwise"].run(["image"], {"labels": labels, "params": params_np})}[stage]
+        if backend == "onnxruntime-tiled":
+            return {"end_to_end": lambda: self.engine.run(labels),
+                    "pixelwise": lambda: self.engine.pixelwise(labels, params_np)}[stage]
 
         def no_grad(f):
             def run():
@@ -111,6 +120,9 @@ class Runner:
 def memory_child(bundle_dir: str, item: str, size: int) -> None:
     r = Runner(Path(bundle_dir), size)
     r.fn(item, 2 * r.cfg.S)()  # warm libraries, thread pools, the authors' encoding cache at small size
+    if item.startswith("onnxruntime-tiled"):  # the small map ran asap.onnx: open the two stage sessions too
+        small = r.inputs[2 * r.cfg.S][0]
+        r.engine.pixelwise(small, r.engine.predict_params(small))
     if item.startswith("authors"):
         r.fn(item, size)()  # their positional encoding is cached after the first call at a size
     run = r.fn(item, size)

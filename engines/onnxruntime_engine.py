@@ -11,6 +11,13 @@ from asap_deploy.errors import BundleError, InputError, MissingDependencyError, 
 
 from .base import IMAGE, IMAGE_FLOAT, Engine
 
+# Pixels (batch x H x W) per run of the pixelwise graph. ONNX Runtime keeps every MLP layer's
+# activation for a whole run (64 channels fp32: 0.9 GiB at 1024x1024, 3.5 GiB at 2048x2048), so
+# larger work runs in blocks of whole S x S tiles, which is exact: a tile needs only its own labels,
+# parameters and the per-tile positional encoding. 2^17 pixels: ~0.2 GiB peak, and as fast as one
+# run at 1024x1024 (benchmarks/ONNX_SPEED.md).
+DEFAULT_PIXELS_PER_RUN = 1 << 17
+
 
 def _ort():
     try:
@@ -35,8 +42,11 @@ class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
 
     def __init__(self, bundle, precision: str = "fp32", providers: list[str] | None = None,
-                 intra_op_threads: int | None = None):
+                 intra_op_threads: int | None = None, pixels_per_run: int = DEFAULT_PIXELS_PER_RUN):
         super().__init__(bundle.config, precision)
+        if pixels_per_run < 1:
+            raise UsageError(f"pixels_per_run must be >= 1 (got {pixels_per_run})")
+        self.pixels_per_run = pixels_per_run
         ort = _ort()
         self.bundle = bundle
         bundle.file("asap", precision)  # BundleError now if the precision was not exported
@@ -88,12 +98,40 @@ class OnnxRuntimeEngine(Engine):
                              f"{first}") from exc
 
     def _generate(self, labels, instances):
-        img, f = self._run("asap", [IMAGE, IMAGE_FLOAT], labels=labels, instances=instances)
-        return {IMAGE: img, IMAGE_FLOAT: f}
+        n, h, w = labels.shape
+        if n * h * w <= self.pixels_per_run:  # one run of the end-to-end graph
+            img, f = self._run("asap", [IMAGE, IMAGE_FLOAT], labels=labels, instances=instances)
+            return {IMAGE: img, IMAGE_FLOAT: f}
+        return self._pixelwise(labels, self._predict_params(labels, instances))
 
     def _predict_params(self, labels, instances):
         return self._run("predictor", ["params"], labels=labels, instances=instances)[0]
 
     def _pixelwise(self, labels, params):
-        img, f = self._run("pixelwise", [IMAGE, IMAGE_FLOAT], labels=labels, params=params)
-        return {IMAGE: img, IMAGE_FLOAT: f}
+        S = self.config.S  # noqa: N806
+        out: dict[str, np.ndarray] = {}
+        for i, rows, cols in tile_blocks(labels.shape, S, self.pixels_per_run):
+            img, f = self._run("pixelwise", [IMAGE, IMAGE_FLOAT], labels=np.ascontiguousarray(labels[i, rows, cols]),
+                               params=np.ascontiguousarray(params[i, :, rows.start // S:rows.stop // S,
+                                                                  cols.start // S:cols.stop // S]))
+            for key, part in ((IMAGE, img), (IMAGE_FLOAT, f)):
+                if key not in out:
+                    out[key] = np.empty(labels.shape + part.shape[3:], part.dtype)
+                out[key][i, rows, cols] = part
+        return out
+
+
+def tile_blocks(shape: tuple[int, int, int], S: int, max_pixels: int) -> list[tuple[slice, slice, slice]]:  # noqa: N803
+    """Split an (N, H, W) batch into (images, rows, columns) slices of whole S x S tiles, each at
+    most `max_pixels` (or one tile, if that is larger): several whole images per block when they
+    fit, else bands of tile rows, else runs of tiles within one tile row."""
+    n, h, w = shape
+    if h * w <= max_pixels:
+        k = max(1, max_pixels // (h * w))
+        return [(slice(i, i + k), slice(0, h), slice(0, w)) for i in range(0, n, k)]
+    if w * S <= max_pixels:
+        step = (max_pixels // (w * S)) * S
+        return [(slice(i, i + 1), slice(y, min(y + step, h)), slice(0, w)) for i in range(n) for y in range(0, h, step)]
+    step = max(1, max_pixels // (S * S)) * S
+    return [(slice(i, i + 1), slice(y, y + S), slice(x, min(x + step, w)))
+            for i in range(n) for y in range(0, h, S) for x in range(0, w, step)]

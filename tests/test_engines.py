@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from asap_deploy.config import ModelConfig
 from asap_deploy.engines import IMAGE, IMAGE_FLOAT, check_backend, create_engine
+from asap_deploy.engines.onnxruntime_engine import tile_blocks
 from asap_deploy.errors import InputError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
 from asap_deploy.export.synthetic import random_generator, random_label_maps
@@ -38,6 +41,32 @@ def test_stages_compose_to_end_to_end(engines):
         assert full[IMAGE].dtype == np.uint8 and full[IMAGE].shape == (2, 32, 48, 3)
         np.testing.assert_allclose(staged[IMAGE_FLOAT], full[IMAGE_FLOAT], atol=1e-5)
         assert np.array_equal(e.run(labels, inst), full[IMAGE])
+
+
+@pytest.mark.parametrize("pixels_per_run", [16 * 16, 3 * 16 * 16, 2 * 48 * 16, 32 * 48, 2 * 32 * 48])
+def test_onnxruntime_tile_blocks_equal_one_run_and_torch(bundle, engines, pixels_per_run):
+    """Capped runs (single tiles, runs of tiles, bands of tile rows, one or two whole images per
+    run) give the bytes of one run of the end-to-end graph, and match the PyTorch model."""
+    labels, inst = random_label_maps(CFG, 3, 32, 48, seed=7)
+    one_run = create_engine("onnxruntime", bundle, pixels_per_run=10**9).generate(labels, inst)
+    capped = create_engine("onnxruntime", bundle, pixels_per_run=pixels_per_run)
+    got = capped.generate(labels, inst)
+    assert np.array_equal(got[IMAGE], one_run[IMAGE])
+    np.testing.assert_allclose(got[IMAGE_FLOAT], one_run[IMAGE_FLOAT], atol=1e-5)
+    np.testing.assert_allclose(got[IMAGE_FLOAT], engines[0].generate(labels, inst)[IMAGE_FLOAT], atol=1e-3)
+
+
+@given(n=st.integers(1, 3), th=st.integers(1, 6), tw=st.integers(1, 6), S=st.sampled_from([1, 2, 4]),
+       max_pixels=st.integers(1, 400))
+def test_tile_blocks_cover_every_pixel_once_in_whole_tiles(n, th, tw, S, max_pixels):  # noqa: N803
+    h, w = th * S, tw * S
+    hits = np.zeros((n, h, w), np.int32)
+    for i, rows, cols in tile_blocks((n, h, w), S, max_pixels):
+        block = hits[i, rows, cols]
+        assert block.size <= max(max_pixels, S * S)
+        assert rows.start % S == cols.start % S == 0 and block.shape[1] % S == block.shape[2] % S == 0
+        hits[i, rows, cols] += 1
+    assert (hits == 1).all()
 
 
 @pytest.mark.parametrize("labels,inst,message", [
