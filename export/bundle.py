@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
+import onnx
+from onnx import helper
 
 from asap_deploy.config import DONTCARE_ID, ModelConfig
 from asap_deploy.errors import BundleError, ConfigError, OutputError
@@ -327,7 +329,40 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
             if digest != files[name].get("sha256"):
                 raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest "
                                   f"({str(files[name].get('sha256'))[:16]}...): the file was changed after export")
+        for prec in manifest["precisions"]:
+            check_graph_matches_config(path / file_name("pixelwise", prec), cfg)
     return Bundle(path, manifest, cfg)
+
+
+def check_graph_matches_config(f: Path, cfg: ModelConfig) -> None:
+    """BundleError unless the SpatialMLP node and label input of graph `f` describe the model of
+    `cfg`: a manifest edited (and re-hashed) to state another model is refused, not trusted, since
+    engines pad, check ids and build kernels from the manifest's config."""
+    try:
+        model = onnx.load(str(f), load_external_data=False)  # never follow paths written in the file
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise BundleError(f"{f}: not a readable ONNX file ({type(exc).__name__}: {exc})") from exc
+    nodes = [n for n in model.graph.node if n.op_type == graphs.CUSTOM_OP and n.domain == graphs.CUSTOM_DOMAIN]
+    if len(nodes) != 1:
+        raise BundleError(f"{f}: expected one {graphs.CUSTOM_DOMAIN}::{graphs.CUSTOM_OP} node, found {len(nodes)}")
+    got = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
+    diffs = []
+    for key, want in graphs.spatial_mlp_attributes(cfg).items():
+        have = got.get(key)
+        have = have.decode("utf-8", "replace") if isinstance(have, bytes) else have
+        if isinstance(want, float):
+            same = isinstance(have, float) and abs(have - want) <= 1e-6
+        else:
+            same = (list(have) if isinstance(have, list) else have) == want
+        if not same:
+            diffs.append(f"{key} is {have!r} in the graph, {want!r} by the manifest's config")
+    labels = [i for i in model.graph.input if i.name == "labels"]
+    want_type = helper.np_dtype_to_tensor_dtype(np.dtype(cfg.label_dtype))
+    if not labels or labels[0].type.tensor_type.elem_type != want_type:
+        diffs.append(f"the label input is not {cfg.label_dtype}, as the manifest's config implies")
+    if diffs:
+        raise BundleError(f"{f}: the graph does not match the model config in manifest.json: "
+                          + "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "") + " (re-export the bundle)")
 
 
 def state_dict_from_bundle(bundle: Bundle, keys) -> dict[str, np.ndarray]:

@@ -111,6 +111,21 @@ def test_random_manifest_field_values(bundle_dir, tmp_path, key, value):
         assert "manifest.json" in exc.message or str(b) in exc.message
 
 
+@pytest.mark.parametrize("change", [{"hr_width": 32}, {"hr_depth": 4}, {"label_nc": 300}, {"crop_size": 512},
+                                    {"contain_dontcare_label": False}])
+def test_manifest_config_that_does_not_match_the_graphs_refused(bundle_copy, good_map, tmp_path, change):
+    """The manifest is not hashed: a config edited to describe another (valid) model would make
+    engines pad, check ids and build kernels for the wrong model. The graphs say which it is."""
+    m = _manifest(bundle_copy)
+    m["config"].update(change)
+    _write_manifest(bundle_copy, m)
+    with pytest.raises(BundleError, match=r"pixelwise.onnx: the graph does not match the model config"):
+        load_bundle(bundle_copy)
+    run_cli(["infer", good_map, "--bundle", bundle_copy, "-o", tmp_path / "o"], EXIT,
+            names=("pixelwise.onnx",), says=("re-export the bundle",))
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
 def test_unexpected_custom_op_refused_with_a_typed_error(bundle_copy, good_map, tmp_path):
     """asap.onnx re-signed (manifest hash updated, as a malicious author would) with an extra node
     of an unknown domain: ONNX Runtime refuses it and the user gets a BundleError naming the file."""
