@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,17 +19,24 @@ from .errors import InputError, OutputError
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 
-# Temp files atomic_path has named and not yet removed. An interrupt can land on any bytecode,
-# including between creating a temp file and entering the block that removes it; the exit hook
-# removes whatever such a race left behind.
+# Temp files and folders that atomic_path / staged_dir have named and not yet removed. An
+# interrupt can land on any bytecode, including between creating a temp path and entering the
+# block that removes it; the exit hook removes whatever such a race left behind.
 _live_temps: set[Path] = set()
+
+
+def _remove(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 @atexit.register
 def _remove_live_temps() -> None:
     for tmp in list(_live_temps):
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
 
 
 @contextlib.contextmanager
@@ -55,9 +63,49 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         except OSError as exc:
             raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); nothing was written") from exc
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
         _live_temps.discard(tmp)
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Yield a hidden temporary folder next to `target`; rename it over `target` (replace_dir) only
+    if the block succeeds, and remove it on every failure, interrupts included (as atomic_path).
+    An OSError (unwritable folder, disk full, file size limit) becomes an OutputError naming
+    `target`: typed, and nothing is left behind."""
+    target = Path(target)
+    tmp = target.parent / f".{target.name}.partial-{secrets.token_hex(6)}"
+    _live_temps.add(tmp)
+    try:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot create the {what} folder ({exc.strerror or exc})") from exc
+        try:
+            yield tmp
+            replace_dir(tmp, target)
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot write the {what} ({exc.strerror or exc}); nothing was written") from exc
+    finally:
+        _remove(tmp)
+        _live_temps.discard(tmp)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; an existing target is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{secrets.token_hex(6)}"
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except OSError:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sigterm_as_interrupt(signum, frame):

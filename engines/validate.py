@@ -282,7 +282,7 @@ def check_report_dir(out: Path) -> None:
 
 def write_report(report: ValidationReport, pictures, cfg: ModelConfig, out: Path) -> None:
     """report.json + one PNG grid per (sample, map, backend), written to a temp folder then renamed."""
-    from asap_deploy.export.bundle import staged_dir
+    from asap_deploy.io import staged_dir
     from asap_deploy.io import write_png
 
     out = Path(out)

@@ -12,23 +12,21 @@ refuses unknown schemas, missing files and any file whose sha256 differs from th
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from asap_deploy.config import DONTCARE_ID, ModelConfig
-from asap_deploy.errors import BundleError, ConfigError, OutputError
+from asap_deploy.errors import BundleError, ConfigError
+from asap_deploy.io import staged_dir
 
 from . import graphs
 from asap_deploy.palette import DONTCARE_COLOUR, label_palette
@@ -196,44 +194,6 @@ def export_model(model, out_dir: str | os.PathLike, *, source: dict[str, Any] | 
         manifest = build_manifest(cfg, files, source, precisions)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return ExportResult(out_dir, manifest)
-
-
-@contextlib.contextmanager
-def staged_dir(target: Path, what: str) -> Iterator[Path]:
-    """Yield a hidden temporary folder next to `target`; rename it over `target` (replace_dir) only
-    if the block succeeds, and remove it on every failure. An OSError (unwritable folder, disk full,
-    file size limit) becomes an OutputError naming `target`: typed, and nothing is left behind."""
-    target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    except OSError as exc:
-        raise OutputError(f"{target}: cannot create the {what} folder ({exc.strerror or exc})") from exc
-    try:
-        yield tmp
-        replace_dir(tmp, target)
-    except OSError as exc:
-        raise OutputError(f"{target}: cannot write the {what} ({exc.strerror or exc}); nothing was written") from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing target is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        old.rmdir()
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except OSError:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, config: ModelConfig | None = None,

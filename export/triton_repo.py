@@ -29,7 +29,9 @@ import numpy as np
 
 from asap_deploy.errors import BundleError, MissingDependencyError, UsageError
 
-from .bundle import MANIFEST, sha256_file, staged_dir
+from asap_deploy.io import staged_dir
+
+from .bundle import MANIFEST, sha256_file
 
 ONNX_MODEL, TRT_MODEL = "asap", "asap_tensorrt"
 MARKER = "asap_triton_repo.json"

@@ -206,15 +206,19 @@ def test_interrupt_right_after_the_temp_file_is_created_leaves_nothing(tmp_path,
     assert _files(tmp_path) == []
 
 
-def test_interrupt_that_skips_the_write_blocks_cleanup_still_removes_the_temp_file(tmp_path):
-    # An interrupt can land inside contextlib's own code, so atomic_path's finally never runs.
-    # Model that: enter the block, write half a file, raise, and leave the interpreter without the
-    # generator ever being finalised (an exit hook registered first runs last and calls os._exit).
+@pytest.mark.parametrize("enter,fill", [
+    ("atomic_path(OUT)", "tmp.write_bytes(b'half')"),
+    ("staged_dir(OUT, 'bundle')", "(tmp / 'predictor.onnx').write_bytes(b'half')"),
+])
+def test_interrupt_that_skips_the_write_blocks_cleanup_still_removes_the_temp_file(tmp_path, enter, fill):
+    # An interrupt can land inside contextlib's own code, so the block's finally never runs.
+    # Model that: enter the block, write half an output, raise, and leave the interpreter without
+    # the generator ever being finalised (an exit hook registered first runs last and calls os._exit).
     code = ("import atexit, os; atexit.register(os._exit, 1)\n"
-            "from asap_deploy.io import atomic_path\n"
-            f"cm = atomic_path({str(tmp_path / 'out.png')!r}); tmp = cm.__enter__(); tmp.write_bytes(b'half')\n"
+            f"from asap_deploy.io import atomic_path, staged_dir; OUT = {str(tmp_path / 'out.png')!r}\n"
+            f"cm = {enter}; tmp = cm.__enter__(); {fill}\n"
             "print(tmp.name, flush=True); raise KeyboardInterrupt\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 1 and "KeyboardInterrupt" in proc.stderr, proc.stderr
-    assert proc.stdout.strip().startswith(".out.png.")  # the temp file existed while the block was open
+    assert proc.stdout.strip().startswith(".out.png.")  # the temp path existed while the block was open
     assert _files(tmp_path) == []
