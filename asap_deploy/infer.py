@@ -223,14 +223,19 @@ def choose_backend(requested: str, source: Source, precision: str = "fp32", scal
     raise UsageError("no backend can run this bundle: " + "; ".join(skipped + [f"torch: {why}"]))
 
 
-def open_engine(choice: Choice, source: Source, precision: str = "fp32"):
-    """(Engine, bundle or None) for a Choice."""
+def open_engine(choice: Choice, source: Source, precision: str = "fp32", cpu_threads: int | None = None):
+    """(Engine, bundle or None) for a Choice. `cpu_threads` caps the CPU threads of a torch or ONNX
+    Runtime engine (a process sharing the machine with others, e.g. one of several Ray actors)."""
     from asap_deploy.engines import create_engine
     from asap_deploy.export.bundle import load_bundle
 
     if source.model is not None:
         from asap_deploy.engines.torch_engine import TorchEngine
 
+        if cpu_threads:
+            import torch
+
+            torch.set_num_threads(cpu_threads)
         return TorchEngine.from_checkpoint(source.model), None
     if source.engine is not None:
         eng_path = Path(source.engine)
@@ -244,8 +249,14 @@ def open_engine(choice: Choice, source: Source, precision: str = "fp32"):
                              else ("predictor", "pixelwise")), bundle
     bundle = load_bundle(source.bundle)
     if choice.backend == "onnxruntime-cuda":
-        return create_engine("onnxruntime", bundle, precision,
+        return create_engine("onnxruntime", bundle, precision, intra_op_threads=cpu_threads,
                              providers=["CUDAExecutionProvider", "CPUExecutionProvider"]), bundle
+    if choice.backend == "onnxruntime":
+        return create_engine("onnxruntime", bundle, precision, intra_op_threads=cpu_threads), bundle
+    if choice.backend == "torch" and cpu_threads:
+        import torch
+
+        torch.set_num_threads(cpu_threads)
     return create_engine(choice.backend, bundle, precision), bundle
 
 

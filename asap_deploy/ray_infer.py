@@ -70,11 +70,13 @@ def init_ray(opts: RayOptions):
 class _Translator:
     """One Ray actor: one Engine, reused for every batch of paths it is given."""
 
-    def __init__(self, source: Source, options: InferOptions, backend: str, choice: Choice):
+    def __init__(self, source: Source, options: InferOptions, backend: str, choice: Choice, cpu_threads: int):
         from .infer import open_engine
 
         self.source, self.options, self.backend, self.choice = source, options, backend, choice
-        self.engine, _ = open_engine(choice, source, options.precision)
+        # as many CPU threads as the CPUs Ray reserved for this actor: by default an engine takes
+        # every core, and actors sharing a node would oversubscribe it (2x slower on 2 cores)
+        self.engine, _ = open_engine(choice, source, options.precision, cpu_threads=cpu_threads)
 
     def __call__(self, batch: dict) -> dict:
         from .infer import infer
@@ -135,7 +137,7 @@ def ray_infer(inputs: Sequence[str | os.PathLike], source: Source, options: Infe
                            instances=Path(options.instances).resolve() if options.instances else None,
                            hires_labels=Path(options.hires_labels).resolve() if options.hires_labels else None)
         src = Source(*(Path(v).resolve() if v is not None else None for v in (source.model, source.bundle, source.engine)))
-        out = ds.map_batches(_Translator, fn_constructor_args=(src, absolute, backend, choice),
+        out = ds.map_batches(_Translator, fn_constructor_args=(src, absolute, backend, choice, max(1, int(ropts.cpus_per_actor))),
                              batch_size=ropts.files_per_batch, batch_format="numpy", concurrency=ropts.actors,
                              num_cpus=ropts.cpus_per_actor, num_gpus=1 if gpu else 0)
         try:

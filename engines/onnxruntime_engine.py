@@ -76,7 +76,8 @@ class OnnxRuntimeEngine(Engine):
         return self._sessions[graph]
 
     def describe(self) -> dict:
-        return {**super().describe(), "providers": self.providers, "onnxruntime": _ort().__version__}
+        return {**super().describe(), "providers": self.providers, "onnxruntime": _ort().__version__,
+                "intra_op_threads": self._options.intra_op_num_threads or "default (all cores)"}
 
     def close(self) -> None:
         self._sessions.clear()

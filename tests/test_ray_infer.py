@@ -95,3 +95,21 @@ def test_cli_infer_ray(ray_local, bundle_dir, tmp_path):
                                  "--ray", "local", "--ray-actors", "1"])
     assert r.exit_code == 5, r.output
     assert "1 image(s) written" in " ".join(r.output.split()) and (tmp_path / "o" / "a.png").is_file()
+
+
+def test_actor_engines_use_the_cpus_ray_reserved_for_them(bundle_dir, monkeypatch):
+    """Each actor's engine runs as many CPU threads as its Ray reservation (default: every core,
+    which oversubscribes a node shared by several actors)."""
+    from asap_deploy import ray_infer as ri
+    from asap_deploy.infer import Choice, open_engine
+
+    eng, _ = open_engine(Choice("onnxruntime", "test"), Source(bundle=bundle_dir), cpu_threads=1)
+    assert eng.describe()["intra_op_threads"] == 1
+    labels = np.ones((1, 16, 16), np.uint8)
+    assert eng.run(labels).shape == (1, 16, 16, 3)
+    seen = {}
+    monkeypatch.setattr("asap_deploy.infer.open_engine",
+                        lambda choice, source, precision, cpu_threads=None: (seen.setdefault("threads", cpu_threads),
+                                                                             None))
+    ri._Translator(Source(bundle=bundle_dir), InferOptions(), "onnxruntime", Choice("onnxruntime", "test"), 3)
+    assert seen["threads"] == 3
