@@ -1,5 +1,6 @@
 """`asap serve`: the libpython fix, the numpy<2 guard, options, request validation and the
-batched infer callable without a server; then a real server on loopback (PyTriton, numpy<2 only)."""
+batched infer callable without a server; then a real server on loopback (PyTriton, in this venv
+if it has numpy<2, else in the one ASAP_SERVE_PYTHON names, as .ci/run does)."""
 
 from __future__ import annotations
 
@@ -186,14 +187,23 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+# The server's interpreter: PyTriton's Python-backend stub needs numpy<2, so where this venv has
+# numpy 2 the server runs from another one (.ci/run makes it: pip install -e ".[serve]").
+SERVE_PYTHON = os.environ.get("ASAP_SERVE_PYTHON") or sys.executable
+
+
 def _server_reason() -> str | None:
+    if importlib.util.find_spec("tritonclient") is None:
+        return "tritonclient is not installed"
+    if SERVE_PYTHON != sys.executable:
+        if not os.access(SERVE_PYTHON, os.X_OK):
+            return f"ASAP_SERVE_PYTHON={SERVE_PYTHON} is not an executable interpreter"
+        return None
     if importlib.util.find_spec("pytriton") is None:
         return "PyTriton is not installed (pip install 'asap-deploy[serve]'); the [test] extra leaves it out"
     if int(np.__version__.split(".")[0]) >= 2:
-        return (f"numpy {np.__version__}: PyTriton's Python backend stub needs numpy<2 (it pins it); run this test in "
-                "an environment made with pip install 'asap-deploy[serve,torch]' pytest")
-    if importlib.util.find_spec("tritonclient") is None:
-        return "tritonclient is not installed"
+        return (f"numpy {np.__version__}: PyTriton's Python backend stub needs numpy<2 (it pins it); give a venv "
+                "made with pip install 'asap-deploy[serve]' as ASAP_SERVE_PYTHON=/path/to/its/bin/python")
     return None
 
 
@@ -203,7 +213,7 @@ def test_served_model_end_to_end(bundle_dir, engine, tmp_path):
 
     http, grpc, metrics = _free_ports(3)
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", str(bundle_dir), "--backend", "onnxruntime",
+    proc = subprocess.Popen([SERVE_PYTHON, str(ROOT / "cli.py"), "serve", str(bundle_dir), "--backend", "onnxruntime",
                              "--port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
                              "--max-batch", "4", "--max-delay-ms", "5"], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
