@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OutputError, UsageError
-from .io import write_json, write_png
+from .io import staged_dir, write_json, write_png
 
 # Orientations as (ax, ay): the grating varies along ax*x + ay*y.
 _ORIENTATIONS = ((1, 0), (0, 1), (1, 1), (1, -1))
@@ -99,9 +99,9 @@ def make_dataset(out: str | os.PathLike, n_train: int = 200, n_val: int | None =
                  n_classes: int = 6, seed: int = 0, overwrite: bool = True) -> dict:
     """Write a synthetic set in the facades layout ({train,val}_label/, {train,val}_img/) + dataset.json.
 
-    `overwrite=False` (the CLI's default) refuses a folder that is not empty. When replacing a set,
-    files of the old set that the new one does not have are removed; dataset.json is written last
-    (a set without it was interrupted)."""
+    The set is written whole or not at all (a hidden folder renamed into place). `overwrite=False`
+    (the CLI's default) refuses a folder that is not empty; `overwrite=True` replaces an earlier
+    data set (a folder with dataset.json), never a folder of other files."""
     if size < 32 or size % 16:
         raise UsageError(f"--size must be a multiple of 16 and >= 32 (got {size})")
     if not 2 <= n_classes <= 255:
@@ -112,26 +112,24 @@ def make_dataset(out: str | os.PathLike, n_train: int = 200, n_val: int | None =
     if n_val < 1:
         raise UsageError(f"--n-val must be >= 1 (got {n_val})")
     out = Path(out)
-    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(f"{out}: already exists and is not empty; pass --overwrite to replace the data set")
-    if (out / "dataset.json").exists():
-        (out / "dataset.json").unlink()  # the set is incomplete until the new one is written
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise OutputError(f"{out}: already exists and is not empty; pass --overwrite to replace the data set")
+        if not (out / "dataset.json").is_file():
+            raise OutputError(f"{out}: not a data set written by asap make-data (no dataset.json); refusing to "
+                              "replace it: choose another folder")
     textures = class_textures(n_classes, size, seed)
-    for split, n, stream in (("train", n_train, 2), ("val", n_val, 3)):
-        rng = np.random.default_rng([seed, stream])
-        for i in range(n):
-            labels = random_label_map(rng, size, n_classes)
-            write_png(out / f"{split}_label" / f"{i:06d}.png", labels)
-            write_png(out / f"{split}_img" / f"{i:06d}.png", render_target(labels, textures))
-        for kind in ("label", "img"):  # leftovers of a larger set written here before
-            keep = {f"{i:06d}.png" for i in range(n)}
-            for old in (out / f"{split}_{kind}").glob("*.png"):
-                if old.name not in keep:
-                    old.unlink()
     info = {"kind": "asap-deploy synthetic", "layout": "facades", "size": size, "classes": n_classes,
             "seed": seed, "train": n_train, "val": n_val,
             "suggested_config": {"label_nc": n_classes, "crop_size": size},
             "note": "textures depend on absolute pixel position: train without flips or off-grid crops",
             "textures": [t.__dict__ for t in textures]}
-    write_json(out / "dataset.json", info)
+    with staged_dir(out, "data set") as tmp:
+        for split, n, stream in (("train", n_train, 2), ("val", n_val, 3)):
+            rng = np.random.default_rng([seed, stream])
+            for i in range(n):
+                labels = random_label_map(rng, size, n_classes)
+                write_png(tmp / f"{split}_label" / f"{i:06d}.png", labels)
+                write_png(tmp / f"{split}_img" / f"{i:06d}.png", render_target(labels, textures))
+        write_json(tmp / "dataset.json", info)
     return info

@@ -138,6 +138,30 @@ def test_sigint_during_export_leaves_nothing(tmp_path, checkpoint):
     assert _files(tmp_path) == []
 
 
+def test_sigint_during_make_data_leaves_nothing_and_keeps_the_old_set(tmp_path):
+    hook = _SIGINT_SELF + (
+        "import asap_deploy.synthetic as syn\n_real, _n = syn.write_png, [0]\n"
+        "def wp(*a, **k):\n    _n[0] += 1\n    if _n[0] == 3: _interrupt()\n    return _real(*a, **k)\n"
+        "syn.write_png = wp\n")
+    r = _run(["make-data", tmp_path / "d", "--n", "4", "--size", "32"], hook)
+    assert r.returncode == 130 and "interrupted" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert _files(tmp_path) == []
+    assert _run(["make-data", tmp_path / "d", "--n", "2", "--size", "32"]).returncode == 0
+    before = {p: (tmp_path / "d" / p).read_bytes() for p in _files(tmp_path / "d") if p.endswith((".png", ".json"))}
+    r = _run(["make-data", tmp_path / "d", "--n", "4", "--size", "32", "--seed", "1", "--overwrite"], hook)
+    assert r.returncode == 130
+    assert {p: (tmp_path / "d" / p).read_bytes() for p in before} == before  # the old set, whole
+    assert [p for p in _files(tmp_path) if p.split("/")[-1].startswith(".")] == []
+
+
+def test_make_data_overwrite_never_replaces_a_folder_of_other_files(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep")
+    run_cli(["make-data", tmp_path / "mine", "--n", "2", "--size", "32", "--overwrite"], OUT,
+            names=(str(tmp_path / "mine"),), says=("no dataset.json",))
+    assert _files(tmp_path / "mine") == ["thesis.tex"]
+
+
 def test_sigint_mid_png_write_leaves_only_whole_files(tmp_path, checkpoint):
     labels, _ = label_maps(3, 32, 32, seed=4)
     ins = [save_png(tmp_path / "in" / f"{i}.png", labels[i]) for i in range(3)]
