@@ -193,8 +193,8 @@ SERVE_PYTHON = os.environ.get("ASAP_SERVE_PYTHON") or sys.executable
 
 
 def _server_reason() -> str | None:
-    if importlib.util.find_spec("tritonclient") is None:
-        return "tritonclient is not installed"
+    if importlib.util.find_spec("tritonclient") is None or importlib.util.find_spec("geventhttpclient") is None:
+        return "tritonclient with HTTP support is not installed (pip install 'tritonclient[grpc,http]')"
     if SERVE_PYTHON != sys.executable:
         if not os.access(SERVE_PYTHON, os.X_OK):
             return f"ASAP_SERVE_PYTHON={SERVE_PYTHON} is not an executable interpreter"
