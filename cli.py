@@ -31,8 +31,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    # piped (CI logs, files): rich would assume 80 columns and fold every table into narrow cells
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() or os.environ.get("COLUMNS") else 200)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def cli_errors(fn):
