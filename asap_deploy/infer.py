@@ -69,7 +69,6 @@ def decode_label_map(path: str | os.PathLike, cfg: ModelConfig, palette: Palette
 
     8/16-bit gray: the values are the ids; palette (mode P) PNG: the indices are the ids; colour:
     looked up in `palette` (a colour image whose pixels are all gray, R = G = B, is read as ids).
-    Instance maps: io.read_instance_map.
     """
     from .scale import channel_index
 
@@ -229,13 +228,13 @@ def open_engine(choice: Choice, source: Source, precision: str = "fp32", cpu_thr
     from asap_deploy.engines import create_engine
     from asap_deploy.export.bundle import load_bundle
 
+    if cpu_threads and (source.model is not None or choice.backend == "torch"):
+        import torch
+
+        torch.set_num_threads(cpu_threads)
     if source.model is not None:
         from asap_deploy.engines.torch_engine import TorchEngine
 
-        if cpu_threads:
-            import torch
-
-            torch.set_num_threads(cpu_threads)
         return TorchEngine.from_checkpoint(source.model), None
     if source.engine is not None:
         eng_path = Path(source.engine)
@@ -253,10 +252,6 @@ def open_engine(choice: Choice, source: Source, precision: str = "fp32", cpu_thr
                              providers=["CUDAExecutionProvider", "CPUExecutionProvider"]), bundle
     if choice.backend == "onnxruntime":
         return create_engine("onnxruntime", bundle, precision, intra_op_threads=cpu_threads), bundle
-    if choice.backend == "torch" and cpu_threads:
-        import torch
-
-        torch.set_num_threads(cpu_threads)
     return create_engine(choice.backend, bundle, precision), bundle
 
 

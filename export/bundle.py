@@ -296,7 +296,7 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
 
 def check_graph_matches_config(f: Path, cfg: ModelConfig) -> None:
     """BundleError unless the SpatialMLP node and label input of graph `f` describe the model of
-    `cfg`: a manifest edited (and re-hashed) to state another model is refused, not trusted, since
+    `cfg`: a manifest edited to describe another model is refused, not trusted, since
     engines pad, check ids and build kernels from the manifest's config."""
     try:
         model = onnx.load(str(f), load_external_data=False)  # never follow paths written in the file
