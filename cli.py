@@ -591,7 +591,8 @@ def _infer_on_ray(inputs, source, opts, backend: str, address: str, actors: int,
     from asap_deploy.ray_infer import RayOptions, ray_infer
 
     with console.status(f"translating on Ray ({address}, {actors} actor(s))"):
-        summary = ray_infer(inputs, source, opts, backend, RayOptions(address=address, actors=actors))
+        summary = ray_infer(inputs, source, opts, backend, RayOptions(address=address, actors=actors,
+                                                                      cpus_per_actor=opts.cpu_threads or 1.0))
     if not as_json:
         for r in summary.failed:
             console.print(f"[red]failed:[/] {escape(r.error)}", highlight=False)
@@ -650,6 +651,9 @@ def infer(
     ray_address: Optional[str] = typer.Option(None, "--ray", help="Run on Ray Data: local (a Ray instance on this "
                                               "machine), auto (this machine's cluster) or ray://HOST:PORT."),
     ray_actors: int = typer.Option(2, "--ray-actors", help="With --ray: actors in the pool, one engine each."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the torch / ONNX Runtime engine "
+                                          "(default: all cores; with --ray: per actor, and the CPUs Ray reserves "
+                                          "for each)."),
 ) -> None:
     """Translate label maps to photos: one PNG per input (written atomically); non-zero exit if any input failed."""
     import signal
@@ -657,7 +661,7 @@ def infer(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from asap_deploy.infer import InferOptions, Source, choose_backend, infer as run_infer, open_engine
+    from asap_deploy.infer import InferOptions, Source, check_threads, choose_backend, infer as run_infer, open_engine
 
     from asap_deploy.io import sigterm_as_interrupt
 
@@ -665,7 +669,8 @@ def infer(
     source = Source(model=model, bundle=bundle_dir, engine=engine_file)
     opts = InferOptions(out_dir=out, palette=palette, instances=instances, hires_labels=hires_labels, scale=scale,
                         side_by_side=side_by_side, batch_size=batch, fail_fast=fail_fast, precision=precision,
-                        overwrite=overwrite, max_pixels=max_pixels)
+                        overwrite=overwrite, max_pixels=max_pixels, cpu_threads=threads)
+    check_threads(threads)
     choice = choose_backend(backend, source, precision, scale)
     if not as_json:
         console.print(f"backend: [bold]{choice.backend}[/] ({escape(choice.reason)})", highlight=False)
@@ -674,7 +679,7 @@ def infer(
     if ray_address is not None:
         return _infer_on_ray(inputs, source, opts, backend, ray_address, ray_actors, as_json)
     with console.status("loading the model"):
-        engine, _ = open_engine(choice, source, precision)
+        engine, _ = open_engine(choice, source, precision, threads)
     bar = Progress(TextColumn("[bold]infer[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[name]}"), console=err_console if as_json else console, transient=as_json)
 
@@ -831,22 +836,25 @@ def serve(
     max_batch: int = typer.Option(8, "--max-batch", help="Largest batch the dynamic batcher forms (same-size requests)."),
     max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="How long a request may wait for others of its size."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs/engines."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the torch / ONNX Runtime engine "
+                                          "(default: all cores)."),
 ) -> None:
     """Serve the model as `asap` on NVIDIA Triton Inference Server (PyTriton) until Ctrl-C / SIGTERM."""
     from rich.markup import escape
 
-    from asap_deploy.infer import Source, choose_backend, open_engine
+    from asap_deploy.infer import Source, check_threads, choose_backend, open_engine
     from asap_deploy.serve import ServeOptions, check_serve_dependencies, serve as run_serve
 
     opts = ServeOptions(host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch=max_batch,
                         max_delay_ms=max_delay_ms)
     opts.check()
+    check_threads(threads)
     check_serve_dependencies()
     src = Source(engine=source) if source.is_file() else Source(bundle=source)
     choice = choose_backend(backend, src, precision)
     console.print(f"backend: [bold]{choice.backend}[/] ({escape(choice.reason)})", highlight=False)
     with console.status("loading the model"):
-        engine, _ = open_engine(choice, src, precision)
+        engine, _ = open_engine(choice, src, precision, threads)
 
     def ready(ep) -> None:
         d = ep.to_dict()

@@ -222,6 +222,11 @@ def choose_backend(requested: str, source: Source, precision: str = "fp32", scal
     raise UsageError("no backend can run this bundle: " + "; ".join(skipped + [f"torch: {why}"]))
 
 
+def check_threads(cpu_threads: int | None) -> None:
+    if cpu_threads is not None and cpu_threads < 1:
+        raise UsageError(f"--threads must be >= 1 (got {cpu_threads})")
+
+
 def open_engine(choice: Choice, source: Source, precision: str = "fp32", cpu_threads: int | None = None):
     """(Engine, bundle or None) for a Choice. `cpu_threads` caps the CPU threads of a torch or ONNX
     Runtime engine (a process sharing the machine with others, e.g. one of several Ray actors)."""
@@ -269,6 +274,7 @@ class InferOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     precision: str = "fp32"
     overwrite: bool = False  # False: an existing output file fails that input (the others go on)
+    cpu_threads: int | None = None  # torch / ONNX Runtime threads (None: all cores); with Ray, per actor
 
 
 @dataclass
@@ -354,6 +360,7 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
         raise UsageError(f"--batch must be >= 1 (got {opts.batch_size})")
     if opts.max_pixels < 1:
         raise UsageError(f"--max-pixels must be >= 1 (got {opts.max_pixels})")
+    check_threads(opts.cpu_threads)
     scale = check_scale(opts.scale) if opts.scale is not None else None
     if opts.hires_labels is not None and scale is None:
         raise UsageError("--hires-labels needs --scale K (the high-resolution maps are K times the input size)")
@@ -364,7 +371,7 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
     check_out_dir(out_dir)
     if engine is None:
         choice = choose_backend(backend, source, opts.precision, scale)
-        engine, bundle = open_engine(choice, source, opts.precision)
+        engine, bundle = open_engine(choice, source, opts.precision, opts.cpu_threads)
     else:
         bundle = getattr(engine, "bundle", None)
         choice = choice or Choice(engine.name, "engine given by the caller")

@@ -137,7 +137,8 @@ def ray_infer(inputs: Sequence[str | os.PathLike], source: Source, options: Infe
                            instances=Path(options.instances).resolve() if options.instances else None,
                            hires_labels=Path(options.hires_labels).resolve() if options.hires_labels else None)
         src = Source(*(Path(v).resolve() if v is not None else None for v in (source.model, source.bundle, source.engine)))
-        out = ds.map_batches(_Translator, fn_constructor_args=(src, absolute, backend, choice, max(1, int(ropts.cpus_per_actor))),
+        out = ds.map_batches(_Translator, fn_constructor_args=(src, absolute, backend, choice,
+                                                                options.cpu_threads or max(1, int(ropts.cpus_per_actor))),
                              batch_size=ropts.files_per_batch, batch_format="numpy", concurrency=ropts.actors,
                              num_cpus=ropts.cpus_per_actor, num_gpus=1 if gpu else 0)
         try:

@@ -186,6 +186,28 @@ def test_instance_maps_matched_by_name(tmp_path):
     assert np.array_equal(read(tmp_path / "out" / "x_labelIds.png"), eng.run(labels[:1], inst[:1])[0])
 
 
+def test_threads_option_reaches_the_engine(tmp_path, bundle_dir, monkeypatch):
+    import asap_deploy.infer as inf
+
+    labels, _ = random_label_maps(CFG, 1, 16, 16)
+    src = save(tmp_path / "a.png", labels[0])
+    r = runner.invoke(app, ["infer", str(src), "--bundle", str(bundle_dir), "--threads", "0", "-o", str(tmp_path / "o")])
+    assert r.exit_code == UsageError.exit_code and "--threads must be >= 1" in r.output
+    opened = []
+    real = inf.open_engine
+
+    def spy(choice, source, precision="fp32", cpu_threads=None):
+        engine, bundle = real(choice, source, precision, cpu_threads)
+        opened.append(engine.describe().get("intra_op_threads"))
+        return engine, bundle
+
+    monkeypatch.setattr(inf, "open_engine", spy)
+    r = runner.invoke(app, ["infer", str(src), "--bundle", str(bundle_dir), "--backend", "onnxruntime", "--threads", "1",
+                            "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert opened == [1] and (tmp_path / "o" / "a.png").is_file()
+
+
 def test_unwritable_output_and_usage_errors(tmp_path, bundle_dir):
     labels, _ = random_label_maps(CFG, 1, 16, 16)
     src = save(tmp_path / "a.png", labels[0])
