@@ -591,8 +591,7 @@ def _infer_on_ray(inputs, source, opts, backend: str, address: str, actors: int,
     from asap_deploy.ray_infer import RayOptions, ray_infer
 
     with console.status(f"translating on Ray ({address}, {actors} actor(s))"):
-        summary = ray_infer(inputs, source, opts, backend, RayOptions(address=address, actors=actors,
-                                                                      cpus_per_actor=opts.cpu_threads or 1.0))
+        summary = ray_infer(inputs, source, opts, backend, RayOptions(address=address, actors=actors))
     if not as_json:
         for r in summary.failed:
             console.print(f"[red]failed:[/] {escape(r.error)}", highlight=False)
@@ -652,8 +651,8 @@ def infer(
                                               "machine), auto (this machine's cluster) or ray://HOST:PORT."),
     ray_actors: int = typer.Option(2, "--ray-actors", help="With --ray: actors in the pool, one engine each."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the torch / ONNX Runtime engine "
-                                          "(default: all cores; with --ray: per actor, and the CPUs Ray reserves "
-                                          "for each)."),
+                                          "(default: all cores; with --ray: per actor, default the 1 CPU Ray "
+                                          "reserves for each)."),
 ) -> None:
     """Translate label maps to photos: one PNG per input (written atomically); non-zero exit if any input failed."""
     import signal

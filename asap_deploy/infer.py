@@ -274,7 +274,7 @@ class InferOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     precision: str = "fp32"
     overwrite: bool = False  # False: an existing output file fails that input (the others go on)
-    cpu_threads: int | None = None  # torch / ONNX Runtime threads (None: all cores); with Ray, per actor
+    cpu_threads: int | None = None  # torch / ONNX Runtime threads (None: all cores; on Ray: per actor)
 
 
 @dataclass
