@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asap_deploy.config import ModelConfig
@@ -56,6 +56,7 @@ def test_onnxruntime_tile_blocks_equal_one_run_and_torch(bundle, engines, pixels
     np.testing.assert_allclose(got[IMAGE_FLOAT], engines[0].generate(labels, inst)[IMAGE_FLOAT], atol=1e-3)
 
 
+@settings(max_examples=100, deadline=None)
 @given(n=st.integers(1, 3), th=st.integers(1, 6), tw=st.integers(1, 6), S=st.sampled_from([1, 2, 4]),
        max_pixels=st.integers(1, 400))
 def test_tile_blocks_cover_every_pixel_once_in_whole_tiles(n, th, tw, S, max_pixels):  # noqa: N803
