@@ -4,6 +4,7 @@ profile parsing, and the TensorRT-RTX parser library workaround (in subprocesses
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -143,6 +144,32 @@ def _open(built, folder):
     from asap_deploy.engines.tensorrt import TensorRTEngine
 
     return TensorRTEngine(built, "fp16", flavor="rtx", engine_dir=folder, graphs=("asap",))
+
+
+def test_sigint_mid_build_leaves_whole_engine_sidecar_pairs_only(built, tmp_path, kernel_cache):
+    """Ctrl-C as the 2nd engine is about to be written: exit 130, no temp file; the engine built
+    before it is whole with its sidecar, the interrupted one absent (a runner refuses a lone file)."""
+    hook = ("import os, signal\nimport asap_deploy.engines.build as eb\n_real, _n = eb.atomic_path, [0]\n"
+            "def ap(path, *a, **k):\n"
+            "    if str(path).endswith('.engine'):\n"
+            "        _n[0] += 1\n"
+            "        if _n[0] == 2: os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return _real(path, *a, **k)\n"
+            "eb.atomic_path = ap\n")
+    argv = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r})\n{hook}\n"
+            "sys.argv = ['asap'] + sys.argv[1:]\nfrom asap_deploy.cli import app\napp()\n",
+            "build-engine", str(built.path), "--fp16", "--flavor", "rtx", "--arch", "sm_86", "--stage", "all",
+            "-o", str(tmp_path / "e"), *SHAPES]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "ASAP_KERNEL_CACHE": str(kernel_cache)})
+    assert r.returncode == 130 and "interrupted" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    files = sorted(p.name for p in (tmp_path / "e").iterdir())
+    assert not [f for f in files if f.startswith(".")], files
+    engines = [f for f in files if f.endswith(".engine")]
+    assert len(engines) == 1, files
+    sidecar = json.loads((tmp_path / "e" / (engines[0] + ".json")).read_text())
+    blob = (tmp_path / "e" / engines[0]).read_bytes()
+    assert sidecar["engine"]["sha256"] == hashlib.sha256(blob).hexdigest()
 
 
 def test_runner_refuses_tampered_engine(built, tmp_path):
