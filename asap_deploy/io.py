@@ -93,15 +93,16 @@ def staged_dir(target: str | os.PathLike, what: str) -> Iterator[Path]:
 
 
 def replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing target is moved aside first and removed after."""
+    """Rename `new` to `target`; an existing target is moved aside first and removed after. If the
+    second rename fails or is interrupted (Ctrl-C, SIGTERM), the old target is put back."""
     old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{secrets.token_hex(6)}"
-        os.replace(target, old)
     try:
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{secrets.token_hex(6)}"
+            os.replace(target, old)
         os.replace(new, target)
-    except OSError:
-        if old is not None:
+    except BaseException:
+        if old is not None and old.exists() and not target.exists():
             os.replace(old, target)
         raise
     if old is not None:

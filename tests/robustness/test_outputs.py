@@ -230,6 +230,30 @@ def test_interrupt_right_after_the_temp_file_is_created_leaves_nothing(tmp_path,
     assert _files(tmp_path) == []
 
 
+def test_interrupt_between_the_two_renames_of_a_folder_swap_keeps_the_old_folder(tmp_path, monkeypatch):
+    """Replacing a bundle/report/data set moves the old folder aside, then renames the new one in:
+    Ctrl-C between the two renames must not leave the target missing."""
+    import asap_deploy.io as io
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "manifest.json").write_text("old")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # after the old folder moved aside, before the new one is in
+        return real(src, dst)
+
+    with pytest.raises(KeyboardInterrupt):
+        with io.staged_dir(tmp_path / "b", "bundle") as tmp:
+            (tmp / "manifest.json").write_text("new")
+            monkeypatch.setattr(io.os, "replace", replace)
+    monkeypatch.undo()
+    assert _files(tmp_path) == ["b", "b/manifest.json"]
+    assert (tmp_path / "b" / "manifest.json").read_text() == "old"
+
+
 @pytest.mark.parametrize("enter,fill", [
     ("atomic_path(OUT)", "tmp.write_bytes(b'half')"),
     ("staged_dir(OUT, 'bundle')", "(tmp / 'predictor.onnx').write_bytes(b'half')"),
