@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +34,26 @@ def test_compile_kernels_bad_arch_is_a_usage_error(tmp_path):
     assert res.exit_code == 2
     assert "bad architecture" in res.output
     assert not (tmp_path / "k").exists()
+
+
+def test_sigint_mid_compile_leaves_no_index_and_no_temp_file(tmp_path):
+    """Ctrl-C after the first kernel file: exit 130, no temp file, and no index.json (written last:
+    a folder without it is incomplete, and the next run may write there without --overwrite)."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"label_nc": 5, "crop_size": 256}))
+    hook = ("import os, signal\nimport asap_deploy.plugins.aot as aot\n_real, _n = aot.atomic_path, [0]\n"
+            "def ap(*a, **k):\n    _n[0] += 1\n    if _n[0] == 2: os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return _real(*a, **k)\naot.atomic_path = ap\n")
+    argv = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r})\n{hook}\n"
+            "sys.argv = ['asap'] + sys.argv[1:]\nfrom asap_deploy.cli import app\napp()\n",
+            "compile-kernels", "--arch", "sm_86", "--config", str(cfg), "--out-dtype", "fp32", "-o", str(tmp_path / "k")]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 130 and "interrupted" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    left = sorted(p.name for p in (tmp_path / "k").iterdir()) if (tmp_path / "k").exists() else []
+    assert "index.json" not in left and not [n for n in left if n.startswith(".")], left
+    res = CliRunner().invoke(app, ["compile-kernels", "--arch", "sm_86", "--config", str(cfg), "--out-dtype", "fp32",
+                                   "-o", str(tmp_path / "k")])
+    assert res.exit_code == 0, res.output  # an incomplete folder is finished without --overwrite
+    index = json.loads((tmp_path / "k" / "index.json").read_text())
+    assert all((tmp_path / "k" / e["json"]).is_file() for e in index["kernels"])
