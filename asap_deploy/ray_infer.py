@@ -74,8 +74,8 @@ class _Translator:
         from .infer import open_engine
 
         self.source, self.options, self.backend, self.choice = source, options, backend, choice
-        # as many CPU threads as the CPUs Ray reserved for this actor: by default an engine takes
-        # every core, and actors sharing a node would oversubscribe it (2x slower on 2 cores)
+        # --threads, else as many CPU threads as the CPUs Ray reserved for this actor: by default an
+        # engine takes every core, and actors sharing a node would oversubscribe it
         self.engine, _ = open_engine(choice, source, options.precision, cpu_threads=cpu_threads)
 
     def __call__(self, batch: dict) -> dict:
