@@ -91,6 +91,14 @@ def check_serve_dependencies(numpy_version: str | None = None) -> None:
 
 
 # ---- options ------------------------------------------------------------------------------------
+def check_batching(max_batch: int, max_delay_ms: float) -> None:
+    """The dynamic-batching options, alike for `asap serve` and `asap export --triton-repo`."""
+    if max_batch < 1:
+        raise UsageError(f"--max-batch must be >= 1 (got {max_batch})")
+    if not 0 <= max_delay_ms <= 10_000:
+        raise UsageError(f"--max-delay-ms must be in 0..10000 (got {max_delay_ms:g})")
+
+
 @dataclass
 class ServeOptions:
     host: str = "127.0.0.1"
@@ -109,10 +117,7 @@ class ServeOptions:
                 raise UsageError(f"{flag} {p} is not a TCP port (1..65535)")
         if len(set(ports.values())) != 3:
             raise UsageError(f"--port, --grpc-port and --metrics-port must differ (got {', '.join(map(str, ports.values()))})")
-        if self.max_batch < 1:
-            raise UsageError(f"--max-batch must be >= 1 (got {self.max_batch})")
-        if not 0 <= self.max_delay_ms <= 10_000:
-            raise UsageError(f"--max-delay-ms must be in 0..10000 (got {self.max_delay_ms:g})")
+        check_batching(self.max_batch, self.max_delay_ms)
         if self.max_pixels < 1:
             raise UsageError(f"max_pixels must be >= 1 (got {self.max_pixels})")
         if not self.host:

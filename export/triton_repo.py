@@ -30,6 +30,7 @@ import numpy as np
 from asap_deploy.errors import BundleError, MissingDependencyError, UsageError
 
 from asap_deploy.io import staged_dir
+from asap_deploy.serve import check_batching
 
 from .bundle import MANIFEST, sha256_file
 
@@ -50,10 +51,7 @@ class RepoOptions:
     overwrite: bool = False
 
     def check(self) -> None:
-        if self.max_batch < 1:
-            raise UsageError(f"--max-batch must be >= 1 (got {self.max_batch})")
-        if not 0 <= self.max_delay_ms <= 10_000:
-            raise UsageError(f"--max-delay-ms must be in 0..10000 (got {self.max_delay_ms:g})")
+        check_batching(self.max_batch, self.max_delay_ms)
         if self.instances < 1:
             raise UsageError(f"--instances must be >= 1 (got {self.instances})")
         if self.kind not in KINDS:
