@@ -23,7 +23,8 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import AsapError, BundleError, InputError, OutputError, UsageError, did_you_mean
-from .io import DEFAULT_MAX_PIXELS, open_image, read_ids_or_rgb, read_instance_map, to_uint8, write_png
+from .io import (DEFAULT_MAX_PIXELS, open_image, read_ids_or_rgb, read_instance_map, remove_stale_temps, to_uint8,
+                 write_png)
 from .palette import Palette, load_palette
 
 IMAGE_SUFFIXES = (".png",)
@@ -332,17 +333,8 @@ def check_out_dir(out_dir: Path) -> None:
         raise OutputError(f"{out_dir}: the output folder is not writable")
 
 
-def remove_stale_partials(target: Path) -> None:
-    """Temp files of `target` left by a killed run (io.atomic_path names them .NAME.*SUFFIX)."""
-    for p in target.parent.glob(f".{target.name}.*{target.suffix}"):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            continue
-
-
 def _write(path: Path, img: np.ndarray) -> None:
-    remove_stale_partials(path)
+    remove_stale_temps(path)
     try:
         write_png(path, img)
     except OSError as exc:

@@ -6,8 +6,10 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,18 +21,59 @@ from .errors import InputError, OutputError
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 
+# Longest file name most file systems allow (bytes). Derived names (temp files, folder swaps)
+# are shortened to fit, so that every legal output name works.
+NAME_MAX = 255
+# Temp names carry this tag + 12 hex digits: what remove_stale_temps may delete is provably ours.
+TEMP_TAG = "asaptmp"
+_TEMP_RE = re.compile(rf"\.(?P<base>.*)\.{TEMP_TAG}-[0-9a-f]{{12}}(?P<kind>\.partial|\.old)?(?P<suffix>\.[^.]*)?")
+
 # Temp files and folders that atomic_path / staged_dir have named and not yet removed. An
 # interrupt can land on any bytecode, including between creating a temp path and entering the
 # block that removes it; the exit hook removes whatever such a race left behind.
 _live_temps: set[Path] = set()
 
 
+def _fit_name(name: str, room: int) -> str:
+    """`name` cut (on a UTF-8 character boundary) to at most `room` bytes."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= room:
+        return name
+    return raw[:max(room, 0)].decode("utf-8", "ignore")
+
+
+def temp_name(target: Path, kind: str = "", suffix: str = "") -> Path:
+    """A hidden sibling name for `target`, `.NAME.asaptmp-<hex><kind><suffix>`, at most NAME_MAX
+    bytes whatever the length of NAME (NAME is shortened; the random part keeps it unique)."""
+    tail = f".{TEMP_TAG}-{secrets.token_hex(6)}{kind}{suffix}"
+    room = NAME_MAX - 1 - len(tail.encode("utf-8", "surrogateescape"))
+    return target.parent / f".{_fit_name(target.name, room)}{tail}"
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Remove temp files of `target` left by a killed run: only names temp_name makes for it
+    (`.NAME.asaptmp-<12 hex>...`), never another file."""
+    room = NAME_MAX - 1 - len(f".{TEMP_TAG}-000000000000.partial{target.suffix}".encode())
+    base = _fit_name(target.name, room)
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for e in entries:
+        m = _TEMP_RE.fullmatch(e.name)
+        if m and m["base"] in (target.name, base) and not m["kind"] and e.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(e.path)
+
+
 def _remove(tmp: Path) -> None:
-    if tmp.is_dir() and not tmp.is_symlink():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
+    try:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
             tmp.unlink(missing_ok=True)
+    except OSError:  # an exit hook must never print a traceback
+        pass
 
 
 @atexit.register
@@ -48,7 +91,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     included (the temp name is registered before the file exists; see _remove_live_temps).
     """
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix or path.suffix or '.tmp'}"
+    tmp = temp_name(path, suffix=suffix or path.suffix or ".tmp")
     _live_temps.add(tmp)
     try:
         try:
@@ -67,14 +110,174 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         _live_temps.discard(tmp)
 
 
+# ---- Ownership: the toolkit deletes or replaces only what it can prove it wrote -----------------
+# A folder the toolkit owns (bundle, report, data set, run, model repository, kernel folder)
+# carries MARKER: our signature, the folder's kind and the files we wrote there. A folder
+# without it is never emptied; a file not listed in it is never replaced.
+MARKER = ".asap-deploy.json"
+SIGNATURE = "asap-deploy"
+MARKER_SCHEMA = 1
+MAX_MARKER_BYTES = 1 << 20
+
+
+def _plain_relpath(name: object) -> bool:
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or "\0" in name:
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def read_marker(folder: str | os.PathLike) -> dict | None:
+    """The ownership marker of `folder` if it is a valid one of ours (a regular file, our
+    signature, a list of plain relative names); None otherwise (a foreign folder)."""
+    path = Path(folder) / MARKER
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MARKER_BYTES:
+            return None
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(obj, dict) or obj.get("tool") != SIGNATURE or obj.get("schema") != MARKER_SCHEMA
+            or not isinstance(obj.get("kind"), str) or not isinstance(obj.get("files"), list)
+            or not all(_plain_relpath(f) for f in obj["files"])):
+        return None
+    return obj
+
+
+def _write_marker(folder: Path, kind: str, files) -> None:
+    from . import __version__
+
+    write_json(folder / MARKER, {"tool": SIGNATURE, "schema": MARKER_SCHEMA, "kind": kind,
+                                 "version": __version__, "files": sorted(set(files))})
+
+
+def _walk_files(folder: Path, limit: int = 100_000) -> list[str]:
+    """Relative names of everything under `folder` that is not a folder (symlinks are not
+    followed: a link is an entry itself), MARKER excluded; bounded."""
+    out: list[str] = []
+    stack = [(folder, "")]
+    while stack:
+        d, rel = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                name = f"{rel}{e.name}"
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((Path(e.path), name + "/"))
+                elif name != MARKER:
+                    out.append(name)
+                if len(out) > limit:
+                    raise OutputError(f"{folder}: more than {limit} files; refusing to treat it as an output folder")
+    return out
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_not_input(output: str | os.PathLike, inputs, what: str = "output") -> None:
+    """Refuse (OutputError) an output that is one of `inputs` or holds one (a folder output):
+    resolved real paths (symlinks followed) and device/inode (hard links) are compared, so no
+    spelling of a path lets an output replace an input, --overwrite or not."""
+    out = Path(output)
+    real_out = Path(os.path.realpath(out))
+    ident = _identity(out)
+    for src in inputs:
+        if src is None:
+            continue
+        src = Path(src)
+        real_src = Path(os.path.realpath(src))
+        if _inside(real_src, real_out) or (ident is not None and ident == _identity(src)):
+            raise OutputError(f"{out}: the {what} would replace the input {src}; choose another output "
+                              "(an output never replaces an input, even with --overwrite)")
+
+
+def check_replaceable(target: str | os.PathLike, kind: str, what: str, inputs=()) -> None:
+    """Raise OutputError unless writing the `kind` folder `target` in one piece loses nothing:
+    `target` is absent, an empty folder, or a folder whose marker says `kind` and lists every file
+    in it. Callers check --overwrite first; this holds with --overwrite too."""
+    target = Path(target)
+    check_not_input(target, inputs, what)
+    if not os.path.lexists(target):
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder; refusing to replace it with the {what}")
+    try:
+        present = _walk_files(target)
+        marker_present = os.path.lexists(target / MARKER)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot read the folder ({exc.strerror or exc})") from exc
+    if not present and not marker_present and not any(target.iterdir()):
+        return
+    marker = read_marker(target)
+    if marker is None:
+        raise OutputError(f"{target}: holds files asap did not write (no {MARKER} marker); refusing to replace "
+                          f"it with the {what}: choose another folder or empty it yourself")
+    if marker["kind"] != kind:
+        raise OutputError(f"{target}: holds a {marker['kind']} written by asap, not a {kind}; refusing to "
+                          f"replace it with the {what}: choose another folder")
+    foreign = sorted(set(present) - set(marker["files"]))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"{target}: holds files asap did not write ({shown}); refusing to replace the "
+                          f"{what}: move them out or choose another folder")
+
+
+def owns_file(path: str | os.PathLike) -> bool:
+    """True if `path` is listed in its folder's marker (the toolkit wrote it there)."""
+    path = Path(path)
+    marker = read_marker(path.parent)
+    return marker is not None and path.name in marker["files"]
+
+
+def check_file_replaceable(path: str | os.PathLike, what: str, overwrite: bool, inputs=()) -> None:
+    """Refuse (OutputError) to write the file `path` if that would lose anything: an existing
+    `path` is replaced only with --overwrite and only if its folder's marker lists it (we wrote
+    it); an output never replaces an input."""
+    path = Path(path)
+    check_not_input(path, inputs, what)
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise OutputError(f"{path}: the {what} already exists; pass --overwrite to replace it")
+    if path.is_symlink() or not path.is_file():
+        raise OutputError(f"{path}: exists and is not a regular file; refusing to replace it with the {what}")
+    if not owns_file(path):
+        raise OutputError(f"{path}: exists and was not written by asap (not listed in {path.parent / MARKER}); "
+                          f"refusing to replace it with the {what}: move it or choose another output")
+
+
+def claim_files(folder: str | os.PathLike, kind: str, names) -> None:
+    """Record in `folder`'s marker that the toolkit wrote `names` there (the marker is created
+    with `kind` if the folder has none; an existing marker keeps its kind)."""
+    folder = Path(folder)
+    marker = read_marker(folder)
+    files = set(marker["files"]) if marker else set()
+    new = {str(n) for n in names}
+    if new <= files:
+        return
+    _write_marker(folder, marker["kind"] if marker else kind, files | new)
+
+
 @contextlib.contextmanager
-def staged_dir(target: str | os.PathLike, what: str) -> Iterator[Path]:
+def staged_dir(target: str | os.PathLike, what: str, kind: str | None = None, inputs=()) -> Iterator[Path]:
     """Yield a hidden temporary folder next to `target`; rename it over `target` (replace_dir) only
     if the block succeeds, and remove it on every failure, interrupts included (as atomic_path).
-    An OSError (unwritable folder, disk full, file size limit) becomes an OutputError naming
-    `target`: typed, and nothing is left behind."""
+    The folder gets an ownership marker of `kind` (default: `what`) listing what the block wrote;
+    an existing `target` is replaced only if check_replaceable allows it (checked before and again
+    just before the swap). An OSError (unwritable folder, disk full, file size limit) becomes an
+    OutputError naming `target`: typed, and nothing is left behind."""
     target = Path(target)
-    tmp = target.parent / f".{target.name}.partial-{secrets.token_hex(6)}"
+    kind = kind or what
+    check_replaceable(target, kind, what, inputs)
+    tmp = temp_name(target, kind=".partial")
     _live_temps.add(tmp)
     try:
         try:
@@ -84,6 +287,8 @@ def staged_dir(target: str | os.PathLike, what: str) -> Iterator[Path]:
             raise OutputError(f"{target}: cannot create the {what} folder ({exc.strerror or exc})") from exc
         try:
             yield tmp
+            _write_marker(tmp, kind, _walk_files(tmp))
+            check_replaceable(target, kind, what, inputs)  # the folder may have changed meanwhile
             replace_dir(tmp, target)
         except OSError as exc:
             raise OutputError(f"{target}: cannot write the {what} ({exc.strerror or exc}); nothing was written") from exc
@@ -97,16 +302,41 @@ def replace_dir(new: Path, target: Path) -> None:
     second rename fails or is interrupted (Ctrl-C, SIGTERM), the old target is put back."""
     old = None
     try:
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{secrets.token_hex(6)}"
+        if os.path.lexists(target):
+            old = temp_name(target, kind=".old")
             os.replace(target, old)
         os.replace(new, target)
     except BaseException:
-        if old is not None and old.exists() and not target.exists():
+        if old is not None and os.path.lexists(old) and not os.path.lexists(target):
             os.replace(old, target)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error: type = InputError) -> bytes:
+    """The bytes of a file argument, refused (`error`, naming the file) unless it is a regular file
+    (not a folder, FIFO, device or socket: those hang or never end) of at most `max_bytes`."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: the {what} is not a regular file")
+    if st.st_size > max_bytes:
+        raise error(f"{path}: the {what} is {st.st_size} bytes, more than the limit of {max_bytes}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a file swapped for a FIFO must not block
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise error(f"{path}: the {what} is not a regular file")
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
+    if len(data) > max_bytes:
+        raise error(f"{path}: the {what} is more than the limit of {max_bytes} bytes")
+    return data
 
 
 def sigterm_as_interrupt(signum, frame):

@@ -20,8 +20,7 @@ from asap_deploy.engines import create_engine
 from asap_deploy.errors import InputError, OutputError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
 from asap_deploy.export.synthetic import random_generator, random_label_maps
-from asap_deploy.infer import (InferOptions, Source, choose_backend, discover_inputs, infer, pad_to_multiple,
-                               remove_stale_partials)
+from asap_deploy.infer import InferOptions, Source, choose_backend, discover_inputs, infer, pad_to_multiple
 from asap_deploy.palette import bundle_palette
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,11 +266,16 @@ def test_failed_write_leaves_no_partial_png(tmp_path, bundle_dir, monkeypatch):
         assert read(p).shape == (16, 16, 3)
 
 
-def test_stale_partials_removed(tmp_path):
-    (tmp_path / ".a.png.x1y2.png").write_bytes(b"partial")
-    (tmp_path / ".b.png.zz.png").write_bytes(b"other")
-    remove_stale_partials(tmp_path / "a.png")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.png.zz.png"]
+def test_stale_temps_removed_only_ours(tmp_path):
+    from asap_deploy.io import remove_stale_temps, temp_name
+
+    ours = temp_name(tmp_path / "a.png", suffix=".png")
+    ours.write_bytes(b"partial")
+    keep = [".a.png.x1y2.png", ".b.png.zz.png", ".a.png.asaptmp-zzzzzzzzzzzz.png", "a.png"]
+    for name in keep:  # a user's files that merely look like temp names are never deleted
+        (tmp_path / name).write_bytes(b"user")
+    remove_stale_temps(tmp_path / "a.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
 
 
 def test_sigterm_mid_run_leaves_only_whole_pngs(tmp_path, bundle_dir):

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from asap_deploy.errors import InputError, OutputError
+from asap_deploy.io import MARKER
 
 from .conftest import ROOT, label_maps, py_cli, run_cli, save_png
 
@@ -82,7 +83,7 @@ def test_disk_full_mid_write_leaves_nothing(tmp_path, checkpoint, good_map, data
     r = _run(["train", "--data", dataset, "--out", tmp_path / "run", *TRAIN_ARGS], fsize=30_000)
     assert r.returncode == OUT and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "cannot write" in " ".join(r.stderr.split())
-    assert not [f for f in _files(tmp_path / "run") if Path(f).name.startswith(".")]
+    assert not [f for f in _files(tmp_path / "run") if Path(f).name.startswith(".") and Path(f).name != MARKER]
 
 
 # ---- existing outputs ----------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def test_sigint_during_make_data_leaves_nothing_and_keeps_the_old_set(tmp_path):
     r = _run(["make-data", tmp_path / "d", "--n", "4", "--size", "32", "--seed", "1", "--overwrite"], hook)
     assert r.returncode == 130
     assert {p: (tmp_path / "d" / p).read_bytes() for p in before} == before  # the old set, whole
-    assert [p for p in _files(tmp_path) if p.split("/")[-1].startswith(".")] == []
+    assert [p for p in _files(tmp_path) if p.split("/")[-1].startswith(".") and not p.endswith(MARKER)] == []
 
 
 def test_make_data_overwrite_never_replaces_a_folder_of_other_files(tmp_path):
@@ -189,7 +190,7 @@ def test_sigint_mid_training_step_resumes_to_the_uninterrupted_state(tmp_path, d
     from asap_deploy.train.trainer import read_train_state
 
     assert read_train_state(tmp_path / "cut" / "train_state.pt")["step"] == 3
-    assert not [f for f in _files(tmp_path / "cut") if Path(f).name.startswith(".")]
+    assert not [f for f in _files(tmp_path / "cut") if Path(f).name.startswith(".") and Path(f).name != MARKER]
     r = _run(["train", "--data", dataset, "--out", tmp_path / "cut", "--resume", "--steps", "5", "--threads", "1"])
     assert r.returncode == 0, r.stderr[-3000:]
     r = _run(["train", "--data", dataset, "--out", tmp_path / "full", *TRAIN_ARGS])
