@@ -23,8 +23,9 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import AsapError, BundleError, InputError, OutputError, UsageError, did_you_mean
-from .io import (DEFAULT_MAX_PIXELS, open_image, read_ids_or_rgb, read_instance_map, remove_stale_temps, to_uint8,
-                 write_png)
+from .limits import glob_files, list_files
+from .io import (DEFAULT_MAX_PIXELS, file_identity, is_our_png, open_image, read_ids_or_rgb, read_instance_map,
+                 remove_stale_temps, to_uint8, write_png)
 from .palette import Palette, load_palette
 
 IMAGE_SUFFIXES = (".png",)
@@ -41,18 +42,19 @@ def discover_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[Path], lis
         s = str(spec)
         p = Path(s)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
-                           and not q.name.startswith("."))
+            found = list_files(p, tuple(IMAGE_SUFFIXES))  # bounded; FIFOs, devices and sub-folders skipped
             if not found:
                 problems.append((s, f"{s}: folder holds no .png files"))
             paths += found
         elif p.is_file():
             paths.append(p)
         elif glob.has_magic(s):
-            found = sorted(Path(q) for q in glob.glob(s, recursive=True) if Path(q).is_file())
+            found = glob_files(s)  # `**` never enters a symlinked folder (no loop); bounded
             if not found:
                 problems.append((s, f"{s}: the pattern matches no file"))
             paths += found
+        elif p.exists():
+            problems.append((s, f"{s}: not a regular file or folder (a FIFO, device or socket is never read)"))
         else:
             problems.append((s, f"{s}: no such file or folder"))
     seen, out = set(), []
@@ -224,8 +226,10 @@ def choose_backend(requested: str, source: Source, precision: str = "fp32", scal
 
 
 def check_threads(cpu_threads: int | None) -> None:
-    if cpu_threads is not None and cpu_threads < 1:
-        raise UsageError(f"--threads must be >= 1 (got {cpu_threads})")
+    """--threads: 1..4 x the cores here (limits.check_threads)."""
+    from .limits import check_threads as check
+
+    check("--threads", cpu_threads)
 
 
 def open_engine(choice: Choice, source: Source, precision: str = "fp32", cpu_threads: int | None = None):
@@ -333,6 +337,76 @@ def check_out_dir(out_dir: Path) -> None:
         raise OutputError(f"{out_dir}: the output folder is not writable")
 
 
+def output_path(out_dir: Path, label: Path) -> Path:
+    return out_dir / (label.stem + ".png")
+
+
+# A folder holding side inputs (instance maps, high-resolution maps, a bundle) is listed up to
+# this many entries to protect its files from being replaced by an output.
+MAX_PROTECTED_LISTING = 100_000
+
+
+def input_identities(paths: Sequence[Path], source: Source, opts: InferOptions) -> dict[tuple[int, int], Path]:
+    """(device, inode) -> path of every file this run reads: the label maps, the files of the
+    instance / high-resolution folders, the model or bundle, the palette file. An output whose
+    identity is among these would replace an input (through a symlink or a hard link too)."""
+    found: dict[tuple[int, int], Path] = {}
+
+    def add(p: Path) -> None:
+        ident = file_identity(p)
+        if ident is not None:
+            found.setdefault(ident, p)
+
+    for p in paths:
+        add(p)
+    for where in (opts.instances, opts.hires_labels, source.bundle, source.model, source.engine):
+        if where is None:
+            continue
+        where = Path(where)
+        if where.is_dir():
+            try:
+                with os.scandir(where) as it:
+                    for i, e in enumerate(it):
+                        if i >= MAX_PROTECTED_LISTING:
+                            break
+                        add(Path(e.path))
+            except OSError:
+                pass
+        else:
+            add(where)
+    if opts.palette and Path(opts.palette).suffix.lower() == ".json":
+        add(Path(opts.palette))
+    return found
+
+
+def check_outputs_are_not_inputs(paths: Sequence[Path], out_dir: Path, protected: dict[tuple[int, int], Path]) -> None:
+    """OutputError (the whole run, before any work, --overwrite or not) if an output would be one of
+    the run's inputs: `asap infer maps/ -o maps/` must never turn label maps into photos."""
+    clashes = [(p, output_path(out_dir, p)) for p in paths
+               if file_identity(output_path(out_dir, p)) in protected]
+    if clashes:
+        p, out = clashes[0]
+        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        raise OutputError(f"{out}: the output of {p} would replace the input {protected[file_identity(out)]}{more}; "
+                          "choose another output folder (-o): an output never replaces an input, even with --overwrite")
+
+
+def check_output_file(out: Path, label: Path, overwrite: bool, protected: dict[tuple[int, int], Path]) -> None:
+    """InputError (this input fails, the others go on) unless writing `out` loses nothing: absent,
+    or --overwrite and a PNG asap wrote (is_our_png); never an input."""
+    if not os.path.lexists(out):
+        return
+    ident = file_identity(out)
+    if ident in protected:
+        raise InputError(f"{label}: its output {out} would replace the input {protected[ident]}; choose another "
+                         "output folder (-o)")
+    if not overwrite:
+        raise InputError(f"{label}: its output {out} already exists; pass --overwrite to replace it")
+    if not is_our_png(out):
+        raise InputError(f"{label}: its output {out} exists and was not written by asap (a symlink, a folder or "
+                         "a file without asap's PNG signature); refusing to replace it: move it or choose another -o")
+
+
 def _write(path: Path, img: np.ndarray) -> None:
     remove_stale_temps(path)
     try:
@@ -345,7 +419,7 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
           progress: Callable[[int, int, FileResult], None] | None = None, engine=None,
           choice: Choice | None = None) -> InferSummary:
     """Run `asap infer`. `engine` (with `choice`) reuses an open Engine (the demo calls this in a loop)."""
-    from .scale import ScaledRenderer, check_scale, scaled_size
+    from .scale import ScaledRenderer, check_scale, check_scaled_output, scaled_size
 
     opts = options
     if opts.batch_size < 1:
@@ -353,13 +427,15 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
     if opts.max_pixels < 1:
         raise UsageError(f"--max-pixels must be >= 1 (got {opts.max_pixels})")
     check_threads(opts.cpu_threads)
-    scale = check_scale(opts.scale) if opts.scale is not None else None
+    scale = check_scale(opts.scale, opts.max_pixels) if opts.scale is not None else None
     if opts.hires_labels is not None and scale is None:
         raise UsageError("--hires-labels needs --scale K (the high-resolution maps are K times the input size)")
     paths, problems = discover_inputs(inputs)
     if not paths and not problems:
         raise UsageError("no inputs given")
     out_dir = Path(opts.out_dir)
+    protected = input_identities(paths, source, opts)
+    check_outputs_are_not_inputs(paths, out_dir, protected)
     check_out_dir(out_dir)
     if engine is None:
         choice = choose_backend(backend, source, opts.precision, scale)
@@ -401,12 +477,13 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
             w, h = im.size
             im.close()
             r.size = (h, w)
-            r.output = out_dir / (p.stem + ".png")
+            if scale is not None:  # the output's size, from the header, before anything is decoded
+                check_scaled_output(p, h, w, scale, opts.max_pixels, opts.side_by_side)
+            r.output = output_path(out_dir, p)
             if r.output in owners:
                 raise InputError(f"{p}: its output {r.output} would overwrite the output of {owners[r.output]} "
                                  "(same file name); rename one of them")
-            if not opts.overwrite and r.output.exists():
-                raise InputError(f"{p}: its output {r.output} already exists; pass --overwrite to replace it")
+            check_output_file(r.output, p, opts.overwrite, protected)
             owners[r.output] = p
         except AsapError as exc:
             r.error, r.output = exc.message, None
@@ -498,6 +575,7 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
                     left = palette.colourise(upscale_nearest(src, img.shape[0], img.shape[1]))
                     img = np.concatenate([left, img], axis=1)
                 try:
+                    check_output_file(r.output, r.input, opts.overwrite, protected)  # it may have appeared meanwhile
                     _write(r.output, img)
                     r.out_size = img.shape[:2]
                 except AsapError as exc:

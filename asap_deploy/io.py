@@ -10,6 +10,7 @@ import re
 import secrets
 import shutil
 import stat
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -170,7 +171,7 @@ def _walk_files(folder: Path, limit: int = 100_000) -> list[str]:
     return out
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def file_identity(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -188,13 +189,13 @@ def check_not_input(output: str | os.PathLike, inputs, what: str = "output") -> 
     spelling of a path lets an output replace an input, --overwrite or not."""
     out = Path(output)
     real_out = Path(os.path.realpath(out))
-    ident = _identity(out)
+    ident = file_identity(out)
     for src in inputs:
         if src is None:
             continue
         src = Path(src)
         real_src = Path(os.path.realpath(src))
-        if _inside(real_src, real_out) or (ident is not None and ident == _identity(src)):
+        if _inside(real_src, real_out) or (ident is not None and ident == file_identity(src)):
             raise OutputError(f"{out}: the {what} would replace the input {src}; choose another output "
                               "(an output never replaces an input, even with --overwrite)")
 
@@ -513,8 +514,53 @@ def read_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+# Every PNG the toolkit writes carries this tEXt chunk: `asap infer --overwrite` replaces an
+# existing output only if it is one of ours (ownership without a shared list that parallel
+# writers, e.g. Ray actors, would have to update).
+PNG_SOFTWARE = b"Software\0asap-deploy"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def sign_png(data: bytes) -> bytes:
+    """PNG bytes with our Software tEXt chunk inserted right after IHDR."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG")
+    end = 8 + 8 + int.from_bytes(data[8:12], "big") + 4
+    return data[:end] + _png_chunk(b"tEXt", PNG_SOFTWARE) + data[end:]
+
+
+def is_our_png(path: str | os.PathLike) -> bool:
+    """True if `path` is a regular file holding a PNG that the toolkit wrote (its tEXt chunk before
+    the image data says so). Reads at most a few KB."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head != b"\x89PNG\r\n\x1a\n":
+                return False
+            for _ in range(16):  # the chunks before IDAT
+                hdr = f.read(8)
+                if len(hdr) < 8:
+                    return False
+                size, kind = int.from_bytes(hdr[:4], "big"), hdr[4:]
+                if kind == b"IDAT" or size > 1 << 16:
+                    return False
+                data = f.read(size)
+                f.read(4)
+                if kind == b"tEXt" and data == PNG_SOFTWARE:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
 def write_png(path: str | os.PathLike, img: np.ndarray) -> Path:
-    """Write (H, W) ids or (H, W, 3) RGB uint8 as PNG, atomically."""
+    """Write (H, W) ids or (H, W, 3) RGB uint8 as PNG (signed as ours: is_our_png), atomically."""
     cv2 = _cv2()
     arr = np.ascontiguousarray(img)
     if arr.ndim == 3:
@@ -523,7 +569,7 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> Path:
     if not ok:
         raise InputError(f"{path}: could not encode PNG from array of shape {img.shape} and dtype {img.dtype}")
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.tobytes())
+        tmp.write_bytes(sign_png(buf.tobytes()))
     return Path(path)
 
 

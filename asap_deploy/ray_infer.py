@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import AsapError, InputError, MissingDependencyError, UsageError
-from .infer import (Choice, FileResult, InferOptions, InferSummary, Source, check_out_dir, choose_backend,
-                    discover_inputs)
+from .infer import (Choice, FileResult, InferOptions, InferSummary, Source, check_out_dir, check_outputs_are_not_inputs,
+                    choose_backend, discover_inputs, input_identities)
 
 
 @dataclass
@@ -107,6 +107,7 @@ def ray_infer(inputs: Sequence[str | os.PathLike], source: Source, options: Infe
     if not paths and not problems:
         raise UsageError("no inputs given")
     out_dir = Path(options.out_dir)
+    check_outputs_are_not_inputs(paths, out_dir, input_identities(paths, source, options))
     check_out_dir(out_dir)
     t0 = time.perf_counter()
     results: list[FileResult] = [FileResult(Path(spec), error=msg) for spec, msg in problems]

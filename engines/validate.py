@@ -115,6 +115,9 @@ class Sample:
     source: str
 
 
+MAX_LABEL_MAPS = 1000  # --labels: label maps held in memory at once; --random: 1..MAX_LABEL_MAPS
+
+
 def random_samples(cfg: ModelConfig, n: int, seed: int = 0) -> list[Sample]:
     """n random blob label maps over several sizes: square, wide and tall, with batch > 1."""
     from asap_deploy.export.synthetic import random_label_maps
@@ -148,14 +151,19 @@ def folder_samples(cfg: ModelConfig, folder: str | os.PathLike, batch: int = 4) 
     """Label PNGs of a folder (instance maps paired by name: label_X/instance_X, *_labelIds/*_instanceIds),
     maps of the same size batched together (up to `batch`)."""
     from asap_deploy.io import read_instance_map, read_label_map
+    from asap_deploy.limits import list_files
 
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder of label maps")
-    files = sorted(p for p in folder.glob("*.png")
-                   if not any(t in p.name for t in ("instance_", "_instanceIds", "_inst.")))
+    # regular files only (a FIFO named x.png would block), never a sub-folder, at most MAX_WALK_ENTRIES entries
+    files = [p for p in list_files(folder, (".png",))
+             if not any(t in p.name for t in ("instance_", "_instanceIds", "_inst."))]
     if not files:
         raise InputError(f"{folder}: no label PNGs found")
+    if len(files) > MAX_LABEL_MAPS:
+        raise InputError(f"{folder}: {len(files)} label PNGs, more than the {MAX_LABEL_MAPS} that validate holds in "
+                         "memory at once; validate a folder with a sample of them")
     maps = []
     for p in files:
         lab = read_label_map(p)
@@ -214,7 +222,7 @@ def validate(bundle, reference: Engine, engines: list[Engine], samples: list[Sam
     if precision not in THRESHOLDS:
         raise UsageError(f"unknown precision {precision!r} (choose from: {', '.join(THRESHOLDS)})")
     if report_dir is not None:
-        check_report_dir(Path(report_dir))  # before the work, not after it
+        check_report_dir(Path(report_dir), [bundle.path])  # before the work, not after it
     t = THRESHOLDS[precision]
     per_backend: dict[str, dict[str, list]] = {e.name: {s: [] for s in STAGES} for e in engines}
     sample_rows, pictures = [], []
@@ -253,7 +261,7 @@ def validate(bundle, reference: Engine, engines: list[Engine], samples: list[Sam
                               bundle=str(bundle.path))
     if report_dir is not None:
         report.report_dir = str(report_dir)
-        write_report(report, pictures, bundle.config, Path(report_dir))
+        write_report(report, pictures, bundle.config, Path(report_dir), [bundle.path])
     return report
 
 
@@ -272,22 +280,24 @@ def comparison_grid(labels: np.ndarray, ref: np.ndarray, got: np.ndarray, cfg: M
     return np.concatenate([bundle_palette(cfg).colourise(labels), sep, ref, sep, got, sep, heat], axis=1)
 
 
-def check_report_dir(out: Path) -> None:
-    """OutputError unless `out` is absent, empty, or an earlier report (which is replaced)."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder; choose another --report")
-    if out.exists() and not (out / "report.json").is_file() and any(out.iterdir()):
-        raise OutputError(f"{out}: a non-empty folder that is not a validation report; refusing to replace it")
+REPORT_KIND = "validation report"
 
 
-def write_report(report: ValidationReport, pictures, cfg: ModelConfig, out: Path) -> None:
+def check_report_dir(out: Path, inputs=()) -> None:
+    """OutputError unless `out` is absent, empty, or an earlier report of ours holding only the files
+    we wrote (io.check_replaceable: a folder of other files is never emptied); never an input."""
+    from asap_deploy.io import check_replaceable
+
+    check_replaceable(out, REPORT_KIND, REPORT_KIND, inputs)
+
+
+def write_report(report: ValidationReport, pictures, cfg: ModelConfig, out: Path, inputs=()) -> None:
     """report.json + one PNG grid per (sample, map, backend), written to a temp folder then renamed."""
     from asap_deploy.io import staged_dir
     from asap_deploy.io import write_png
 
     out = Path(out)
-    check_report_dir(out)
-    with staged_dir(out, "validation report") as tmp:
+    with staged_dir(out, REPORT_KIND, inputs=inputs) as tmp:
         for smp, name, ref, got in pictures:
             for j in range(smp.labels.shape[0]):
                 write_png(tmp / f"{smp.name}_{j}_{name}.png", comparison_grid(smp.labels[j], ref[j], got[j], cfg))

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import stat
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,8 +28,8 @@ import onnx
 from onnx import helper
 
 from asap_deploy.config import DONTCARE_ID, ModelConfig
-from asap_deploy.errors import BundleError, ConfigError
-from asap_deploy.io import staged_dir
+from asap_deploy.errors import BundleError, ConfigError, OutputError
+from asap_deploy.io import check_replaceable, staged_dir
 
 from . import graphs
 from asap_deploy.palette import DONTCARE_COLOUR, label_palette
@@ -35,6 +38,7 @@ SCHEMA = "asap-deploy/bundle"
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 MANIFEST = "manifest.json"
+BUNDLE_KIND = "bundle"  # the ownership marker kind of a bundle folder (io.staged_dir)
 PRECISIONS = ("fp32", "fp16")
 
 
@@ -42,12 +46,110 @@ def file_name(graph: str, precision: str) -> str:
     return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
 
 
-def sha256_file(path: Path) -> str:
+# Limits on what a bundle may make us read: protobuf refuses one serialized model above 2 GiB, so
+# no graph we can load is larger; a manifest is a few kB.
+MAX_FILE_BYTES = (2 << 30) - 1
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_FILES = 64
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _open_regular(path: Path, what: str, max_bytes: int | None, error: type, follow: bool = True) -> int:
+    """An fd of `path`, refused (`error`) unless it is a regular file (a FIFO, device, socket or
+    folder is refused before it is opened: /dev/zero would hash forever, a FIFO would block) of at
+    most `max_bytes`. `follow=False`: a symlink in the last component is refused by the open."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: the {what} is not a regular file; refusing to read it")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise error(f"{path}: the {what} is {st.st_size} bytes, more than the limit of {max_bytes}")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
+    st2 = os.fstat(fd)
+    if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise error(f"{path}: the {what} was replaced while it was opened (not the regular file checked); "
+                    "refusing to read it")
+    return fd
+
+
+def sha256_file(path: Path, max_bytes: int | None = None, error: type = BundleError, what: str = "file") -> str:
+    """sha256 of a regular file (anything else is refused before reading; at most `max_bytes`)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    fd = _open_regular(Path(path), what, max_bytes, error)
+    seen = 0
+    try:
+        with os.fdopen(fd, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                seen += len(chunk)
+                if max_bytes is not None and seen > max_bytes:
+                    raise error(f"{path}: the {what} grew past the limit of {max_bytes} bytes while it was read")
+                h.update(chunk)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
     return h.hexdigest()
+
+
+def bundle_member(bundle_dir: Path, name: str) -> Path:
+    """The real path of the bundle's file `name`, refused (BundleError) unless it is a regular file
+    inside the bundle folder: a symlink may lead to another file of the bundle, never out of it;
+    FIFOs, devices, sockets and folders are refused before anything is opened."""
+    f = Path(bundle_dir) / name
+    try:
+        st = os.lstat(f)
+    except FileNotFoundError:
+        raise BundleError(f"{f}: missing from the bundle (the manifest lists it)") from None
+    except OSError as exc:
+        raise BundleError(f"{f}: cannot read it ({exc.strerror or exc})") from exc
+    real = Path(os.path.realpath(f))
+    if stat.S_ISLNK(st.st_mode):
+        root = os.path.realpath(bundle_dir)
+        if os.path.commonpath([root, str(real)]) != root or str(real) == root:
+            raise BundleError(f"{f}: a symlink leading out of the bundle folder (to {str(real)[:200]}); "
+                              "refusing to read it")
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise BundleError(f"{f}: missing from the bundle (a symlink to nothing)") from None
+        except OSError as exc:
+            raise BundleError(f"{f}: cannot read it ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise BundleError(f"{f}: {kind}, not a regular file; refusing to read it")
+    return real
+
+
+def read_member(bundle_dir: Path, name: str, max_bytes: int, size: int | None = None,
+                sha256: str | None = None) -> bytes:
+    """The bytes of the bundle's file `name` (see bundle_member), at most `max_bytes`; with `size`
+    and `sha256` (the manifest's), refused before reading on another size and after on another hash."""
+    f = Path(bundle_dir) / name
+    real = bundle_member(bundle_dir, name)
+    fd = _open_regular(real, "bundle file", max_bytes, BundleError, follow=False)
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            have = os.fstat(fh.fileno()).st_size
+            if size is not None and have != size:
+                raise BundleError(f"{f}: {have} bytes, the manifest says {size}: the file was changed after export")
+            data = fh.read(max_bytes + 1 if size is None else size + 1)
+    except OSError as exc:
+        raise BundleError(f"{f}: cannot read it ({exc.strerror or exc})") from exc
+    if len(data) > max_bytes or (size is not None and len(data) != size):
+        raise BundleError(f"{f}: changed while it was read ({len(data)} bytes); refusing it")
+    if sha256 is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256:
+            raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest "
+                              f"({sha256[:16]}...): the file was changed after export")
+    return data
 
 
 def weights_digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -153,26 +255,25 @@ class ExportResult:
 
 
 def export_model(model, out_dir: str | os.PathLike, *, source: dict[str, Any] | None = None, fp16: bool = True,
-                 overwrite: bool = False, progress: Callable[[str], None] | None = None) -> ExportResult:
+                 overwrite: bool = False, progress: Callable[[str], None] | None = None, inputs=()) -> ExportResult:
     """Write the bundle of an ASAPNetGenerator (CPU, fp32) to `out_dir`, atomically.
 
     The files go to a hidden temporary folder next to `out_dir`, which is renamed into place only
-    when everything is written and checked; on any failure it is removed.
+    when everything is written and checked; on any failure it is removed. An existing `out_dir` is
+    replaced only with `overwrite` and only if it is an earlier bundle of ours holding nothing
+    else (io.check_replaceable); `inputs` (the checkpoint) are never replaced.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise BundleError(f"{out_dir}: already exists; pass --overwrite to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BundleError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise BundleError(f"{out_dir}: a non-empty folder that is not a bundle (no {MANIFEST}); refusing to replace it")
+    if os.path.lexists(out_dir) and not overwrite:
+        raise OutputError(f"{out_dir}: already exists; pass --overwrite to replace it")
+    check_replaceable(out_dir, BUNDLE_KIND, "bundle", inputs)  # only an earlier bundle of ours, never an input
     model = model.cpu().float().eval()
     cfg = model.cfg
     precisions = ("fp32", "fp16") if fp16 else ("fp32",)
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     source = dict(source or {})
     source["weights_sha256"] = weights_digest(state)
-    with staged_dir(out_dir, "bundle") as tmp:
+    with staged_dir(out_dir, "bundle", BUNDLE_KIND, inputs) as tmp:
         files: dict[str, dict[str, Any]] = {}
         for g in graphs.GRAPH_NAMES:
             if progress:
@@ -205,7 +306,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     model, ck = load_generator(checkpoint, config, preset)
     source = {"checkpoint": Path(checkpoint).name, "checkpoint_sha256": sha256_file(Path(checkpoint)),
               "kind": ck.kind, "config_source": ck.config_source}
-    return export_model(model, out_dir, source=source, fp16=fp16, overwrite=overwrite, progress=progress)
+    return export_model(model, out_dir, source=source, fp16=fp16, overwrite=overwrite, progress=progress,
+                        inputs=[checkpoint])
 
 
 # ---- loading and verification -----------------------------------------------------------------
@@ -214,10 +316,36 @@ class Bundle:
     path: Path
     manifest: dict[str, Any]
     config: ModelConfig
+    # file name -> sha256 of the graph files whose content load_bundle parsed and checked (no
+    # external data): bytes read later with the same hash need not be parsed again
+    checked: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def precisions(self) -> list[str]:
         return list(self.manifest["precisions"])
+
+    def graph_bytes(self, graph: str, precision: str = "fp32") -> bytes:
+        """The bytes of a graph file, read only from a regular file inside the bundle, checked
+        against the manifest's size and sha256 and refused if it keeps data in external files.
+        Engines load these bytes (never the path: the file cannot be swapped after the check, and
+        nothing it names is followed)."""
+        self.file(graph, precision)
+        name = file_name(graph, precision)
+        entry = self.manifest["files"].get(name)
+        if not isinstance(entry, dict):
+            raise BundleError(f"{self.path / MANIFEST}: the manifest does not list {name}")
+        data = read_member(self.path, name, MAX_FILE_BYTES, entry.get("bytes"), entry.get("sha256"))
+        if self.checked.get(name) != entry.get("sha256"):
+            check_no_external_data(parse_graph(data, self.path / name), self.path / name)
+            self.checked[name] = entry["sha256"]
+        return data
+
+    def graph_model(self, graph: str, precision: str = "fp32"):
+        """The parsed ModelProto of a graph file (read as `graph_bytes`)."""
+        f = self.path / file_name(graph, precision)
+        model = parse_graph(self.graph_bytes(graph, precision), f)
+        check_no_external_data(model, f)
+        return model
 
     def file(self, graph: str, precision: str = "fp32") -> Path:
         if graph not in graphs.GRAPH_NAMES:
@@ -242,23 +370,102 @@ def _check_manifest_shape(manifest: dict, mpath: Path) -> None:
                               "bundle folder; refusing to read it")
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise BundleError(f"{mpath}: the manifest entry of {name} has no sha256")
-    if not isinstance(precisions, list) or not precisions or any(p not in PRECISIONS for p in precisions):
-        raise BundleError(f"{mpath}: 'precisions' must be a non-empty list of {', '.join(PRECISIONS)}, "
-                          f"got {precisions!r}")
+        if not _SHA256.fullmatch(entry["sha256"]):
+            raise BundleError(f"{mpath}: the sha256 of {name} is not 64 lowercase hex digits: "
+                              f"{entry['sha256'][:70]!r}")
+        size = entry.get("bytes")
+        if not _is_int(size) or not 0 <= size <= MAX_FILE_BYTES:
+            raise BundleError(f"{mpath}: the size ('bytes') of {name} must be a whole number 0..{MAX_FILE_BYTES}, "
+                              f"got {str(size)[:40]!r}")
+        for key in ("precision", "graph"):
+            if key in entry and not isinstance(entry[key], str):
+                raise BundleError(f"{mpath}: the {key!r} of {name} must be a string, got {str(entry[key])[:40]!r}")
+    if len(files) > MAX_FILES:
+        raise BundleError(f"{mpath}: the manifest lists {len(files)} files, more than a bundle holds ({MAX_FILES})")
+    if (not isinstance(precisions, list) or not precisions or any(p not in PRECISIONS for p in precisions)
+            or len(set(map(str, precisions))) != len(precisions)):
+        raise BundleError(f"{mpath}: 'precisions' must be a non-empty list of {', '.join(PRECISIONS)} "
+                          f"(each once), got {str(precisions)[:80]!r}")
+    _check_manifest_values(manifest, mpath)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True is an int in Python
+
+
+# Bounds on the manifest's model config: generous for real models, small enough that nothing
+# computed from the config before the graphs are checked against it (channel lists, palettes) is big.
+_CONFIG_INTS = {"label_nc": (1, 65535), "crop_size": (1, 1 << 16), "learned_ds_factor": (1, 1 << 16),
+                "lr_width": (1, 1 << 16), "lr_max_width": (1, 1 << 16), "lr_depth": (0, 256),
+                "hr_width": (1, 1 << 16), "hr_depth": (2, 256), "output_nc": (1, 64)}
+_CONFIG_BOOLS = ("instance_edges", "reflection_pad")
+_MAX_ASPECT = 1024.0
+
+
+def _check_config_values(config, mpath: Path) -> None:
+    """BundleError unless every value of the manifest's config has its type (an integer is not a
+    boolean or a float, a boolean not 0/1) and lies in a sane range (finite, bounded)."""
+    if not isinstance(config, dict):
+        raise BundleError(f"{mpath}: 'config' must be a JSON object, got {type(config).__name__}")
+    for key, value in config.items():
+        shown = str(value)[:40]
+        if key in _CONFIG_INTS:
+            lo, hi = _CONFIG_INTS[key]
+            if not _is_int(value) or not lo <= value <= hi:
+                raise BundleError(f"{mpath}: config.{key} must be a whole number {lo}..{hi}, got {shown!r}")
+        elif key in _CONFIG_BOOLS:
+            if not isinstance(value, bool):
+                raise BundleError(f"{mpath}: config.{key} must be true or false, got {shown!r}")
+        elif key == "contain_dontcare_label":
+            if value is not None and not isinstance(value, bool):
+                raise BundleError(f"{mpath}: config.{key} must be true, false or null, got {shown!r}")
+        elif key == "aspect_ratio":
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or not 0 < value <= _MAX_ASPECT):
+                raise BundleError(f"{mpath}: config.{key} must be a finite number in (0, {_MAX_ASPECT:g}], "
+                                  f"got {shown!r}")
+
+
+def _check_manifest_values(manifest: dict, mpath: Path) -> None:
+    """BundleError unless the manifest's other values have the types and ranges export writes
+    (strict_json already refused NaN/Infinity anywhere in it)."""
+    _check_config_values(manifest["config"], mpath)
+    g = manifest["graphs"]
+    if not isinstance(g, dict) or any(not isinstance(v, dict) for v in g.values()):
+        raise BundleError(f"{mpath}: 'graphs' must map graph names to their inputs and outputs")
+    for key in ("source", "labels", "custom_op", "opset", "versions", "derived", "dynamic_shapes"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise BundleError(f"{mpath}: {key!r} must be a JSON object, got {type(manifest[key]).__name__}")
+    for key in ("S", "ir_version"):
+        if key in manifest and (not _is_int(manifest[key]) or not 0 < manifest[key] <= 1 << 16):
+            raise BundleError(f"{mpath}: {key!r} must be a whole number 1..{1 << 16}, got {str(manifest[key])[:40]!r}")
+    source = manifest.get("source", {})
+    for key in ("weights_sha256", "checkpoint_sha256"):
+        if key in source and not (isinstance(source[key], str) and _SHA256.fullmatch(source[key])):
+            raise BundleError(f"{mpath}: source.{key} is not 64 lowercase hex digits: {str(source[key])[:70]!r}")
+    palette = manifest.get("labels", {}).get("palette")
+    if palette is not None:
+        from asap_deploy.errors import UsageError
+        from asap_deploy.palette import from_json_obj
+
+        try:
+            from_json_obj(palette, "labels.palette") if palette else None
+        except UsageError as exc:
+            raise BundleError(f"{mpath}: {exc.message}") from exc
 
 
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     """Read a bundle's manifest and check every file against its sha256 (BundleError naming the file)."""
+    from asap_deploy.palette import strict_json
+
     path = Path(path)
     mpath = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"{path}: no such bundle folder")
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise BundleError(f"{mpath}: missing: {path} is not an asap-deploy bundle (export one with `asap export`)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{mpath}: not valid JSON ({exc})") from exc
+    data = read_member(path, MANIFEST, MAX_MANIFEST_BYTES)  # a regular file inside the bundle, bounded
+    manifest = strict_json(data, f"{mpath}: not valid JSON", BundleError)  # NaN, Infinity, duplicate keys refused
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{mpath}: unknown manifest schema {found!r} (expected {SCHEMA!r})")
@@ -280,32 +487,90 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
         for g in graphs.GRAPH_NAMES:
             if file_name(g, prec) not in files:
                 raise BundleError(f"{mpath}: the manifest does not list {file_name(g, prec)}")
+    checked: dict[str, str] = {}
     if verify:
+        for name in sorted(files):  # every file: regular, inside the bundle, listed size, then sha256
+            bundle_member(path, name)
+        graph_files = {file_name(g, p): (g, p) for p in manifest["precisions"] for g in graphs.GRAPH_NAMES}
         for name in sorted(files):
             f = path / name
-            if not f.is_file():
-                raise BundleError(f"{f}: missing from the bundle (the manifest lists it)")
-            digest = sha256_file(f)
-            if digest != files[name].get("sha256"):
-                raise BundleError(f"{f}: sha256 {digest[:16]}... does not match the manifest "
-                                  f"({str(files[name].get('sha256'))[:16]}...): the file was changed after export")
-        for prec in manifest["precisions"]:
-            check_graph_matches_config(path / file_name("pixelwise", prec), cfg)
-    return Bundle(path, manifest, cfg)
+            data = read_member(path, name, MAX_FILE_BYTES, files[name]["bytes"], files[name]["sha256"])
+            if name in graph_files:  # parsed without following anything it names; no external data
+                model = parse_graph(data, f)
+                del data
+                check_no_external_data(model, f)
+                if graph_files[name][0] == "pixelwise":
+                    check_graph_matches_config(f, cfg, model)
+                checked[name] = files[name]["sha256"]
+                del model
+    return Bundle(path, manifest, cfg, checked)
 
 
-def check_graph_matches_config(f: Path, cfg: ModelConfig) -> None:
-    """BundleError unless the SpatialMLP node and label input of graph `f` describe the model of
-    `cfg`: a manifest edited to describe another model is refused, not trusted, since
-    engines pad, check ids and build kernels from the manifest's config."""
+def parse_graph(data: bytes, f: Path):
+    """ModelProto from a graph file's bytes (BundleError naming the file if protobuf refuses them)."""
     try:
-        model = onnx.load(str(f), load_external_data=False)  # never follow paths written in the file
+        return onnx.load_model_from_string(data)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
-        raise BundleError(f"{f}: not a readable ONNX file ({type(exc).__name__}: {exc})") from exc
+        raise BundleError(f"{f}: not a readable ONNX file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+def _all_tensors(model):
+    """(where, TensorProto) of every tensor a model holds: initializers, sparse initializers and
+    tensor attributes of every node, in subgraphs and model-local functions too."""
+    pending_graphs, pending_nodes = [model.graph], [(f"function {fn.name}", n) for fn in model.functions
+                                                    for n in fn.node]
+    while pending_graphs or pending_nodes:
+        if pending_graphs:
+            g = pending_graphs.pop()
+            for t in g.initializer:
+                yield f"initializer {t.name}", t
+            for sp in g.sparse_initializer:
+                yield f"sparse initializer {sp.values.name}", sp.values
+                yield f"sparse initializer {sp.values.name}", sp.indices
+            pending_nodes.extend((f"node {n.name or n.op_type}", n) for n in g.node)
+            continue
+        where, n = pending_nodes.pop()
+        for a in n.attribute:
+            at = f"{where} attribute {a.name}"
+            if a.HasField("t"):
+                yield at, a.t
+            for t in a.tensors:
+                yield at, t
+            sparse = ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors)
+            for sp in sparse:
+                yield at, sp.values
+                yield at, sp.indices
+            if a.HasField("g"):
+                pending_graphs.append(a.g)
+            pending_graphs.extend(a.graphs)
+
+
+def check_no_external_data(model, f: Path) -> None:
+    """BundleError if any tensor of `model` keeps its data in another file: asap export writes every
+    weight inside the graph file, and a location written in the file (resolved against the model's
+    folder or the current directory by onnx and ONNX Runtime) could name any file on the machine."""
+    for where, t in _all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
+            loc = {e.key: e.value for e in t.external_data}.get("location", "?")
+            raise BundleError(f"{f}: {where} keeps its data in an external file ({loc[:120]!r}); a bundle "
+                              "holds every weight inside its graph files: refusing to read it (re-export the bundle)")
+
+
+def check_graph_matches_config(f: Path, cfg: ModelConfig, model=None) -> None:
+    """BundleError unless the SpatialMLP node and label input of graph `f` (or of `model`, its
+    parsed content) describe the model of `cfg`: a manifest edited to describe another model is
+    refused, not trusted, since engines pad, check ids and build kernels from the manifest's config."""
+    f = Path(f)
+    if model is None:  # a regular file inside its folder, parsed without following anything it names
+        model = parse_graph(read_member(f.parent, f.name, MAX_FILE_BYTES), f)
+        check_no_external_data(model, f)
     nodes = [n for n in model.graph.node if n.op_type == graphs.CUSTOM_OP and n.domain == graphs.CUSTOM_DOMAIN]
     if len(nodes) != 1:
         raise BundleError(f"{f}: expected one {graphs.CUSTOM_DOMAIN}::{graphs.CUSTOM_OP} node, found {len(nodes)}")
-    got = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
+    try:
+        got = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
+    except Exception as exc:  # noqa: BLE001 - onnx raises ValueError/TypeError for odd attribute protos
+        raise BundleError(f"{f}: the {graphs.CUSTOM_OP} node has an unreadable attribute ({exc})") from exc
     diffs = []
     for key, want in graphs.spatial_mlp_attributes(cfg).items():
         have = got.get(key)
@@ -327,17 +592,45 @@ def check_graph_matches_config(f: Path, cfg: ModelConfig) -> None:
 
 def state_dict_from_bundle(bundle: Bundle, keys) -> dict[str, np.ndarray]:
     """The generator's weights, read back from predictor.onnx (initializers carry the state-dict
-    key names) and checked against the manifest's weights_sha256."""
-    import onnx
+    key names) and checked against the manifest's weights_sha256. `keys`: the state-dict keys, or a
+    mapping key -> (shape, numpy dtype) that every weight must have (checked from the tensor's
+    header before its data is decoded: a reshaped or retyped weight is a BundleError naming it).
+    The graph is read as the engines read it (Bundle.graph_model: a regular file inside the bundle,
+    size and sha256 checked, no external data), never from the current directory."""
     from onnx import numpy_helper
 
     f = bundle.file("predictor", "fp32")
-    m = onnx.load(str(f), load_external_data=False)
-    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
-    missing = [k for k in keys if k not in inits]
+    m = bundle.graph_model("predictor", "fp32")
+    want = dict(keys) if isinstance(keys, Mapping) else {k: None for k in keys}
+    inits: dict[str, Any] = {}
+    for t in m.graph.initializer:
+        if t.name in want and t.name in inits:
+            raise BundleError(f"{f}: the weight {t.name} appears twice")
+        inits[t.name] = t
+    missing = [k for k in want if k not in inits]
     if missing:
         raise BundleError(f"{f}: lacks weights {', '.join(missing[:5])}: not exported by this asap-deploy")
-    state = {k: inits[k] for k in keys}
+    state = {}
+    for k, spec in want.items():
+        t = inits[k]
+        if spec is not None:
+            shape, dtype = tuple(spec[0]), np.dtype(spec[1])
+            try:
+                have = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+            except Exception:  # noqa: BLE001 - an unknown TensorProto data type (KeyError/ValueError)
+                have = f"data type {t.data_type}"
+            if tuple(t.dims) != shape or have != dtype:
+                raise BundleError(f"{f}: the weight {k} is {have} {list(t.dims)} in the graph, the model of the "
+                                  f"manifest's config needs {dtype} {list(shape)} (re-export the bundle)")
+        try:
+            a = numpy_helper.to_array(t)
+        except Exception as exc:  # noqa: BLE001 - data of another length than its dims (ValueError) and friends
+            raise BundleError(f"{f}: the weight {k} cannot be decoded ({type(exc).__name__}: {str(exc)[:120]})") from exc
+        if spec is not None and a.shape != tuple(spec[0]):
+            raise BundleError(f"{f}: the weight {k} decodes to shape {list(a.shape)}, not {list(spec[0])}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise BundleError(f"{f}: the weight {k} holds NaN or Inf values; refusing it")
+        state[k] = a
     want = bundle.manifest.get("source", {}).get("weights_sha256")
     got = weights_digest(state)
     if want != got:

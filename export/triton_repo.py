@@ -20,6 +20,7 @@ into place.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from asap_deploy.errors import BundleError, MissingDependencyError, UsageError
+from asap_deploy.errors import BundleError, MissingDependencyError, OutputError, UsageError
 
-from asap_deploy.io import staged_dir
+from asap_deploy.io import check_replaceable, staged_dir
 from asap_deploy.serve import check_batching
 
 from .bundle import MANIFEST, sha256_file
 
 ONNX_MODEL, TRT_MODEL = "asap", "asap_tensorrt"
-MARKER = "asap_triton_repo.json"
+MARKER = "asap_triton_repo.json"  # what the repository holds (the ownership marker is io.MARKER)
+REPO_KIND = "model repository"
 TRITON_TYPES = {"uint8": "TYPE_UINT8", "int32": "TYPE_INT32", "float32": "TYPE_FP32"}
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 
@@ -197,10 +199,10 @@ def write_triton_repo(bundle, out_dir: str | Path, opts: RepoOptions | None = No
     opts = opts or RepoOptions()
     opts.check()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not opts.overwrite:
-        raise BundleError(f"{out_dir}: already exists; pass --overwrite to replace it")
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MARKER).is_file())):
-        raise BundleError(f"{out_dir}: exists and is not a model repository written by asap-deploy; refusing to replace it")
+    if os.path.lexists(out_dir) and not opts.overwrite:
+        raise OutputError(f"{out_dir}: already exists; pass --overwrite to replace it")
+    # only an earlier repository of ours holding nothing else, never the bundle it is made from
+    check_replaceable(out_dir, REPO_KIND, REPO_KIND, [bundle.path])
     cfg = bundle.config
     onnx_src = bundle.file("asap", opts.precision)
     trt = _trt_engine(bundle, opts.precision)
@@ -213,7 +215,7 @@ def write_triton_repo(bundle, out_dir: str | Path, opts: RepoOptions | None = No
     if trt is None and opts.tensorrt is None:
         notes.append(f"no {opts.precision} end-to-end TensorRT engine in {bundle.path}: only the ONNX Runtime model "
                      f"was written (asap build-engine {bundle.path} --stage end-to-end adds one)")
-    with staged_dir(out_dir, "model repository") as tmp:
+    with staged_dir(out_dir, REPO_KIND, inputs=[bundle.path]) as tmp:
         models: dict[str, dict[str, Any]] = {}
         configs = {ONNX_MODEL: config_text(ONNX_MODEL, "onnxruntime", cfg, opts, opts.kind)}
         (tmp / ONNX_MODEL / "1").mkdir(parents=True)

@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from asap_deploy.config import ModelConfig
-from asap_deploy.errors import BundleError
+from asap_deploy.errors import BundleError, OutputError
+from asap_deploy.io import MARKER as OWNER_MARKER, read_marker
 from asap_deploy.export import bundle as bundle_mod
 from asap_deploy.export.bundle import MANIFEST, export_model, load_bundle
 from asap_deploy.export.synthetic import random_generator
@@ -42,8 +43,9 @@ def test_manifest_contents(clean_bundle):
     assert m["labels"]["dontcare_id"] == 255 and len(m["labels"]["palette"]) == CFG.n_label_channels + 1
     assert m["graphs"]["asap"]["inputs"][0] == {"name": "labels", "dtype": "uint8", "shape": ["N", "H", "W"]}
     assert m["graphs"]["predictor"]["outputs"][0]["shape"] == ["N", CFG.num_params, "H/S", "W/S"]
-    names = {p.name for p in clean_bundle.iterdir()} - {MANIFEST}
+    names = {p.name for p in clean_bundle.iterdir()} - {MANIFEST, OWNER_MARKER}
     assert names == set(m["files"]) and len(names) == 6
+    assert sorted(read_marker(clean_bundle)["files"]) == sorted(names | {MANIFEST})  # ownership: what we wrote
     for name, f in m["files"].items():
         assert hashlib.sha256((clean_bundle / name).read_bytes()).hexdigest() == f["sha256"]
         assert f["precision"] == ("fp16" if ".fp16." in name else "fp32")
@@ -105,7 +107,7 @@ def test_failed_export_leaves_nothing(model, tmp_path, monkeypatch):
 def test_overwrite_rules(model, clean_bundle, tmp_path):
     target = tmp_path / "b"
     shutil.copytree(clean_bundle, target)
-    with pytest.raises(BundleError, match="already exists; pass --overwrite"):
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
         export_model(model, target, fp16=False)
     export_model(model, target, fp16=False, overwrite=True)
     assert load_bundle(target).precisions == ["fp32"]
@@ -113,7 +115,7 @@ def test_overwrite_rules(model, clean_bundle, tmp_path):
     other = tmp_path / "not_a_bundle"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")
-    with pytest.raises(BundleError, match="not a bundle"):
+    with pytest.raises(OutputError, match="holds files asap did not write"):
         export_model(model, other, overwrite=True)
     assert (other / "precious.txt").read_text() == "keep me"
 

@@ -96,7 +96,8 @@ def test_id_colour_and_palette_png_inputs_agree(tmp_path, bundle_dir):
     p.putpalette(rng.integers(0, 256, 768).astype(np.uint8).tolist())
     p.save(tmp_path / "in" / "indexed.png")
     r = runner.invoke(app, ["infer", str(tmp_path / "in" / "*.png"), "--bundle", str(bundle_dir), "-o",
-                            str(tmp_path / "out"), "--backend", "torch", "--batch", "2"])
+                            str(tmp_path / "out"), "--backend", "torch", "--batch", "1"])
+    # --batch 1: every map runs alone (torch's CPU convolutions may round differently per batch size)
     assert r.exit_code == 0, r.output
     outs = [read(tmp_path / "out" / f"{n}.png") for n in ("ids", "colour", "indexed")]
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])

@@ -19,7 +19,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from asap_deploy.cli import app  # noqa: E402
 from asap_deploy.config import ModelConfig  # noqa: E402
-from asap_deploy.errors import BundleError, UsageError  # noqa: E402
+from asap_deploy.errors import BundleError, OutputError, UsageError  # noqa: E402
 from asap_deploy.export.bundle import export_model, load_bundle  # noqa: E402
 from asap_deploy.export.synthetic import random_generator  # noqa: E402
 from asap_deploy.export.triton_repo import (MARKER, PYTHON_MODEL, RepoOptions, check_onnx_matches_config,  # noqa: E402
@@ -105,10 +105,11 @@ def test_refuses_and_overwrites(bundles, tmp_path):
     b = load_bundle(bundles["plain"])
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
-    with pytest.raises(BundleError, match="not a model repository written by asap-deploy"):
+    with pytest.raises(OutputError, match="holds files asap did not write"):
         write_triton_repo(b, tmp_path / "other", RepoOptions(overwrite=True))
+    assert (tmp_path / "other" / "keep.txt").read_text() == "x"
     write_triton_repo(b, tmp_path / "r")
-    with pytest.raises(BundleError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         write_triton_repo(b, tmp_path / "r")
     write_triton_repo(b, tmp_path / "r", RepoOptions(overwrite=True, max_batch=2))
     assert "max_batch_size: 2" in (tmp_path / "r/asap/config.pbtxt").read_text()

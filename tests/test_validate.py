@@ -116,13 +116,18 @@ def test_validate_refuses_a_report_path_it_would_clobber_before_any_work(bundle_
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep")
     (tmp_path / "file").write_text("keep")
-    for out in (tmp_path / "notes", tmp_path / "file"):
+    (tmp_path / "like_a_report").mkdir()  # holding "a" report.json is no proof that asap wrote the folder
+    (tmp_path / "like_a_report" / "report.json").write_text("{}")
+    (tmp_path / "like_a_report" / "mine.txt").write_text("keep")
+    for out in (tmp_path / "notes", tmp_path / "file", tmp_path / "like_a_report", bundle_dir, bundle_dir.parent):
         r = runner.invoke(app, ["validate", str(bundle_dir), "--random", "1", "--report", str(out)])
         assert r.exit_code == OutputError.exit_code, r.output
         assert str(out) in "".join(r.output.split())
-        with pytest.raises(OutputError, match="--report|not a validation report"):  # before any engine runs
+        with pytest.raises(OutputError, match="not write|not a folder|replace the input"):  # before any engine runs
             validate(load_bundle(bundle_dir), Untouchable(), [Untouchable()], random_samples(CFG, 1), "fp32", out)
     assert (tmp_path / "notes" / "mine.txt").read_text() == (tmp_path / "file").read_text() == "keep"
+    assert (tmp_path / "like_a_report" / "mine.txt").read_text() == "keep"
+    load_bundle(bundle_dir)  # untouched
 
 
 def test_validate_with_label_folder_and_checkpoint(bundle_dir, checkpoint, tmp_path):

@@ -236,13 +236,12 @@ def test_interrupt_between_the_two_renames_of_a_folder_swap_keeps_the_old_folder
     Ctrl-C between the two renames must not leave the target missing."""
     import asap_deploy.io as io
 
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "manifest.json").write_text("old")
-    real, calls = os.replace, []
+    with io.staged_dir(tmp_path / "b", "bundle") as tmp:  # an earlier bundle of ours
+        (tmp / "manifest.json").write_text("old")
+    real = os.replace
 
     def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
+        if Path(dst) == tmp_path / "b" and ".partial" in Path(src).name:
             raise KeyboardInterrupt  # after the old folder moved aside, before the new one is in
         return real(src, dst)
 
@@ -251,7 +250,7 @@ def test_interrupt_between_the_two_renames_of_a_folder_swap_keeps_the_old_folder
             (tmp / "manifest.json").write_text("new")
             monkeypatch.setattr(io.os, "replace", replace)
     monkeypatch.undo()
-    assert _files(tmp_path) == ["b", "b/manifest.json"]
+    assert _files(tmp_path) == ["b", f"b/{MARKER}", "b/manifest.json"]
     assert (tmp_path / "b" / "manifest.json").read_text() == "old"
 
 
