@@ -85,10 +85,15 @@ def _load_config(preset: Optional[str], config: Optional[Path]):
     if preset and config:
         raise ConfigError("give either --preset or --config, not both")
     if config:
+        from asap_deploy.io import read_regular_file
+        from asap_deploy.limits import MAX_JSON_BYTES
+
+        # a regular file of bounded size: /dev/zero, a FIFO or a folder is refused before reading
+        data = read_regular_file(config, "--config file", MAX_JSON_BYTES, error=ConfigError)
         try:
-            text = config.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{config}: cannot read the config file: {exc.strerror}") from exc
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{config}: the config file is not UTF-8 text (byte {exc.start})") from exc
         try:
             return ModelConfig.from_json(text)
         except ConfigError as exc:
@@ -97,7 +102,18 @@ def _load_config(preset: Optional[str], config: Optional[Path]):
 
 
 PRESET_HELP = "Model preset: facades, cityscapes, ade20k or coco."
-CONFIG_HELP = "Model config JSON file (fields of ModelConfig)."
+CONFIG_HELP = "Model config JSON file (fields of ModelConfig; a regular file of at most 16 MiB)."
+SEED_HELP_RANGE = " (0..4294967295)"
+MAX_PIXELS_HELP = "Refuse any size above this many pixels, before work (1..1073741824; default 64 Mpx)."
+
+
+def _checkpoint_arg(option: str, path: Optional[Path], folder_ok: bool = False) -> None:
+    """A checkpoint (or engine) file argument must be a regular file: a FIFO or device would block."""
+    if path is not None:
+        from asap_deploy.errors import CheckpointError
+        from asap_deploy.limits import check_file_arg
+
+        check_file_arg(option, path, "checkpoint", error=CheckpointError, folder_ok=folder_ok)
 
 
 @app.command()
@@ -111,6 +127,7 @@ def inspect(
     """Print a checkpoint's (inferred) config, parameter counts per stream and label set."""
     from asap_deploy.checkpoints import load_generator
 
+    _checkpoint_arg("CHECKPOINT", checkpoint)
     given = _load_config(preset, config)  # also refuses --preset with --config
     model, ck = load_generator(checkpoint, None if preset else given, preset=preset)
     cfg = ck.config
@@ -152,9 +169,11 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle folder (and --triton-repo)."),
     triton_repo: Optional[Path] = typer.Option(None, "--triton-repo", help="Also write a Triton Inference Server model "
                                                "repository here (start: tritonserver --model-repository DIR)."),
-    triton_max_batch: int = typer.Option(8, "--triton-max-batch", help="Repository: max_batch_size of the models."),
-    triton_delay_ms: float = typer.Option(2.0, "--triton-max-delay-ms", help="Repository: dynamic batcher queue delay."),
-    triton_instances: int = typer.Option(1, "--triton-instances", help="Repository: model instances per device."),
+    triton_max_batch: int = typer.Option(8, "--triton-max-batch", help="Repository: max_batch_size of the models "
+                                         "(1..256)."),
+    triton_delay_ms: float = typer.Option(2.0, "--triton-max-delay-ms", help="Repository: dynamic batcher queue delay "
+                                          "(0..10000 ms)."),
+    triton_instances: int = typer.Option(1, "--triton-instances", help="Repository: model instances per device (1..64)."),
     triton_kind: str = typer.Option("cpu", "--triton-kind", help="Repository: cpu or gpu for the ONNX Runtime model."),
 ) -> None:
     """Export a checkpoint to an ONNX bundle: predictor, pixelwise and end-to-end graphs (+ fp16) and manifest.json."""
@@ -162,6 +181,13 @@ def export(
 
     from asap_deploy.errors import UsageError
     from asap_deploy.export.bundle import MANIFEST, export_checkpoint
+    from asap_deploy.limits import MAX_BATCH, check_range
+
+    if triton_repo is not None:  # checked before the export, not after it
+        check_range("--triton-max-batch", triton_max_batch, 1, MAX_BATCH)
+        check_range("--triton-max-delay-ms", triton_delay_ms, 0.0, 10_000.0, unit="ms")
+        check_range("--triton-instances", triton_instances, 1, 64)
+    _checkpoint_arg("CHECKPOINT", checkpoint, folder_ok=True)
 
     def write_repo(bundle_path: Path) -> None:
         from asap_deploy.export.bundle import load_bundle
@@ -205,14 +231,16 @@ def export(
 def validate(
     bundle_dir: Path = typer.Argument(..., help="Bundle folder written by `asap export`."),
     backend: list[str] = typer.Option(["onnxruntime"], "--backend", "-b", help="Backend(s) to check: onnxruntime, torch."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label PNGs (+ instance maps)."),
-    random: Optional[int] = typer.Option(None, "--random", help="Number of random blob label maps (default 4)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label PNGs (+ instance maps; at most "
+                                          "1000 maps, its sub-folders are not read)."),
+    random: Optional[int] = typer.Option(None, "--random", help="Number of random blob label maps (1..1000, "
+                                         "default 4)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs of the bundle."),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="Reference from this checkpoint (must be the exported one) instead of the "
         "bundle's own weights."),
     report: Optional[Path] = typer.Option(None, "--report", help="Report folder (default: BUNDLE_DIR-validation)."),
-    seed: int = typer.Option(0, help="Seed of the random label maps."),
+    seed: int = typer.Option(0, help="Seed of the random label maps" + SEED_HELP_RANGE + "."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of tables."),
 ) -> None:
     """Compare a bundle's backends with the PyTorch reference (fp32, CPU); exit non-zero on failure."""
@@ -223,9 +251,15 @@ def validate(
     from asap_deploy.errors import UsageError, ValidationFailed
     from asap_deploy.export.bundle import load_bundle
 
+    from asap_deploy.engines.validate import MAX_LABEL_MAPS
+    from asap_deploy.limits import check_optional, check_seed
+
     t0 = time.perf_counter()
     if precision not in THRESHOLDS:
         raise UsageError(f"unknown precision {precision!r} (choose from: {', '.join(THRESHOLDS)})")
+    check_optional("--random", random, 1, MAX_LABEL_MAPS)
+    check_seed("--seed", seed)
+    _checkpoint_arg("--checkpoint", checkpoint)
     names = [check_backend(b) for b in backend]
     if labels is not None and random is not None:
         raise UsageError("give either --labels or --random, not both")
@@ -323,6 +357,27 @@ def compile_kernels(
                   f"asap compile-kernels --arch {','.join(f'sm_{c}' for c in archs)} -o {out_dir}", highlight=False)
 
 
+def _check_shape(option: str, text: Optional[str]) -> None:
+    """--min/--opt/--max NxHxW (or HxW): N in 1..MAX_BATCH, H and W in 1..MAX_SIDE, N*H*W <= 2^30."""
+    if text is None:
+        return
+    from asap_deploy.errors import UsageError
+    from asap_deploy.limits import MAX_BATCH, MAX_PIXELS_CAP, MAX_SIDE, check_pixels
+
+    parts = [p for p in str(text).lower().replace("*", "x").replace(",", "x").split("x") if p]
+    if len(parts) == 2:
+        parts = ["1", *parts]
+    if len(parts) != 3 or not all(p.strip().isdigit() and len(p.strip()) <= 12 for p in parts):
+        raise UsageError(f"{option} {text!r}: write it as NxHxW with whole numbers, e.g. 1x1024x1024")
+    n, h, w = (int(p) for p in parts)
+    if not 1 <= n <= MAX_BATCH:
+        raise UsageError(f"{option} {text!r}: N must be in 1..{MAX_BATCH} (got {n})")
+    for side, v in (("H", h), ("W", w)):
+        if not 1 <= v <= MAX_SIDE:
+            raise UsageError(f"{option} {text!r}: {side} must be in 1..{MAX_SIDE} (got {v})")
+    check_pixels(option, f"{n}x{h}x{w}", n * h * w, MAX_PIXELS_CAP, "the limit")
+
+
 @app.command("build-engine")
 @cli_errors
 def build_engine(
@@ -333,9 +388,11 @@ def build_engine(
                                          "(TensorRT-RTX, builds ahead of time without a GPU). Default: tensorrt if "
                                          "installed, else rtx."),
     stage: str = typer.Option("all", "--stage", help="predictor, pixelwise, end-to-end or all."),
-    min_shape: Optional[str] = typer.Option(None, "--min", help="Smallest NxHxW (default 1xSxS)."),
-    opt_shape: Optional[str] = typer.Option(None, "--opt", help="NxHxW TensorRT optimizes for (default 1x1024x1024)."),
-    max_shape: Optional[str] = typer.Option(None, "--max", help="Largest NxHxW (default 4x2048x2048)."),
+    min_shape: Optional[str] = typer.Option(None, "--min", help="Smallest NxHxW (default 1xSxS; N 1..256, H and W "
+                                            "1..65536, N*H*W at most 2^30)."),
+    opt_shape: Optional[str] = typer.Option(None, "--opt", help="NxHxW TensorRT optimizes for (default 1x1024x1024; "
+                                            "same ranges)."),
+    max_shape: Optional[str] = typer.Option(None, "--max", help="Largest NxHxW (default 4x2048x2048; same ranges)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Target architectures, e.g. sm_86,sm_89 (rtx; default "
                                        "sm_75,sm_80,sm_86,sm_89,sm_120). tensorrt: the GPU it runs on."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the engines (default: the bundle)."),
@@ -352,6 +409,12 @@ def build_engine(
     from asap_deploy.plugins import trt_compat
     from asap_deploy.plugins.aot import parse_archs
 
+    for option, text in (("--min", min_shape), ("--opt", opt_shape), ("--max", max_shape)):
+        _check_shape(option, text)
+    if timing_cache is not None:
+        from asap_deploy.limits import check_output_file
+
+        check_output_file("--timing-cache", timing_cache)  # read and written: never a FIFO or device
     t0 = time.perf_counter()
     flavor = trt_compat.check_flavor(flavor or trt_compat.default_flavor())
     stage_graphs(stage)
@@ -389,15 +452,25 @@ def build_engine(
 @cli_errors
 def make_data(
     out: Path = typer.Argument(..., help="Folder to write the data set to (facades layout: train/val)."),
-    n: int = typer.Option(200, "--n", help="Training pairs."),
-    n_val: Optional[int] = typer.Option(None, "--n-val", help="Held-out pairs (default: n/4)."),
-    size: int = typer.Option(64, help="Image side in pixels (a multiple of 16)."),
-    classes: int = typer.Option(6, help="Number of label classes."),
-    seed: int = typer.Option(0, help="Random seed: the same seed writes the same files."),
+    n: int = typer.Option(200, "--n", help="Training pairs (1..100000)."),
+    n_val: Optional[int] = typer.Option(None, "--n-val", help="Held-out pairs (1..100000; default: n/4)."),
+    size: int = typer.Option(64, help="Image side in pixels (a multiple of 16 in 32..4096)."),
+    classes: int = typer.Option(6, help="Number of label classes (2..255)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed writes the same files" + SEED_HELP_RANGE + "."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the data set in a folder that is not empty."),
 ) -> None:
     """Write a synthetic paired data set whose textures depend on class AND pixel position."""
+    from asap_deploy.errors import UsageError
+    from asap_deploy.limits import check_optional, check_range, check_seed
     from asap_deploy.synthetic import make_dataset
+
+    check_range("--n", n, 1, 100_000)
+    check_optional("--n-val", n_val, 1, 100_000)
+    check_range("--size", size, 32, 4096)
+    if size % 16:
+        raise UsageError(f"--size must be a multiple of 16 in 32..4096 (got {size})")
+    check_range("--classes", classes, 2, 255)
+    check_seed("--seed", seed)
 
     info = make_dataset(out, n, n_val, size, classes, seed, overwrite=overwrite)
     console.print(f"wrote {info['train']} training and {info['val']} held-out pairs ({size}x{size}, "
@@ -419,6 +492,36 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+# The data check before training shows a progress bar from this many pairs on (small sets finish at once).
+CHECK_BAR_MIN = 200
+
+
+def _data_check_progress():
+    """(on_check(done, total), stop()): a transient 'checking data' bar, started only for large sets."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    state: dict = {}
+
+    def on_check(done: int, total: int) -> None:
+        if total < CHECK_BAR_MIN:
+            return
+        if "bar" not in state:
+            state["bar"] = Progress(TextColumn("[bold]checking data[/]"), BarColumn(), MofNCompleteColumn(),
+                                    TimeElapsedColumn(), console=console, transient=True)
+            state["bar"].start()
+            state["task"] = state["bar"].add_task("check", total=total)
+        state["bar"].update(state["task"], completed=done)
+        if done >= total:
+            stop()
+
+    def stop() -> None:
+        bar = state.pop("bar", None)
+        if bar is not None:
+            bar.stop()
+
+    return on_check, stop
+
+
 def _progress_bar(total: Optional[int], minutes: Optional[float]):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -437,35 +540,65 @@ def train(
     preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
     set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set label_nc=6 (repeatable)."),
-    steps: Optional[int] = typer.Option(None, help="Total steps of the run (resumes included)."),
-    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of this invocation (with --steps: whichever ends first)."),
-    batch_size: int = typer.Option(1, "--batch-size", help="GLOBAL batch size (split across torchrun processes)."),
-    seed: int = typer.Option(0, help="Seed: init, sample order and crops are functions of (seed, step)."),
+    steps: Optional[int] = typer.Option(None, help="Total steps of the run (resumes included; 1..1000000000)."),
+    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of this invocation (with --steps: whichever "
+                                            "ends first; (0, 525600], a year)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="GLOBAL batch size (split across torchrun processes; 1..256)."),
+    seed: int = typer.Option(0, help="Seed: init, sample order and crops are functions of (seed, step)"
+                             + SEED_HELP_RANGE + "."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its train_state.pt."),
-    lr_g: float = typer.Option(1e-4, "--lr-g", help="Generator learning rate (TTUR)."),
-    lr_d: float = typer.Option(4e-4, "--lr-d", help="Discriminator learning rate (TTUR)."),
-    decay_steps: Optional[int] = typer.Option(None, "--decay-steps", help="Linear LR decay to 0 over the last N steps (default steps/3; none with --minutes only)."),
-    gan_weight: float = typer.Option(1.0, "--gan-weight", help="Hinge GAN loss weight (0 and --feat-weight 0: no discriminator)."),
-    feat_weight: float = typer.Option(10.0, "--feat-weight", help="Feature-matching loss weight (divided by the number of scales)."),
+    lr_g: float = typer.Option(1e-4, "--lr-g", help="Generator learning rate (TTUR; (0, 1])."),
+    lr_d: float = typer.Option(4e-4, "--lr-d", help="Discriminator learning rate (TTUR; (0, 1])."),
+    decay_steps: Optional[int] = typer.Option(None, "--decay-steps", help="Linear LR decay to 0 over the last N steps (default steps/3; none with --minutes only; 0..1000000000)."),
+    gan_weight: float = typer.Option(1.0, "--gan-weight", help="Hinge GAN loss weight (0 and --feat-weight 0: no discriminator; 0..1000000)."),
+    feat_weight: float = typer.Option(10.0, "--feat-weight", help="Feature-matching loss weight (divided by the number of scales; 0..1000000)."),
     l1_weight: float = typer.Option(0.0, "--l1-weight", help="L1-to-target loss weight (the authors' --L1_loss used 100). Off by default; "
-                                    "speeds up convergence on small CPU runs and synthetic data."),
-    vgg_weights: Optional[Path] = typer.Option(None, "--vgg-weights", help="LOCAL torchvision VGG19 weights file: enables the perceptual loss (never downloaded)."),
-    vgg_weight: float = typer.Option(10.0, "--vgg-weight", help="Perceptual loss weight."),
-    ndf: int = typer.Option(64, help="Discriminator base filters."),
-    num_d: int = typer.Option(2, "--num-d", help="Discriminator scales."),
-    load_size: Optional[int] = typer.Option(None, "--load-size", help="Resize images to this width before cropping."),
+                                    "speeds up convergence on small CPU runs and synthetic data (0..1000000)."),
+    vgg_weights: Optional[Path] = typer.Option(None, "--vgg-weights", help="LOCAL torchvision VGG19 weights file (a regular file): enables the perceptual loss (never downloaded)."),
+    vgg_weight: float = typer.Option(10.0, "--vgg-weight", help="Perceptual loss weight (0..1000000)."),
+    ndf: int = typer.Option(64, help="Discriminator base filters (1..1024)."),
+    num_d: int = typer.Option(2, "--num-d", help="Discriminator scales (1..8)."),
+    load_size: Optional[int] = typer.Option(None, "--load-size", help="Resize images to this width before cropping (16..16384)."),
     flip: bool = typer.Option(False, "--flip/--no-flip", help="Random horizontal flips (off: synthetic textures depend on position)."),
-    save_every: int = typer.Option(500, "--save-every", help="Checkpoint every N steps (and at the end)."),
-    log_every: int = typer.Option(10, "--log-every", help="Log losses every N steps."),
+    save_every: int = typer.Option(500, "--save-every", help="Checkpoint every N steps (and at the end; 1..1000000000)."),
+    log_every: int = typer.Option(10, "--log-every", help="Log losses every N steps (1..1000000000)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (torchrun: one GPU per process)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads per process (default: torch's choice)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per process (default: torch's choice; 1..4 x the "
+                                          "cores here)."),
 ) -> None:
     """Train ASAP-Net (SPADE recipe: multiscale PatchGAN, hinge + feature matching [+ VGG] [+ L1], TTUR Adam).
 
     Data parallel: torchrun --nproc-per-node=2 --no-python asap train ... (gloo on CPU, NCCL on GPUs).
+
+    Before step 1 (and again on --resume) every training pair is read once: files pair up, sizes match and
+    fit the crop, label ids are within label_nc. All problems are reported together (exit 5). This decodes
+    the whole set once: about 1 ms per 256x256 pair and 30 ms per 2048x1024 pair on one core, on up to 8
+    threads (Cityscapes' 2,975 pairs: under a minute); sets of 200+ pairs show a progress bar.
     """
     from asap_deploy.errors import require_torch
+    from asap_deploy.limits import check_optional, check_range, check_seed, check_threads
 
+    big = 1_000_000_000
+    check_optional("--steps", steps, 1, big)
+    check_optional("--minutes", minutes, 0.0, 525_600.0, lo_open=True)
+    check_range("--batch-size", batch_size, 1, 256)
+    check_seed("--seed", seed)
+    check_range("--lr-g", lr_g, 0.0, 1.0, lo_open=True)
+    check_range("--lr-d", lr_d, 0.0, 1.0, lo_open=True)
+    check_optional("--decay-steps", decay_steps, 0, big)
+    for option, value in (("--gan-weight", gan_weight), ("--feat-weight", feat_weight), ("--l1-weight", l1_weight),
+                          ("--vgg-weight", vgg_weight)):
+        check_range(option, value, 0.0, 1e6)
+    check_range("--ndf", ndf, 1, 1024)
+    check_range("--num-d", num_d, 1, 8)
+    check_optional("--load-size", load_size, 16, 16384)
+    check_range("--save-every", save_every, 1, big)
+    check_range("--log-every", log_every, 1, big)
+    check_threads("--threads", threads)
+    if vgg_weights is not None:
+        from asap_deploy.limits import check_file_arg
+
+        check_file_arg("--vgg-weights", vgg_weights, "VGG19 weights file")
     require_torch("asap train")
     from asap_deploy.config import ModelConfig
     from asap_deploy.train import default_config_for, train_run
@@ -500,11 +633,13 @@ def train(
             text = " ".join(f"{k}={v:.3f}" for k, v in losses.items())
             bar.update(state["task"], completed=step, losses=text)
 
+    on_check, stop_check = _data_check_progress() if main_proc else (None, lambda: None)
     try:
         summary = train_run(None if (resume and cfg is None) else cfg, opts, out, data=data, label_dir=label_dir,
                             image_dir=image_dir, instance_dir=instance_dir, resume=resume, device=device,
-                            on_step=on_step, on_start=on_start, threads=threads)
+                            on_step=on_step, on_start=on_start, threads=threads, on_check=on_check)
     finally:
+        stop_check()
         if bar is not None:
             bar.stop()
     if main_proc:
@@ -518,17 +653,27 @@ def train(
 @cli_errors
 def demo(
     out: Path = typer.Option(Path("asap_demo"), "--out", help="Folder for the data set, the run and the pictures."),
-    minutes: float = typer.Option(2.0, help="Training time budget."),
-    steps: Optional[int] = typer.Option(None, help="Stop after this many steps instead (or earlier, at --minutes)."),
-    seed: int = typer.Option(0, help="Seed of the data set and the training run."),
-    threads: int = typer.Option(1, help="CPU threads (1: the small model gains little from more, and "
-                                "suffers badly when the cores are shared)."),
-    bench_size: int = typer.Option(1024, "--bench-size", help="Side of the square label map the bench step times."),
+    minutes: float = typer.Option(2.0, help="Training time budget ((0, 1440] minutes)."),
+    steps: Optional[int] = typer.Option(None, help="Stop after this many steps instead (or earlier, at --minutes; "
+                                        "1..1000000)."),
+    seed: int = typer.Option(0, help="Seed of the data set and the training run" + SEED_HELP_RANGE + "."),
+    threads: int = typer.Option(1, help="CPU threads (1..4 x the cores here; 1: the small model gains little from "
+                                "more, and suffers badly when the cores are shared)."),
+    bench_size: int = typer.Option(1024, "--bench-size", help="Side of the square label map the bench step times "
+                                   "(a multiple of 16 in 16..4096)."),
 ) -> None:
     """The whole pipeline on a CPU in a few minutes: synthetic data, train a small ASAP-Net, export, validate ONNX
     Runtime against PyTorch, infer (also at --scale 2 and 4), a short bench at 1024x1024; one folder + index.html."""
-    from asap_deploy.errors import require_torch
+    from asap_deploy.errors import UsageError, require_torch
+    from asap_deploy.limits import check_optional, check_range, check_seed, check_threads
 
+    check_range("--minutes", minutes, 0.0, 1440.0, lo_open=True)
+    check_optional("--steps", steps, 1, 1_000_000)
+    check_seed("--seed", seed)
+    check_threads("--threads", threads)
+    check_range("--bench-size", bench_size, 16, 4096)
+    if bench_size % 16:  # the demo model's S divides 16: checked now, not after minutes of training
+        raise UsageError(f"--bench-size must be a multiple of 16 in 16..4096 (got {bench_size})")
     require_torch("asap demo")
     from asap_deploy.demo import run_demo
 
@@ -625,7 +770,7 @@ def _infer_verdict(summary, out_dir: Path, as_json: bool, where: str = "") -> No
 def infer(
     inputs: list[str] = typer.Argument(..., help="Label maps: PNG files, folders, globs (8/16-bit ids, palette PNGs, "
                                        "or colour PNGs in --palette)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (.pt): runs on torch."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (.pt, a regular file): runs on torch."),
     bundle_dir: Optional[Path] = typer.Option(None, "--bundle", help="Bundle folder written by `asap export`."),
     engine_file: Optional[Path] = typer.Option(None, "--engine", help="TensorRT engine written by `asap build-engine`."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or tensorrt (auto: TensorRT > "
@@ -634,25 +779,28 @@ def infer(
     palette: Optional[str] = typer.Option(None, "--palette", help="Colour label maps: cityscapes, facades, ade20k or "
                                           "FILE.json (default: the bundle's palette)."),
     instances: Optional[Path] = typer.Option(None, "--instances", help="Instance map file or folder (matched by name)."),
-    scale: Optional[float] = typer.Option(None, "--scale", help="Render K times larger (K >= 1, any real): the MLP on "
-                                          "a denser pixel grid, the parameter grid from the input's own resolution."),
+    scale: Optional[float] = typer.Option(None, "--scale", help="Render K times larger (K a real number in 1..1024; "
+                                          "each output, ceil(H*K) x ceil(W*K), at most --max-pixels, checked from "
+                                          "the input's header): the MLP on a denser pixel grid, the parameter grid "
+                                          "from the input's own resolution."),
     hires_labels: Optional[Path] = typer.Option(None, "--hires-labels", help="With --scale: label maps at the output "
                                                 "resolution (file or folder, matched by name)."),
     side_by_side: bool = typer.Option(False, "--side-by-side", help="Write label | output pairs."),
-    batch: int = typer.Option(4, "--batch", help="Inputs of the same size per engine call."),
+    batch: int = typer.Option(4, "--batch", help="Inputs of the same size per engine call (1..256)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs/engines."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first bad input."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (default: such an "
                                    "input fails and the others go on)."),
     max_pixels: int = typer.Option(64 * 1024 * 1024, "--max-pixels", help="Refuse label maps whose header declares "
-                                   "more pixels than this, before decoding them."),
+                                   "more pixels than this, before decoding them, and outputs (--scale, "
+                                   "--side-by-side) larger than this (1..1073741824; default 64 Mpx)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the progress display."),
     ray_address: Optional[str] = typer.Option(None, "--ray", help="Run on Ray Data: local (a Ray instance on this "
                                               "machine), auto (this machine's cluster) or ray://HOST:PORT."),
-    ray_actors: int = typer.Option(2, "--ray-actors", help="With --ray: actors in the pool, one engine each."),
+    ray_actors: int = typer.Option(2, "--ray-actors", help="With --ray: actors in the pool, one engine each (1..1024)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the torch / ONNX Runtime engine "
-                                          "(default: all cores; with --ray: per actor, default the 1 CPU Ray "
-                                          "reserves for each)."),
+                                          "(1..4 x the cores here; default: all cores; with --ray: per actor, default "
+                                          "the 1 CPU Ray reserves for each)."),
 ) -> None:
     """Translate label maps to photos: one PNG per input (written atomically); non-zero exit if any input failed."""
     import signal
@@ -664,6 +812,17 @@ def infer(
 
     from asap_deploy.io import sigterm_as_interrupt
 
+    from asap_deploy.limits import MAX_BATCH, check_max_pixels, check_range
+    from asap_deploy.scale import check_scale
+
+    check_range("--batch", batch, 1, MAX_BATCH)
+    check_max_pixels("--max-pixels", max_pixels)
+    if scale is not None:
+        check_scale(scale, max_pixels)
+    check_range("--ray-actors", ray_actors, 1, 1024)
+    check_threads(threads)
+    _checkpoint_arg("--model", model)
+    _checkpoint_arg("--engine", engine_file)
     signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     source = Source(model=model, bundle=bundle_dir, engine=engine_file)
     opts = InferOptions(out_dir=out, palette=palette, instances=instances, hires_labels=hires_labels, scale=scale,
@@ -711,16 +870,21 @@ def bench(
     backends: list[str] = typer.Option([], "--backends", "-b", help="torch, onnxruntime, onnxruntime-cuda, tensorrt "
                                        "(repeat or comma-separate; default: all usable here). The authors' forward is "
                                        "always included as the baseline."),
-    size: list[str] = typer.Option(["1024x1024"], "--size", help="HxW or N (repeatable)."),
-    batch: list[int] = typer.Option([1], "--batch", help="Batch size(s) (repeatable)."),
+    size: list[str] = typer.Option(["1024x1024"], "--size", help="HxW or N (repeatable; sides 1..65536, multiples "
+                                   "of the model's S; batch x H x W at most --max-pixels)."),
+    batch: list[int] = typer.Option([1], "--batch", help="Batch size(s) (repeatable; 1..256)."),
     precision: list[str] = typer.Option(["fp32"], "--precision", help="fp32 and/or fp16 (repeatable)."),
-    warmup: float = typer.Option(0.2, "--warmup", help="Warm-up seconds per row."),
-    iterations: int = typer.Option(10, "--iterations", help="Minimum timed calls per row."),
-    duration: float = typer.Option(3.0, "--duration", help="Minimum timed seconds per row."),
+    warmup: float = typer.Option(0.2, "--warmup", help="Warm-up seconds per row (0..60)."),
+    iterations: int = typer.Option(10, "--iterations", help="Minimum timed calls per row (1..100000)."),
+    duration: float = typer.Option(3.0, "--duration", help="Minimum timed seconds per row (0..600)."),
+    max_pixels: int = typer.Option(64 * 1024 * 1024, "--max-pixels", help="Largest batch x H x W of a row "
+                                   "(1..1073741824; default 64 Mpx), checked before any work."),
     out: Path = typer.Option(Path("asap_bench"), "-o", "--out", help="Folder for report.json, report.md, latency.png."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON report here."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON report here (its folder must "
+                                             "exist)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory per row."),
-    seed: int = typer.Option(0, help="Seed of the random model (no model given) and the label maps."),
+    seed: int = typer.Option(0, help="Seed of the random model (no model given) and the label maps"
+                             + SEED_HELP_RANGE + "."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace report.json/report.md/latency.png (and --json) if they exist (checked before measuring)."),
 ) -> None:
     """Latency per backend, size and stage (min/mean/median/p90/p95/p99, throughput, memory) vs the authors' forward."""
@@ -738,15 +902,22 @@ def bench(
         raise UsageError(f"give at most one of --model, --bundle, --engine (got {', '.join(given)})")
     names = [b.strip() for item in backends for b in item.split(",") if b.strip()]
     precisions = list(dict.fromkeys(p for item in precision for p in item.split(",") if p))
+    from asap_deploy.limits import check_max_pixels
+
+    check_max_pixels("--max-pixels", max_pixels)
     opts = BenchOptions(backends=names or ["torch", "onnxruntime"], sizes=[parse_size(s) for s in size], batches=batch,
                         precisions=precisions, warmup_s=warmup, min_iters=iterations, min_seconds=duration,
-                        memory=memory, seed=seed)
+                        memory=memory, seed=seed, max_pixels=max_pixels)
     opts.check()
-    if not overwrite:
-        from asap_deploy.io import refuse_existing
+    _checkpoint_arg("--model", model)
+    _checkpoint_arg("--engine", engine_file)
+    if json_file is not None:
+        from asap_deploy.limits import check_output_file
 
-        refuse_existing([out / n for n in ("report.json", "report.md", "latency.png")]
-                        + ([json_file] if json_file is not None else []), "report")
+        check_output_file("--json", json_file)
+    from asap_deploy.engines.bench import check_report_outputs
+
+    check_report_outputs(out, json_file, overwrite, [v for v in (bundle_dir, model, engine_file) if v is not None])
     tmp = tempfile.TemporaryDirectory(prefix="asap_bench_")
     try:
         if bundle_dir is not None or engine_file is not None:
@@ -829,14 +1000,18 @@ def serve(
     source: Path = typer.Argument(..., help="Bundle folder (asap export) or TensorRT engine file (asap build-engine)."),
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, onnxruntime, tensorrt or torch."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default loopback only; 0.0.0.0 for all)."),
-    port: int = typer.Option(8000, "--port", help="HTTP port (gRPC: --grpc-port, metrics: --metrics-port)."),
-    grpc_port: int = typer.Option(8001, "--grpc-port"),
-    metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics at /metrics."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Largest batch the dynamic batcher forms (same-size requests)."),
-    max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="How long a request may wait for others of its size."),
+    port: int = typer.Option(8000, "--port", help="HTTP port (1..65535; gRPC: --grpc-port, metrics: --metrics-port)."),
+    grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port (1..65535)."),
+    metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics at /metrics (port 1..65535)."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Largest batch the dynamic batcher forms (same-size "
+                                  "requests; 1..256)."),
+    max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="How long a request may wait for others of its "
+                                       "size (0..10000 ms)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs/engines."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the torch / ONNX Runtime engine "
-                                          "(default: all cores)."),
+                                          "(1..4 x the cores here; default: all cores)."),
+    max_pixels: int = typer.Option(64 * 1024 * 1024, "--max-pixels", help="Refuse requests whose label maps hold "
+                                   "more pixels than this (1..1073741824; default 64 Mpx)."),
 ) -> None:
     """Serve the model as `asap` on NVIDIA Triton Inference Server (PyTriton) until Ctrl-C / SIGTERM."""
     from rich.markup import escape
@@ -844,10 +1019,17 @@ def serve(
     from asap_deploy.infer import Source, check_threads, choose_backend, open_engine
     from asap_deploy.serve import ServeOptions, check_serve_dependencies, serve as run_serve
 
+    from asap_deploy.limits import MAX_BATCH, check_max_pixels, check_range
+
+    check_range("--max-batch", max_batch, 1, MAX_BATCH)
+    check_range("--max-delay-ms", max_delay_ms, 0.0, 10_000.0, unit="ms")
+    check_max_pixels("--max-pixels", max_pixels)
     opts = ServeOptions(host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch=max_batch,
-                        max_delay_ms=max_delay_ms)
+                        max_delay_ms=max_delay_ms, max_pixels=max_pixels)
     opts.check()
     check_threads(threads)
+    if source.exists() and not source.is_dir():
+        _checkpoint_arg("SOURCE", source)  # an engine file: never a FIFO or device
     check_serve_dependencies()
     src = Source(engine=source) if source.is_file() else Source(bundle=source)
     choice = choose_backend(backend, src, precision)
@@ -872,16 +1054,20 @@ def serve(
 @cli_errors
 def loadtest(
     url: str = typer.Argument("http://127.0.0.1:8000", help="http://HOST:PORT or grpc://HOST:PORT of a Triton server."),
-    concurrency: int = typer.Option(1, "--concurrency", "-c", help="Requests in flight at once."),
-    requests: Optional[int] = typer.Option(None, "--requests", "-n", help="Requests to send (default 100 unless "
-                                           "--duration is given)."),
-    duration: Optional[float] = typer.Option(None, "--duration", help="Stop after this many seconds."),
-    size: list[str] = typer.Option(["256x256"], "--size", help="WxH of the label maps (repeat for a mix)."),
+    concurrency: int = typer.Option(1, "--concurrency", "-c", help="Requests in flight at once (1..1024)."),
+    requests: Optional[int] = typer.Option(None, "--requests", "-n", help="Requests to send (1..1000000; default 100 "
+                                           "unless --duration is given)."),
+    duration: Optional[float] = typer.Option(None, "--duration", help="Stop after this many seconds ((0, 3600])."),
+    size: list[str] = typer.Option(["256x256"], "--size", help="WxH of the label maps (repeat for a mix, at most 16; "
+                                   "sides 1..65536; all sizes together at most --max-pixels)."),
     model: str = typer.Option("asap", "--model", help="Model name on the server."),
-    label_nc: Optional[int] = typer.Option(None, "--label-nc", help="Draw ids from 0..N-1 (default: from the model "
-                                           "config's parameters, else 0 only)."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Per-request timeout in seconds."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+    label_nc: Optional[int] = typer.Option(None, "--label-nc", help="Draw ids from 0..N-1 (N in 1..65536; default: "
+                                           "from the model config's parameters, else 0 only)."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Per-request timeout in seconds ((0, 3600])."),
+    max_pixels: int = typer.Option(64 * 1024 * 1024, "--max-pixels", help="Largest total pixels of the --size label "
+                                   "maps, which are held in memory (1..1073741824; default 64 Mpx)."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file (its "
+                                             "folder must exist)."),
 ) -> None:
     """Load a served `asap` model: throughput, latency min/median/p90/p99, errors (bounded in count and time)."""
     from asap_deploy.io import write_text
@@ -890,7 +1076,12 @@ def loadtest(
     sizes = [parse_wxh(s) for s in size]
     opts = LoadOptions(url=url, model=model, concurrency=concurrency,
                        requests=requests if requests is not None or duration is not None else 100,
-                       duration_s=duration, sizes=sizes, label_nc=label_nc, timeout_s=timeout)
+                       duration_s=duration, sizes=sizes, label_nc=label_nc, timeout_s=timeout, max_pixels=max_pixels)
+    opts.check()  # every option, before connecting
+    if json_file is not None:
+        from asap_deploy.limits import check_output_file
+
+        check_output_file("--json", json_file)
     with console.status(f"load test on {url}"):
         rep = run_loadtest(opts).to_dict()
     table = Table(title=f"asap loadtest {url} (model {model}, concurrency {concurrency}, sizes {', '.join(rep['sizes'])})")

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OutputError, UsageError
-from .io import staged_dir, write_json, write_png
+from .io import check_replaceable, staged_dir, write_json, write_png
+
+DATASET_KIND = "data set"  # the ownership marker kind of a make-data folder
 
 # Orientations as (ax, ay): the grating varies along ax*x + ay*y.
 _ORIENTATIONS = ((1, 0), (0, 1), (1, 1), (1, -1))
@@ -101,7 +103,7 @@ def make_dataset(out: str | os.PathLike, n_train: int = 200, n_val: int | None =
 
     The set is written whole or not at all (a hidden folder renamed into place). `overwrite=False`
     (the CLI's default) refuses a folder that is not empty; `overwrite=True` replaces an earlier
-    data set (a folder with dataset.json), never a folder of other files."""
+    data set of ours holding nothing else (io.check_replaceable), never a folder of other files."""
     if size < 32 or size % 16:
         raise UsageError(f"--size must be a multiple of 16 and >= 32 (got {size})")
     if not 2 <= n_classes <= 255:
@@ -115,16 +117,14 @@ def make_dataset(out: str | os.PathLike, n_train: int = 200, n_val: int | None =
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise OutputError(f"{out}: already exists and is not empty; pass --overwrite to replace the data set")
-        if not (out / "dataset.json").is_file():
-            raise OutputError(f"{out}: not a data set written by asap make-data (no dataset.json); refusing to "
-                              "replace it: choose another folder")
+    check_replaceable(out, DATASET_KIND, "data set")  # only an earlier set of ours holding nothing else
     textures = class_textures(n_classes, size, seed)
     info = {"kind": "asap-deploy synthetic", "layout": "facades", "size": size, "classes": n_classes,
             "seed": seed, "train": n_train, "val": n_val,
             "suggested_config": {"label_nc": n_classes, "crop_size": size},
             "note": "textures depend on absolute pixel position: train without flips or off-grid crops",
             "textures": [t.__dict__ for t in textures]}
-    with staged_dir(out, "data set") as tmp:
+    with staged_dir(out, "data set", DATASET_KIND) as tmp:
         for split, n, stream in (("train", n_train, 2), ("val", n_val, 3)):
             rng = np.random.default_rng([seed, stream])
             for i in range(n):

@@ -40,6 +40,9 @@ STAGES = ("predictor", "pixelwise", "end_to_end")
 BASELINE = "authors"
 BENCH_BACKENDS = ("authors", "torch", "onnxruntime", "onnxruntime-cuda", "tensorrt")
 PERCENTILES = (90, 95, 99)
+MAX_ITERATIONS = 100_000
+MAX_DURATION_S = 600.0   # --duration: timed seconds per row
+MAX_WARMUP_S = 60.0
 
 
 def percentile(sorted_samples: Sequence[float], p: float) -> float:
@@ -73,8 +76,12 @@ class BenchOptions:
     min_seconds: float = 3.0
     memory: bool = True
     seed: int = 0
+    max_pixels: int = 64 * 1024 * 1024  # batch x H x W of one row
 
     def check(self, S: int | None = None) -> None:  # noqa: N803
+        """Every option in its documented range (limits.py wording), before any work."""
+        from asap_deploy.limits import MAX_BATCH, MAX_SIDE, check_max_pixels, check_pixels, check_range, check_seed
+
         for b in self.backends:
             if b not in BENCH_BACKENDS:
                 from asap_deploy.errors import did_you_mean
@@ -87,27 +94,29 @@ class BenchOptions:
         for p in self.precisions:
             if p not in ("fp32", "fp16"):
                 raise UsageError(f"unknown precision {p!r} (choose from: fp32, fp16)")
-        if self.min_iters < 1 or self.min_seconds < 0 or self.warmup_s < 0:
-            raise UsageError("--iterations must be >= 1, --duration and --warmup >= 0")
-        if any(b < 1 for b in self.batches):
-            raise UsageError("--batch must be >= 1")
+        check_range("--iterations", self.min_iters, 1, MAX_ITERATIONS)
+        check_range("--duration", self.min_seconds, 0.0, MAX_DURATION_S, unit="s")
+        check_range("--warmup", self.warmup_s, 0.0, MAX_WARMUP_S, unit="s")
+        check_seed("--seed", self.seed)
+        check_max_pixels("--max-pixels", self.max_pixels)
+        if not self.batches or not self.sizes:
+            raise UsageError("give at least one --size and one --batch")
+        for b in self.batches:
+            check_range("--batch", b, 1, MAX_BATCH)
         for h, w in self.sizes:
-            if h < 1 or w < 1:
-                raise UsageError(f"size {h}x{w} must be positive")
+            check_range("--size height", h, 1, MAX_SIDE)
+            check_range("--size width", w, 1, MAX_SIDE)
+            n = max(self.batches)
+            check_pixels("--size", f"{h}x{w} at --batch {n}", n * h * w, self.max_pixels)
             if S and (h % S or w % S):
                 raise UsageError(f"size {h}x{w} (HxW) is not a multiple of S={S}: use {-(-h // S) * S}x{-(-w // S) * S}")
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'1024' or '512x1024' (HxW)."""
-    t = text.lower().replace(" ", "")
-    try:
-        if "x" in t:
-            h, w = t.split("x", 1)
-            return int(h), int(w)
-        return int(t), int(t)
-    except ValueError as exc:
-        raise UsageError(f"bad size {text!r}: expected N or HxW, e.g. 1024 or 512x1024") from exc
+    """'1024' or '512x1024' (HxW), sides in 1..65536; UsageError naming --size otherwise."""
+    from asap_deploy.limits import parse_size as parse
+
+    return parse("--size", text, "HxW")
 
 
 # ---- timing -------------------------------------------------------------------------------------------
@@ -388,11 +397,29 @@ def machine_text(rep: dict) -> str:
     return machine_line(m).replace(", load ", ", load at start ", 1)
 
 
+REPORT_FILES = ("report.json", "report.md", "latency.png")
+REPORT_KIND = "bench report"  # the ownership marker kind of a folder that only `bench` wrote to
+
+
+def check_report_outputs(out_dir: Path, json_file: Path | None, overwrite: bool, inputs=()) -> None:
+    """OutputError (before measuring) if writing the reports would lose a file: an existing report
+    file is replaced only with --overwrite and only if asap wrote it (listed in its folder's
+    ownership marker); never an input."""
+    from asap_deploy.io import check_file_replaceable
+
+    for p in [Path(out_dir) / n for n in REPORT_FILES] + ([Path(json_file)] if json_file is not None else []):
+        check_file_replaceable(p, "report", overwrite, inputs)
+
+
 def write_reports(rep: dict, out_dir: Path, json_file: Path | None = None) -> dict[str, Path]:
-    """report.json, report.md and latency.png in `out_dir` (+ the JSON at `json_file`), atomically."""
-    from asap_deploy.io import write_json, write_text
+    """report.json, report.md and latency.png in `out_dir` (+ the JSON at `json_file`), atomically,
+    each recorded in its folder's ownership marker (io.claim_files) so a later run may replace it."""
+    from asap_deploy.io import claim_files, write_json, write_text
 
     out_dir = Path(out_dir)
+    claim_files(out_dir, REPORT_KIND, REPORT_FILES)
+    if json_file is not None:
+        claim_files(Path(json_file).parent, REPORT_KIND, [Path(json_file).name])
     paths = {"json": write_json(out_dir / "report.json", rep), "markdown": write_text(out_dir / "report.md", to_markdown(rep))}
     try:
         paths["plot"] = plot(rep, out_dir / "latency.png")

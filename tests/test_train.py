@@ -12,11 +12,12 @@ import torch
 
 from asap_deploy.checkpoints import load_generator
 from asap_deploy.config import ModelConfig
-from asap_deploy.errors import CheckpointError, InputError, UsageError
+from asap_deploy.errors import CheckpointError, InputError, OutputError, UsageError
+from asap_deploy.io import MARKER, read_marker
 from asap_deploy.train.discriminator import MultiscaleDiscriminator
 from asap_deploy.train.losses import (VGGLoss, feature_matching_loss, hinge_d_loss, hinge_d_parts, hinge_g_loss,
                                       load_vgg19_features, vgg19_features)
-from asap_deploy.train.trainer import (STATE_FILE, TrainOptions, Trainer, batch_indices, build_trainer,
+from asap_deploy.train.trainer import (RUN_FILES, STATE_FILE, TrainOptions, Trainer, batch_indices, build_trainer,
                                        read_train_state)
 
 TINY = ModelConfig(label_nc=3, crop_size=32, learned_ds_factor=2, lr_width=4, lr_max_width=8, lr_depth=1,
@@ -210,7 +211,8 @@ def test_run_writes_loadable_outputs_and_refuses_to_clobber(tmp_path):
     for name in ("model.pt", "train_state.pt", "losses.jsonl", "loss_curve.png", "config.json"):
         assert (out / name).is_file(), name
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left behind
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != MARKER]  # no temp files left
+    assert set(read_marker(out)["files"]) == set(RUN_FILES)  # the run folder says what asap wrote
     model, ck = load_generator(out / "model.pt")
     assert ck.config == TINY
     y = model(torch.randint(0, 3, (1, 32, 32)))
@@ -240,3 +242,29 @@ def test_generator_only_training_has_no_discriminator_losses(tmp_path):
     t2 = Trainer(TINY, tiny_opts(steps=1, lambda_gan=0, lambda_feat=0), RandomPairs(), tmp_path / "r2")
     with pytest.raises(UsageError, match="switched off"):
         t2.train_step(*t2.local_batch(0))
+
+
+def test_train_never_replaces_a_users_files(tmp_path):
+    """A run folder holding the user's own model.pt / config.json (not written by asap): a new run
+    refuses before any work, and so does a resumed one (the files are not in the run's marker)."""
+    ds = RandomPairs(n=4)
+    rng = np.random.default_rng(3)
+    for name in ("model.pt", "config.json", "loss_curve.png"):
+        d = tmp_path / name.replace(".", "_")
+        d.mkdir()
+        mine = rng.bytes(64)
+        (d / name).write_bytes(mine)
+        with pytest.raises(OutputError, match=f"{name}: already exists"):
+            build_trainer(TINY, tiny_opts(steps=1), lambda c, o: ds, d)
+        assert (d / name).read_bytes() == mine and sorted(x.name for x in d.iterdir()) == [name]
+    # a real run of ours, then a user's file dropped over one of its outputs: --resume refuses it
+    run = tmp_path / "run"
+    build_trainer(TINY, tiny_opts(steps=1), lambda c, o: ds, run).run()
+    (run / "config.json").unlink()
+    (run / "config.json").write_text("my own notes")
+    claimed = read_marker(run)
+    claimed["files"].remove("config.json")
+    (run / MARKER).write_text(json.dumps(claimed))
+    with pytest.raises(OutputError, match="config.json: exists and was not written by asap train"):
+        build_trainer(TINY, tiny_opts(steps=2), lambda c, o: ds, run, resume=True).run()
+    assert (run / "config.json").read_text() == "my own notes"

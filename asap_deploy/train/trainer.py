@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import threading
 import time
@@ -35,7 +36,7 @@ from torch import nn
 from ..checkpoints import read_state, save_atomic, save_generator
 from ..config import ModelConfig
 from ..errors import CheckpointError, OutputError, UsageError
-from ..io import write_json, write_text
+from ..io import claim_files, owns_file, write_json, write_text
 from ..model import ASAPNetGenerator, init_weights, label_channels
 from .discriminator import MultiscaleDiscriminator
 from .distributed import DistContext, any_true
@@ -47,6 +48,9 @@ GENERATOR_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 LOG_FILE = "losses.jsonl"
 CURVE_FILE = "loss_curve.png"
+CONFIG_FILE = "config.json"
+RUN_FILES = (GENERATOR_FILE, STATE_FILE, LOG_FILE, CURVE_FILE, CONFIG_FILE)  # what a run writes in --out
+RUN_KIND = "training run"  # the ownership marker kind of a run folder (io.claim_files)
 
 
 @dataclass
@@ -246,10 +250,12 @@ class Trainer:
     def save(self) -> dict[str, Path]:
         """Write model.pt, train_state.pt, losses.jsonl and loss_curve.png (atomically; main process only)."""
         paths = {"generator": self.out / GENERATOR_FILE, "state": self.out / STATE_FILE,
-                 "log": self.out / LOG_FILE, "curve": self.out / CURVE_FILE, "config": self.out / "config.json"}
+                 "log": self.out / LOG_FILE, "curve": self.out / CURVE_FILE, "config": self.out / CONFIG_FILE}
         if not self.ctx.is_main:
             return paths
         self._make_out_dir()
+        self.check_run_files()  # a file may have appeared since the run started
+        claim_files(self.out, RUN_KIND, RUN_FILES)  # before writing: an interrupted save is still ours
         save_generator(self.g_raw, paths["generator"], extra={"step": self.step, "seed": self.opts.seed})
         save_atomic(self.state_dict(), paths["state"])
         write_text(paths["log"], "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
@@ -265,6 +271,15 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot create the run folder ({exc.strerror or exc})") from exc
+
+    def check_run_files(self) -> None:
+        """OutputError unless every file a save would replace in the run folder was written by asap
+        (listed in the folder's ownership marker): a user's own model.pt/config.json is never replaced."""
+        for name in RUN_FILES:
+            p = self.out / name
+            if os.path.lexists(p) and not owns_file(p):
+                raise OutputError(f"{p}: exists and was not written by asap train; refusing to replace it: "
+                                  "move it or choose another --out")
 
     # ---- the loop --------------------------------------------------------------------------------
     @staticmethod
@@ -299,6 +314,7 @@ class Trainer:
         consistent = True  # False while a step or a checkpoint is half done
         if self.ctx.is_main:
             self._make_out_dir()  # an unwritable --out fails now, not at the first checkpoint
+            self.check_run_files()
         try:
             with self._sigint_at_step_boundary() as pending:
                 while True:
@@ -350,9 +366,24 @@ def resume_options(state: dict[str, Any], given: TrainOptions) -> TrainOptions:
     return TrainOptions(**saved)
 
 
+def check_training_data(dataset, progress: Callable[[int, int], None] | None = None) -> None:
+    """Check a folder data set before step 1 (PairedDataset.check: one DatasetError naming every bad
+    file). Other datasets (in-memory ones in tests) have nothing to read and pass as they are."""
+    from ..data import PairedDataset
+
+    if isinstance(dataset, PairedDataset):
+        dataset.check(progress)
+
+
 def build_trainer(cfg: ModelConfig | None, opts: TrainOptions, dataset_factory, out_dir: str | Path,
-                  ctx: DistContext | None = None, resume: bool = False) -> Trainer:
-    """A Trainer, fresh or resumed from `out_dir/train_state.pt`. `dataset_factory(cfg, opts)` makes the data."""
+                  ctx: DistContext | None = None, resume: bool = False,
+                  on_check: Callable[[int, int], None] | None = None) -> Trainer:
+    """A Trainer, fresh or resumed from `out_dir/train_state.pt`. `dataset_factory(cfg, opts)` makes the data.
+
+    A folder data set (PairedDataset) is checked in full first, resumes included: every pair read once,
+    every problem in one DatasetError (exit 5), before any model is allocated or anything is written
+    to `out_dir` (a bad pair drawn at step 5000 would lose the steps since the last checkpoint).
+    `on_check(done, total)` reports the check's progress."""
     out = Path(out_dir)
     state = None
     if resume:
@@ -372,7 +403,14 @@ def build_trainer(cfg: ModelConfig | None, opts: TrainOptions, dataset_factory, 
     elif (out / STATE_FILE).exists():
         raise UsageError(f"{out} already holds a training run ({STATE_FILE}); pass --resume to continue it "
                          "or choose another --out")
-    trainer = Trainer(cfg, opts, dataset_factory(cfg, opts), out, ctx)
+    else:  # a fresh run replaces nothing, ours or not
+        for name in RUN_FILES:
+            if os.path.lexists(out / name):
+                raise OutputError(f"{out / name}: already exists; a new run never replaces files (asap train "
+                                  "--resume continues a run of asap's): choose another --out")
+    dataset = dataset_factory(cfg, opts)
+    check_training_data(dataset, on_check)
+    trainer = Trainer(cfg, opts, dataset, out, ctx)
     if state is not None:
         trainer.load_state_dict(state)
     return trainer

@@ -159,8 +159,20 @@ def test_make_data_overwrite_never_replaces_a_folder_of_other_files(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("keep")
     run_cli(["make-data", tmp_path / "mine", "--n", "2", "--size", "32", "--overwrite"], OUT,
-            names=(str(tmp_path / "mine"),), says=("no dataset.json",))
+            names=(str(tmp_path / "mine"),), says=("asap did not write",))
     assert _files(tmp_path / "mine") == ["thesis.tex"]
+    # a dataset.json of the user's own is no proof that asap wrote the folder
+    (tmp_path / "mine" / "dataset.json").write_text("{}")
+    run_cli(["make-data", tmp_path / "mine", "--n", "2", "--size", "32", "--overwrite"], OUT,
+            names=(str(tmp_path / "mine"),), says=("asap did not write",))
+    assert _files(tmp_path / "mine") == ["dataset.json", "thesis.tex"]
+    # an earlier set of ours into which the user put a file of their own: refused, all kept
+    run_cli(["make-data", tmp_path / "set", "--n", "2", "--size", "32"], 0)
+    (tmp_path / "set" / "train_label" / "notes.txt").write_text("keep")
+    before = {f: (tmp_path / "set" / f).read_bytes() for f in _files(tmp_path / "set") if "." in f}
+    run_cli(["make-data", tmp_path / "set", "--n", "3", "--size", "32", "--overwrite"], OUT,
+            names=("train_label/notes.txt",), says=("asap did not write",))
+    assert {f: (tmp_path / "set" / f).read_bytes() for f in before} == before
 
 
 def test_sigint_mid_png_write_leaves_only_whole_files(tmp_path, checkpoint):
