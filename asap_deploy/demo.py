@@ -21,7 +21,7 @@ import numpy as np
 
 import json
 
-from .io import to_uint8, write_json, write_png
+from .io import check_replaceable, claim_files, to_uint8, write_json, write_png
 
 DEMO_SIZE = 64
 DEMO_CLASSES = 6
@@ -39,6 +39,10 @@ def demo_options(minutes: float | None, steps: int | None, seed: int):
 
 
 STAGES = 8
+DEMO_KIND = "demo"  # the ownership marker kind of the demo's folder
+# What the demo writes in its folder ("name/": the whole sub-folder).
+DEMO_OUTPUTS = ("data/", "run/", "results/", "bundle/", "validation/", "infer/", "bench/", "quality.json",
+                "results_grid.png", "loss_curve.png", "scale_grid.png", "index.html")
 SCALES = (2, 4)
 BENCH_SIZE = 1024
 
@@ -60,6 +64,10 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
 
     emit = on_event or (lambda kind, **kw: None)
     out = Path(out)
+    # The demo replaces only an earlier demo of ours holding nothing else; it claims what it is about
+    # to write first, so that an interrupted demo's folder is still ours to replace.
+    check_replaceable(out, DEMO_KIND, "demo folder")
+    claim_files(out, DEMO_KIND, DEMO_OUTPUTS)
     files: list[Path] = []
 
     # 1. data
@@ -162,7 +170,8 @@ def infer_scales(labels: list[Path], bundle_dir: Path, out: Path) -> dict[str, A
     runs = {}
     for k in (1, *SCALES):
         res = infer(labels, Source(bundle=bundle_dir), InferOptions(out_dir=out / f"scale{k}", scale=None if k == 1 else k,
-                                                                    batch_size=len(labels)), backend="onnxruntime")
+                                                                    batch_size=len(labels), overwrite=True),
+                    backend="onnxruntime")  # overwrite: replaces only PNGs asap wrote (an earlier demo's)
         if res.failed:
             from .errors import InputError
 

@@ -122,9 +122,15 @@ MAX_MARKER_BYTES = 1 << 20
 
 
 def _plain_relpath(name: object) -> bool:
+    """A relative name without `..`; a trailing "/" names a whole sub-folder."""
     if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or "\0" in name:
         return False
-    return all(part not in ("", ".", "..") for part in name.split("/"))
+    return all(part not in ("", ".", "..") for part in name.removesuffix("/").split("/"))
+
+
+def _listed(name: str, files) -> bool:
+    """Whether the marker list `files` covers `name` (listed itself, or under a listed "dir/")."""
+    return name in files or any(f.endswith("/") and name.startswith(f) for f in files)
 
 
 def read_marker(folder: str | os.PathLike) -> dict | None:
@@ -152,7 +158,7 @@ def _write_marker(folder: Path, kind: str, files) -> None:
                                  "version": __version__, "files": sorted(set(files))})
 
 
-def _walk_files(folder: Path, limit: int = 100_000) -> list[str]:
+def folder_files(folder: Path, limit: int = 100_000) -> list[str]:
     """Relative names of everything under `folder` that is not a folder (symlinks are not
     followed: a link is an entry itself), MARKER excluded; bounded."""
     out: list[str] = []
@@ -211,7 +217,7 @@ def check_replaceable(target: str | os.PathLike, kind: str, what: str, inputs=()
     if target.is_symlink() or not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder; refusing to replace it with the {what}")
     try:
-        present = _walk_files(target)
+        present = folder_files(target)
         marker_present = os.path.lexists(target / MARKER)
     except OSError as exc:
         raise OutputError(f"{target}: cannot read the folder ({exc.strerror or exc})") from exc
@@ -224,7 +230,7 @@ def check_replaceable(target: str | os.PathLike, kind: str, what: str, inputs=()
     if marker["kind"] != kind:
         raise OutputError(f"{target}: holds a {marker['kind']} written by asap, not a {kind}; refusing to "
                           f"replace it with the {what}: choose another folder")
-    foreign = sorted(set(present) - set(marker["files"]))
+    foreign = sorted(f for f in present if not _listed(f, marker["files"]))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputError(f"{target}: holds files asap did not write ({shown}); refusing to replace the "
@@ -235,7 +241,7 @@ def owns_file(path: str | os.PathLike) -> bool:
     """True if `path` is listed in its folder's marker (the toolkit wrote it there)."""
     path = Path(path)
     marker = read_marker(path.parent)
-    return marker is not None and path.name in marker["files"]
+    return marker is not None and _listed(path.name, marker["files"])
 
 
 def check_file_replaceable(path: str | os.PathLike, what: str, overwrite: bool, inputs=()) -> None:
@@ -288,7 +294,7 @@ def staged_dir(target: str | os.PathLike, what: str, kind: str | None = None, in
             raise OutputError(f"{target}: cannot create the {what} folder ({exc.strerror or exc})") from exc
         try:
             yield tmp
-            _write_marker(tmp, kind, _walk_files(tmp))
+            _write_marker(tmp, kind, folder_files(tmp))
             check_replaceable(target, kind, what, inputs)  # the folder may have changed meanwhile
             replace_dir(tmp, target)
         except OSError as exc:

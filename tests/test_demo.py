@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from asap_deploy.checkpoints import load_generator
 from asap_deploy.cli import app
 from asap_deploy.demo import run_demo
-from asap_deploy.io import read_label_map, read_rgb
+from asap_deploy.errors import OutputError
+from asap_deploy.io import MARKER, read_label_map, read_rgb
 from asap_deploy.train.trainer import read_train_state
 
 runner = CliRunner()
@@ -55,7 +57,7 @@ def test_demo_writes_what_it_promises(tmp_path):
 
     for src in re.findall(r'(?:src|href)="([^"]+)"', page):
         assert (out / src).is_file(), src
-    assert not list(out.rglob(".*.tmp")) and not [p for p in out.rglob(".*") if p.is_file()]
+    assert not list(out.rglob(".*.tmp")) and not [p for p in out.rglob(".*") if p.is_file() and p.name != MARKER]
 
 
 def test_demo_library_time_budget(tmp_path):
@@ -64,6 +66,14 @@ def test_demo_library_time_budget(tmp_path):
                    bench_size=32, bench_seconds=0.0)
     assert res["steps"] >= 0 and events[0] == "stage" and "train_start" in events and "train_end" in events
     assert events.count("stage") == 8 and Path(res["files"][-1]).name == "index.html"
+    # a second demo replaces the first (its own files) ...
+    res2 = run_demo(tmp_path / "d", minutes=0.001, steps=None, bench_size=32, bench_seconds=0.0)
+    assert Path(res2["files"][-1]).is_file()
+    # ... but never a folder holding a file of the user's, before any work
+    (tmp_path / "d" / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match="notes.txt"):
+        run_demo(tmp_path / "d", minutes=0.001, steps=None, on_event=lambda kind, **kw: pytest.fail("work started"))
+    assert (tmp_path / "d" / "notes.txt").read_text() == "keep"
 
 
 def test_make_data_then_train_then_resume(tmp_path):
