@@ -107,13 +107,15 @@ SEED_HELP_RANGE = " (0..4294967295)"
 MAX_PIXELS_HELP = "Refuse any size above this many pixels, before work (1..1073741824; default 64 Mpx)."
 
 
-def _checkpoint_arg(option: str, path: Optional[Path], folder_ok: bool = False) -> None:
-    """A checkpoint (or engine) file argument must be a regular file: a FIFO or device would block."""
+def _checkpoint_arg(option: str, path: Optional[Path], folder_ok: bool = False, engine: bool = False) -> None:
+    """A checkpoint (exit 4) or engine (exit 5) file argument must be a regular file: a FIFO or
+    device would block. A missing file is left to its loader to report."""
     if path is not None:
-        from asap_deploy.errors import CheckpointError
+        from asap_deploy.errors import CheckpointError, InputError
         from asap_deploy.limits import check_file_arg
 
-        check_file_arg(option, path, "checkpoint", error=CheckpointError, folder_ok=folder_ok)
+        check_file_arg(option, path, "engine file" if engine else "checkpoint",
+                       error=InputError if engine else CheckpointError, folder_ok=folder_ok)
 
 
 @app.command()
@@ -822,7 +824,7 @@ def infer(
     check_range("--ray-actors", ray_actors, 1, 1024)
     check_threads(threads)
     _checkpoint_arg("--model", model)
-    _checkpoint_arg("--engine", engine_file)
+    _checkpoint_arg("--engine", engine_file, engine=True)
     signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     source = Source(model=model, bundle=bundle_dir, engine=engine_file)
     opts = InferOptions(out_dir=out, palette=palette, instances=instances, hires_labels=hires_labels, scale=scale,
@@ -910,7 +912,7 @@ def bench(
                         memory=memory, seed=seed, max_pixels=max_pixels)
     opts.check()
     _checkpoint_arg("--model", model)
-    _checkpoint_arg("--engine", engine_file)
+    _checkpoint_arg("--engine", engine_file, engine=True)
     if json_file is not None:
         from asap_deploy.limits import check_output_file
 
@@ -1029,7 +1031,7 @@ def serve(
     opts.check()
     check_threads(threads)
     if source.exists() and not source.is_dir():
-        _checkpoint_arg("SOURCE", source)  # an engine file: never a FIFO or device
+        _checkpoint_arg("SOURCE", source, engine=True)  # an engine file: never a FIFO or device
     check_serve_dependencies()
     src = Source(engine=source) if source.is_file() else Source(bundle=source)
     choice = choose_backend(backend, src, precision)

@@ -19,9 +19,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import InputError, MissingDependencyError, UsageError
+from .limits import MAX_SIDE, check_max_pixels, check_optional, check_pixels, check_range, check_seed, parse_size
 
 MAX_REQUESTS = 1_000_000
 MAX_DURATION_S = 3600.0
+MAX_CONCURRENCY = 1024
+MAX_SIZES = 16
+MAX_LABEL_NC = 65536
 
 
 @dataclass
@@ -35,24 +39,28 @@ class LoadOptions:
     label_nc: int | None = None    # None: from the model config's parameters (asap export --triton-repo), else 1
     timeout_s: float = 60.0
     seed: int = 0
+    max_pixels: int = 64 * 1024 * 1024  # all the --size label maps together (they are held in memory)
 
     def check(self) -> None:
         parse_url(self.url)
-        if not 1 <= self.concurrency <= 1024:
-            raise UsageError(f"--concurrency must be in 1..1024 (got {self.concurrency})")
+        check_range("--concurrency", self.concurrency, 1, MAX_CONCURRENCY)
         if self.requests is None and self.duration_s is None:
             raise UsageError("give --requests N or --duration S (a load test is always bounded)")
-        if self.requests is not None and not 1 <= self.requests <= MAX_REQUESTS:
-            raise UsageError(f"--requests must be in 1..{MAX_REQUESTS} (got {self.requests})")
-        if self.duration_s is not None and not 0 < self.duration_s <= MAX_DURATION_S:
-            raise UsageError(f"--duration must be in (0, {MAX_DURATION_S:g}] seconds (got {self.duration_s:g})")
+        check_optional("--requests", self.requests, 1, MAX_REQUESTS)
+        check_optional("--duration", self.duration_s, 0.0, MAX_DURATION_S, lo_open=True, unit="seconds")
         if not self.sizes:
             raise UsageError("give at least one --size WxH")
+        if len(self.sizes) > MAX_SIZES:
+            raise UsageError(f"--size given {len(self.sizes)} times: at most {MAX_SIZES} sizes")
+        check_max_pixels("--max-pixels", self.max_pixels)
         for h, w in self.sizes:
-            if h < 1 or w < 1:
-                raise UsageError(f"--size {w}x{h}: sides must be positive")
-        if not 0 < self.timeout_s <= 3600:
-            raise UsageError(f"--timeout must be in (0, 3600] seconds (got {self.timeout_s:g})")
+            check_range("--size height", h, 1, MAX_SIDE)
+            check_range("--size width", w, 1, MAX_SIDE)
+        total = sum(h * w for h, w in self.sizes)
+        check_pixels("--size", ", ".join(f"{w}x{h}" for h, w in self.sizes), total, self.max_pixels)
+        check_optional("--label-nc", self.label_nc, 1, MAX_LABEL_NC)
+        check_range("--timeout", self.timeout_s, 0.0, 3600.0, lo_open=True, unit="seconds")
+        check_seed("seed", self.seed)
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -70,13 +78,8 @@ def parse_url(url: str) -> tuple[str, str]:
 
 
 def parse_wxh(text: str) -> tuple[int, int]:
-    """'WxH' or 'N' (square) -> (H, W)."""
-    t = text.lower().replace(" ", "")
-    try:
-        w, h = t.split("x", 1) if "x" in t else (t, t)
-        return int(h), int(w)
-    except ValueError as exc:
-        raise UsageError(f"bad size {text!r}: expected WxH (e.g. 512x256) or N") from exc
+    """'WxH' or 'N' (square) -> (H, W); sides in 1..MAX_SIDE, else UsageError naming --size."""
+    return parse_size("--size", text, "WxH")
 
 
 def percentile(sorted_samples: Sequence[float], p: float) -> float:

@@ -44,13 +44,35 @@ def scaled_size(n: int, k: float) -> int:
     return max(1, int(math.ceil(n * k - 1e-9)))
 
 
-def check_scale(k: float) -> float:
-    k = float(k)
-    if not math.isfinite(k) or k <= 0:
-        raise UsageError(f"--scale must be a positive number, got {k}")
-    if k < 1:
-        raise UsageError(f"--scale {k}: K must be >= 1 (rendering below the label map's resolution is not supported)")
+MAX_SCALE = 1024.0
+
+
+def check_scale(k: float, max_pixels: int | None = None) -> float:
+    """--scale K: a real number in 1..MAX_SCALE whose output of a 1x1 map fits `max_pixels` (the
+    size of each input's output is checked from its header: `check_scaled_output`)."""
+    from .limits import check_range
+
+    try:
+        k = float(k)
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"--scale must be a number in 1..{MAX_SCALE:g} (got {k!r})") from None
+    if math.isfinite(k) and 0 < k < 1:
+        raise UsageError(f"--scale {k:g}: K must be >= 1 (rendering below the label map's resolution is not supported)")
+    check_range("--scale", k, 1.0, MAX_SCALE)
+    if max_pixels is not None and scaled_size(1, k) ** 2 > max_pixels:
+        raise UsageError(f"--scale {k:g}: even a 1x1 label map would give {scaled_size(1, k) ** 2:,} pixels, more "
+                         f"than --max-pixels {max_pixels:,}")
     return k
+
+
+def check_scaled_output(path, height: int, width: int, k: float, max_pixels: int, side_by_side: bool = False) -> None:
+    """InputError naming the label map if its output at scale K (ceil(H*K) x ceil(W*K), twice as wide
+    with --side-by-side) would hold more than `max_pixels` pixels: checked from the header, before
+    anything is decoded or allocated."""
+    oh, ow = scaled_size(height, k), scaled_size(width, k) * (2 if side_by_side else 1)
+    if oh * ow > max_pixels:
+        raise InputError(f"{path}: at --scale {k:g} its output would be {ow}x{oh} ({oh * ow:,} pixels), more than "
+                         f"--max-pixels {max_pixels:,}")
 
 
 @dataclass

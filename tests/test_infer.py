@@ -192,7 +192,7 @@ def test_threads_option_reaches_the_engine(tmp_path, bundle_dir, monkeypatch):
     labels, _ = random_label_maps(CFG, 1, 16, 16)
     src = save(tmp_path / "a.png", labels[0])
     r = runner.invoke(app, ["infer", str(src), "--bundle", str(bundle_dir), "--threads", "0", "-o", str(tmp_path / "o")])
-    assert r.exit_code == UsageError.exit_code and "--threads must be >= 1" in r.output
+    assert r.exit_code == UsageError.exit_code and "--threads must be in 1.." in r.output
     opened = []
     real = inf.open_engine
 
