@@ -84,6 +84,19 @@ def test_unmatched_names_name_the_file(tmp_path):
         find_samples(tmp_path, "train")
 
 
+def test_every_unmatched_file_is_named_in_one_error(tmp_path):
+    _pair(tmp_path / "train_label" / "a.png", tmp_path / "train_img" / "a.png")
+    _pair(tmp_path / "train_label" / "b.png", tmp_path / "train_img" / "c.png")
+    _pair(tmp_path / "train_label" / "d.png", tmp_path / "train_img" / "e.png")
+    with pytest.raises(DatasetError, match="4 problems in 4 files") as info:
+        find_samples(tmp_path, "train")
+    for name in ("train_label/b.png", "train_img/c.png", "train_label/d.png", "train_img/e.png"):
+        assert name in info.value.message
+    problems = []
+    _, samples = find_samples(tmp_path, "train", problems=problems)  # collected, not raised
+    assert [s.label.name for s in samples] == ["a.png"] and len(problems) == 4
+
+
 def test_item_types_ranges_and_batching(tmp_path):
     _pair(tmp_path / "train_label" / "a.png", tmp_path / "train_img" / "a.png")
     _pair(tmp_path / "train_label" / "b.png", tmp_path / "train_img" / "b.png")

@@ -50,17 +50,21 @@ def dataset_factory(data=None, label_dir=None, image_dir=None, instance_dir=None
     def make(cfg: ModelConfig, opts):
         from ..data import PairedDataset, find_samples
 
-        _, samples = find_samples(data, split, label_dir, image_dir, instance_dir)
+        problems: list = []  # files without a partner: reported with the rest by PairedDataset.check
+        layout, samples = find_samples(data, split, label_dir, image_dir, instance_dir, problems=problems)
         return PairedDataset(samples, cfg, load_size=opts.load_size if opts else None, crop=True,
-                             augment=augment, flip=bool(opts and opts.flip))
+                             augment=augment, flip=bool(opts and opts.flip), problems=problems,
+                             name=f"the {'training' if split == 'train' else split} set "
+                                  f"({layout.label_dir if layout.name == 'custom' else layout.label_dir.parent})")
     return make
 
 
 def train_run(cfg: ModelConfig | None, opts, out_dir, *, data=None, label_dir=None, image_dir=None,
               instance_dir=None, resume: bool = False, device: str = "auto",
               on_step: Callable | None = None, on_start: Callable | None = None,
-              threads: int | None = None) -> dict[str, Any]:
-    """Train (single process, or one process of a torchrun job) and return the summary."""
+              threads: int | None = None, on_check: Callable | None = None) -> dict[str, Any]:
+    """Train (single process, or one process of a torchrun job) and return the summary. The data set is
+    checked in full before step 1 (build_trainer); `on_check(done, total)` reports that check's progress."""
     if threads:
         import torch
 
@@ -71,7 +75,7 @@ def train_run(cfg: ModelConfig | None, opts, out_dir, *, data=None, label_dir=No
     ctx = setup_from_env(device)
     try:
         trainer = build_trainer(cfg, opts, dataset_factory(data, label_dir, image_dir, instance_dir), out_dir,
-                                ctx, resume=resume)
+                                ctx, resume=resume, on_check=on_check)
         if on_start is not None:
             on_start(trainer)
         summary = trainer.run(on_step=on_step)
