@@ -95,8 +95,17 @@ def test_no_silent_overwrite(tmp_path, checkpoint, good_map, bundle_dir):
     run_cli(["infer", good_map, "--model", checkpoint, "-o", out], InputError.exit_code, names=("good.png",),
             says=("already exists; pass --overwrite",))
     assert (out / "good.png").read_bytes() == b"mine"
+    # --overwrite replaces only a PNG asap wrote (tests/robustness/test_ownership.py): not the user's file
+    run_cli(["infer", good_map, "--model", checkpoint, "-o", out, "--overwrite"], InputError.exit_code,
+            names=("good.png",), says=("not written by asap",))
+    assert (out / "good.png").read_bytes() == b"mine"
+    (out / "good.png").unlink()
+    run_cli(["infer", good_map, "--model", checkpoint, "-o", out], 0)
+    first = (out / "good.png").read_bytes()
+    os.utime(out / "good.png", (0, 0))
     run_cli(["infer", good_map, "--model", checkpoint, "-o", out, "--overwrite"], 0)
     assert np.array(Image.open(out / "good.png")).shape == (16, 16, 3)
+    assert (out / "good.png").read_bytes() == first and (out / "good.png").stat().st_mtime > 0  # rewritten
     # make-data
     d = tmp_path / "data"
     run_cli(["make-data", d, "--n", "3", "--size", "32"], 0)
