@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from asap_deploy.errors import EngineError, UsageError
-from asap_deploy.io import atomic_path, refuse_existing, write_json
+from asap_deploy.errors import EngineError, KernelError, OutputError, UsageError
+from asap_deploy.io import (atomic_path, check_file_replaceable, check_not_input, check_replaceable, claim_files,
+                            owns_file, read_regular_file, staged_dir, write_json)
 
 SIDECAR_SCHEMA = "asap-deploy/engine"
 SIDECAR_VERSION = 1
@@ -36,6 +37,8 @@ PLUGIN_GRAPHS = ("pixelwise", "asap")
 RTX_ARCHS = (75, 80, 86, 89, 120)  # what TensorRT-RTX 1.7 targets (no sm_90: not for H100/H200)
 DEFAULT_OPT = (1, 1024, 1024)
 DEFAULT_MAX = (4, 2048, 2048)
+CACHE_FORMAT = 2  # part of every kernel-cache key: entries of an older layout are never read
+MAX_TIMING_CACHE_BYTES = 1 << 30
 
 
 # ---- shapes and profiles ------------------------------------------------------------------------
@@ -119,42 +122,85 @@ def kernel_cache_dir() -> Path:
 def plugin_kernels(cfg, archs: Sequence[int], dtype_pairs: Sequence[tuple[str, str]], cache_dir: Path | None = None,
                    progress: Callable[[str], None] | None = None):
     """KernelPack with the fused kernel for every arch x (params, out) dtype pair, compiled ahead of
-    time (Triton, no GPU) or taken from the cache (key: variant, arch, Triton version, kernel source)."""
+    time (Triton, no GPU) or taken from the cache (key: variant, arch, Triton version, kernel source).
+
+    A cache entry is a folder `<cache>/<key>/` written whole (a kernel folder of plugins/aot.py:
+    index.json with the sha256 of every file, the metadata, cubin and PTX, and asap's ownership
+    marker). It is used only if every file is a regular file inside it, matches the recorded sha256
+    and was compiled for exactly this variant, architecture and Triton; otherwise it is recompiled
+    and replaced, or, when the entry is not one asap wrote (a symbolic link, a special file, a
+    folder of other files), refused with a KernelError naming it and the cause."""
     import triton
 
     from asap_deploy.plugins import aot
     from asap_deploy.plugins import kernel as kernel_mod
-    from asap_deploy.plugins.plugin_core import pack_from_metadata
+    from asap_deploy.plugins.plugin_core import KernelPack, PackedKernel
     from asap_deploy.plugins.torch_op import kernel_spec
 
     cache = Path(cache_dir) if cache_dir is not None else kernel_cache_dir()
     src = hashlib.sha256(Path(kernel_mod.__file__).read_bytes()).hexdigest()[:16]
     spec = kernel_spec(cfg)  # ConfigError naming the field the kernel cannot take
-    metas, folders = [], []
+    kernels = []
     for cc in archs:
         for pd, od in dtype_pairs:
             v = aot.Variant(spec, pd, od)
-            key = hashlib.sha256(f"{v.stem}|{cc}|{triton.__version__}|{src}".encode()).hexdigest()[:24]
+            key = hashlib.sha256(f"v{CACHE_FORMAT}|{v.stem}|{cc}|{triton.__version__}|{src}".encode()).hexdigest()[:24]
             folder = cache / key
-            meta_path = folder / f"{v.stem}_sm{cc}.json"
-            meta = None
-            if meta_path.is_file():
-                try:
-                    meta = aot.load_metadata(meta_path)
-                    if not all((folder / f).is_file() for f in meta["files"].values()):
-                        meta = None
-                except Exception:  # noqa: BLE001 - a damaged cache entry is recompiled, whatever the damage
-                    meta = None
-            if meta is None:
+            try:
+                found = _cached_kernel(folder, v, cc, triton.__version__)
+                why = "not cached yet"
+            except KernelError as exc:  # damaged, truncated, foreign or for another variant: recompiled
+                found, why = None, exc.message
+            if found is None:
                 if progress:
-                    progress(f"compiling the SpatialMLP kernel for sm_{cc} ({pd} -> {od})")
-                meta = aot.compile_variant(v, cc, folder)
-            metas.append(meta)
-            folders.append(folder)
-    packs = [pack_from_metadata([m], f) for m, f in zip(metas, folders)]
-    from asap_deploy.plugins.plugin_core import KernelPack
+                    progress(f"compiling the SpatialMLP kernel for sm_{cc} ({pd} -> {od}): {why}")
+                found = _compile_into_cache(folder, v, cc, triton.__version__, why)
+            kernels.append(PackedKernel(*found))
+    return KernelPack(kernels)
 
-    return KernelPack([k for p in packs for k in p.kernels])
+
+def _cached_kernel(folder: Path, variant, cc: int, triton_version: str) -> tuple[dict, bytes, bytes] | None:
+    """(metadata, cubin, ptx) of the cache entry `folder`, verified; None if there is none;
+    KernelError naming the cause if it is there but unusable."""
+    import stat
+
+    from asap_deploy.plugins import aot
+
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise KernelError(f"{folder}: cannot read the kernel cache entry ({exc.strerror or exc})") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise KernelError(f"{folder}: the kernel cache entry is not a folder (a symbolic link or special file)")
+    index = aot.load_index(folder)
+    name = f"{variant.stem}_sm{cc}.json"
+    if [e.get("json") for e in index["kernels"]] != [name] or not index["kernels"][0].get("sha256"):
+        raise KernelError(f"{folder / aot.INDEX}: does not list exactly {name} with its sha256")
+    meta, cubin, ptx = aot.load_kernel(folder, index["kernels"][0])
+    aot.check_variant(meta, variant, cc, triton_version, folder / name)
+    return meta, cubin, ptx
+
+
+def _compile_into_cache(folder: Path, variant, cc: int, triton_version: str, why: str) -> tuple[dict, bytes, bytes]:
+    """Compile `variant` for sm_<cc> into a new cache entry that replaces `folder` in one piece
+    (only if `folder` is absent or an entry asap wrote); return it, read back and verified."""
+    from asap_deploy.plugins import aot
+
+    if os.path.lexists(folder):
+        try:
+            check_replaceable(folder, aot.KIND, "kernel cache entry")
+        except OutputError as exc:
+            raise KernelError(f"{folder}: the cached kernel cannot be used ({why}) and the entry is not one asap "
+                              f"can replace ({exc.message}); remove it, or point ASAP_KERNEL_CACHE at another "
+                              f"folder") from exc
+    with staged_dir(folder, "kernel cache entry", kind=aot.KIND) as tmp:
+        aot.compile_kernels([cc], tmp, [variant], repack_dtypes=[])
+        found = _cached_kernel(tmp, variant, cc, triton_version)
+    if found is None:  # pragma: no cover - the staged folder exists until the swap
+        raise KernelError(f"{folder}: the compiled kernel vanished before it was read back")
+    return found
 
 
 # ---- the sidecar ----------------------------------------------------------------------------------
@@ -233,6 +279,28 @@ def check_sidecar(sc: dict, engine_bytes: bytes | None = None, *, trt_version: s
 
 
 # ---- building -------------------------------------------------------------------------------------
+def _bundle_inputs(bundle) -> list[Path]:
+    """The bundle's files (manifest and graphs): an engine, sidecar or timing cache never replaces one."""
+    files = bundle.manifest.get("files", {}) if isinstance(bundle.manifest, dict) else {}
+    return [bundle.path / "manifest.json", *(bundle.path / n for n in files if isinstance(n, str))]
+
+
+def _check_engine_outputs(eng_path: Path, overwrite: bool, inputs) -> None:
+    """OutputError unless the engine and its sidecar may be written: absent, or (with --overwrite)
+    listed in their folder's ownership marker; never one of the bundle's files."""
+    check_file_replaceable(eng_path, "engine", overwrite, inputs)
+    check_file_replaceable(sidecar_path(eng_path), "engine sidecar", overwrite, inputs)
+
+
+def _owner_kind(folder: Path, bundle) -> str:
+    """The marker kind for a folder that gets its first engine: the bundle's own folder is a bundle."""
+    try:
+        same = os.path.samefile(folder, bundle.path)
+    except OSError:
+        same = False
+    return "bundle" if same else "engines"
+
+
 @dataclass
 class BuildOptions:
     flavor: str = "rtx"
@@ -300,9 +368,14 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
     graphs = stage_graphs(options.stage)
     S = bundle.config.S  # noqa: N806
     profile = (options.profile or default_profile(S)).check(S)
-    if not options.overwrite:  # before any TensorRT work
-        refuse_existing([Path(options.out_dir or bundle.path) / engine_name(g, "fp16" if options.fp16 else "fp32", flavor)
-                         for g in graphs], "engine")
+    precision = "fp16" if options.fp16 else "fp32"
+    out_dir = Path(options.out_dir) if options.out_dir else bundle.path
+    inputs = _bundle_inputs(bundle)
+    for g in graphs:  # before any TensorRT work: what exists is replaced only with --overwrite, and only if ours
+        _check_engine_outputs(out_dir / engine_name(g, precision, flavor), options.overwrite, inputs)
+    cache_path = Path(options.timing_cache) if options.timing_cache else bundle.path / f"timing.{flavor}.cache"
+    if flavor == "tensorrt":
+        check_not_input(cache_path, inputs, "timing cache")
     trt = trt_compat.import_trt(flavor)  # TrtUnavailable: what to install
     targets = _targets(trt, flavor, options.archs)  # tensorrt: GPU checked before any TensorRT object
     if flavor == "rtx":
@@ -312,7 +385,6 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
 
     trt_plugin.register(trt)
     strong_only = trt_compat.strongly_typed_only(trt)
-    precision = "fp16" if options.fp16 else "fp32"
     if options.fp16 and "fp16" not in bundle.precisions:
         if strong_only:
             raise EngineError(f"{bundle.path}: no fp16 graphs in this bundle, and {trt.__name__} "
@@ -325,8 +397,6 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
         src_precision, fp16_method = "fp32", None
     strongly_typed = not (options.fp16 and src_precision == "fp32")
     pairs = [(precision, precision)] if strongly_typed else [("fp32", "fp32"), ("fp16", "fp16")]
-    out_dir = Path(options.out_dir) if options.out_dir else bundle.path
-    cache_path = Path(options.timing_cache) if options.timing_cache else bundle.path / f"timing.{flavor}.cache"
 
     pack = None
     if any(g in PLUGIN_GRAPHS for g in graphs):
@@ -376,7 +446,8 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
         config.add_optimization_profile(prof)
         timing = None
         if flavor == "tensorrt" and hasattr(config, "create_timing_cache"):  # TensorRT-RTX: deprecated no-ops
-            old = cache_path.read_bytes() if cache_path.is_file() else b""
+            old = (read_regular_file(cache_path, "timing cache", MAX_TIMING_CACHE_BYTES, error=EngineError)
+                   if os.path.lexists(cache_path) else b"")
             timing = config.create_timing_cache(old)
             if timing is None and old:  # an unreadable/foreign cache: start a new one
                 timing = config.create_timing_cache(b"")
@@ -394,8 +465,10 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
             if PLUGIN_NAME.encode() not in engine or pack.to_bytes() not in engine:
                 raise EngineError(f"{src.name}: the engine was built without the plugin's kernels in its fields "
                                   f"(get_fields_to_serialize failed): {'; '.join(log.errors()) or 'no message'}")
-        if timing is not None:
+        if timing is not None and (not os.path.lexists(cache_path) or owns_file(cache_path)):
+            # a timing cache asap did not write is used as given, never replaced
             ser = config.get_timing_cache().serialize()
+            claim_files(cache_path.parent, _owner_kind(cache_path.parent, bundle), [cache_path.name])
             with atomic_path(cache_path) as tmp:
                 tmp.write_bytes(bytes(ser))
         eng_path = out_dir / engine_name(graph, precision, flavor)
@@ -421,6 +494,8 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
             "io": bundle.manifest.get("graphs", {}).get(graph, {}),
             "timing_cache": str(cache_path) if timing is not None else None,
         }
+        _check_engine_outputs(eng_path, options.overwrite, inputs)  # again: the folder may have changed meanwhile
+        claim_files(out_dir, _owner_kind(out_dir, bundle), [eng_path.name, sidecar_path(eng_path).name])
         with atomic_path(eng_path) as tmp:
             tmp.write_bytes(engine)
         write_json(sidecar_path(eng_path), sidecar)

@@ -5,21 +5,31 @@ architecture, with the ptxas that ships in the Triton wheel.
 Writes, per (kernel variant, architecture): `<stem>.cubin`, `<stem>.ptx` and `<stem>.json`
 (metadata: entry name, argument list with types, the hidden trailing arguments Triton appends,
 launch grid rule, block size, num_warps, shared memory, Triton version, hashes); and `index.json`
-listing them all. The launcher (plugins/launcher.py) needs only these files and the CUDA driver.
+listing them all with the sha256 of each file. The launcher (plugins/launcher.py) needs only these
+files and the CUDA driver.
+
+A kernel folder is the toolkit's (ownership marker of kind "kernels"): only files listed in its
+marker are replaced, and a folder of other files is never written into. Read back, it is untrusted
+input: names must be plain names inside the folder (no `..`, absolute or hidden names, no symbolic
+links), files must be regular and bounded, types are checked, and every binary is verified against
+the sha256 its index and metadata record (`load_index`, `load_kernel`, `read_images`).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from asap_deploy.config import ModelConfig
-from asap_deploy.errors import KernelError, MissingDependencyError, UsageError
-from asap_deploy.io import atomic_path, write_json
+from asap_deploy.errors import KernelError, MissingDependencyError, OutputError, UsageError
+from asap_deploy.io import MARKER, atomic_path, check_file_replaceable, claim_files, read_marker
 
 from .torch_op import KernelSpec, kernel_spec
 
@@ -31,6 +41,16 @@ OUT_DTYPES = ("fp32", "fp16", "u8")
 POINTER_ALIGN = 16  # bytes: the compiled code assumes every pointer argument is 16-byte aligned
 REPACK_BLOCK_T, REPACK_BLOCK_C = 32, 64
 _TYPE_BYTES = {"i32": 4, "u32": 4, "i64": 8, "fp32": 4}  # scalars; pointers are 8 bytes
+KIND = "kernels"  # the ownership-marker kind of a kernel folder (compile-kernels output, kernel-cache entry)
+INDEX = "index.json"
+# Kernel folders are untrusted input when read back: bounded reads, plain names, hashes checked.
+MAX_JSON_BYTES = 4 << 20
+MAX_IMAGE_BYTES = 256 << 20
+MAX_ENTRIES = 10_000
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}")  # a plain name inside the folder, never hidden
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_ARG_TYPE = re.compile(r"\*(?:i1|i8|u8|i16|i32|i64|u32|u64|fp16|bf16|fp32|fp64)|i32|u32|i64|fp32")
 
 
 def _triton():
@@ -202,21 +222,52 @@ def _describe(ck, signature: dict, constexprs: dict, cc: int, grid_rule: dict, k
     }
 
 
-def _write(out_dir: Path, stem: str, ck, meta: dict) -> dict:
-    cubin, ptx = ck.asm["cubin"], ck.asm["ptx"]
+def _write(out_dir: Path, stem: str, ck, meta: dict, replace: bool = True) -> tuple[dict, str]:
+    """Write `<stem>.cubin`, `.ptx` and `.json` into the kernel folder `out_dir` (each name claimed in its
+    ownership marker before its file is written; an existing file is replaced only if the marker lists
+    it and `replace`); return the metadata and the sha256 of the JSON bytes written."""
+    cubin, ptx = bytes(ck.asm["cubin"]), ck.asm["ptx"].encode("utf-8")
     files = {"cubin": f"{stem}.cubin", "ptx": f"{stem}.ptx"}
-    with atomic_path(out_dir / files["cubin"]) as tmp:
-        tmp.write_bytes(cubin)
-    with atomic_path(out_dir / files["ptx"]) as tmp:
-        tmp.write_text(ptx, encoding="utf-8")
     meta = dict(meta, files=files, sha256={"cubin": hashlib.sha256(cubin).hexdigest(),
-                                            "ptx": hashlib.sha256(ptx.encode()).hexdigest()})
-    write_json(out_dir / f"{stem}.json", meta)
-    return meta
+                                            "ptx": hashlib.sha256(ptx).hexdigest()})
+    raw = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    for name in files.values():
+        _check_writable(out_dir / name, replace)
+    _check_writable(out_dir / f"{stem}.json", replace)
+    _write_owned(out_dir, files["cubin"], cubin, replace)
+    _write_owned(out_dir, files["ptx"], ptx, replace)
+    _write_owned(out_dir, f"{stem}.json", raw, replace)  # last: the metadata names only files that exist
+    return meta, hashlib.sha256(raw).hexdigest()
 
 
-def compile_variant(variant: Variant, cc: int, out_dir: str | Path) -> dict:
-    """Compile one variant for sm_<cc> into out_dir; return its metadata."""
+def _check_writable(path: Path, replace: bool) -> None:
+    check_file_replaceable(path, "compiled kernel file", replace)
+
+
+def _write_owned(folder: Path, name: str, data: bytes, replace: bool = True) -> None:
+    """Write one file of a kernel folder atomically, after claiming its name in the folder's marker."""
+    path = folder / name
+    _check_writable(path, replace)
+    _make_folder(folder)
+    claim_files(folder, KIND, [name])
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the kernel folder ({exc.strerror or exc})") from exc
+
+
+def compile_variant(variant: Variant, cc: int, out_dir: str | Path, replace: bool = True) -> dict:
+    """Compile one variant for sm_<cc> into out_dir; return its metadata. Files asap did not write
+    there are never replaced (OutputError); see _write."""
+    return _compile_variant(variant, cc, out_dir, replace)[0]
+
+
+def _compile_variant(variant: Variant, cc: int, out_dir: str | Path, replace: bool = True) -> tuple[dict, str]:
     from .kernel import spatial_mlp
 
     s = variant.spec
@@ -228,11 +279,16 @@ def compile_variant(variant: Variant, cc: int, out_dir: str | Path) -> dict:
     meta["variant"] = {"params_dtype": variant.params_dtype, "out_dtype": variant.out_dtype,
                        "ids_dtype": variant.ids_dtype, "extra_dtype": variant.extra_dtype}
     meta["params_per_tile"] = {"rule": "(n_lab + EXTRA + 4*LOG2S + 1)*HID + N_HIDDEN*(HID+1)*HID + (HID+1)*OUT"}
-    return _write(Path(out_dir), f"{variant.stem}_sm{cc}", ck, meta)
+    return _write(Path(out_dir), f"{variant.stem}_sm{cc}", ck, meta, replace)
 
 
-def compile_repack(src_dtype: str, cc: int, out_dir: str | Path, num_warps: int = 4) -> dict:
+def compile_repack(src_dtype: str, cc: int, out_dir: str | Path, num_warps: int = 4, replace: bool = True) -> dict:
     """Compile the re-pack pre-pass ((N,P,h,w) any dtype -> (N*h*w, P) fp16) for sm_<cc>."""
+    return _compile_repack(src_dtype, cc, out_dir, num_warps, replace)[0]
+
+
+def _compile_repack(src_dtype: str, cc: int, out_dir: str | Path, num_warps: int = 4,
+                    replace: bool = True) -> tuple[dict, str]:
     from .kernel import asap_repack_params, repack
 
     del asap_repack_params
@@ -245,63 +301,277 @@ def compile_repack(src_dtype: str, cc: int, out_dir: str | Path, num_warps: int 
             "BLOCK_T": REPACK_BLOCK_T, "BLOCK_C": REPACK_BLOCK_C}
     meta = _describe(ck, sig, cons, cc, rule, "repack")
     meta["variant"] = {"src_dtype": src_dtype, "dst_dtype": "fp16"}
-    return _write(Path(out_dir), f"asap_repack_params_{src_dtype}_sm{cc}", ck, meta)
+    return _write(Path(out_dir), f"asap_repack_params_{src_dtype}_sm{cc}", ck, meta, replace)
 
 
 def compile_kernels(archs: Sequence[int], out_dir: str | Path, variants: Sequence[Variant],
                     repack_dtypes: Sequence[str] = PARAM_DTYPES,
                     progress: Callable[[str], None] | None = None, overwrite: bool = True) -> dict:
-    """Compile every variant (and the re-pack pre-pass) for every architecture; write index.json.
-    Needs Triton, no GPU. `overwrite=False` (the CLI's default) refuses a folder holding an index.json."""
+    """Compile every variant (and the re-pack pre-pass) for every architecture; write index.json
+    (last: a folder without it is an unfinished run, which the next run finishes without
+    `overwrite`). Needs Triton, no GPU. `overwrite=False` (the CLI's default) refuses a folder
+    holding an index.json. The folder is asap's (ownership marker of kind "kernels"): a folder
+    holding files asap did not write is refused, and only files listed in its marker are replaced
+    (OutputError, before anything is compiled)."""
     out_dir = Path(out_dir)
-    if not overwrite:
-        from asap_deploy.io import refuse_existing
-
-        refuse_existing([out_dir / "index.json"], "kernel folder (index.json)")
+    if not overwrite and os.path.lexists(out_dir / INDEX):
+        raise OutputError(f"{out_dir / INDEX}: the kernel folder (index.json) already exists; pass --overwrite "
+                          f"to replace it")
+    check_kernel_folder(out_dir)
+    stems = [f"{v.stem}_sm{cc}" for cc in archs for v in variants]
+    stems += [f"asap_repack_params_{d}_sm{cc}" for cc in archs for d in repack_dtypes]
+    for name in [f"{st}{ext}" for st in stems for ext in (".cubin", ".ptx", ".json")] + [INDEX]:
+        _check_writable(out_dir / name, True)  # everything that would be replaced, before any work
+    _make_folder(out_dir)  # before any work: an uncreatable folder is an OutputError naming it
     triton, _, _ = _triton()
-    out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for cc in archs:
         for v in variants:
             if progress:
                 progress(f"sm_{cc} {v.stem}")
-            m = compile_variant(v, cc, out_dir)
+            m, jsha = _compile_variant(v, cc, out_dir)
             entries.append({"kind": "spatial_mlp", "arch": m["arch"], "json": f"{v.stem}_sm{cc}.json",
                             "S": v.spec.S, "HID": v.spec.HID, "N_HIDDEN": v.spec.N_HIDDEN, "OUT": v.spec.OUT,
-                            "EXTRA": v.spec.EXTRA, **m["variant"]})
+                            "EXTRA": v.spec.EXTRA, **m["variant"], "sha256": {"json": jsha, **m["sha256"]}})
         for d in repack_dtypes:
             if progress:
                 progress(f"sm_{cc} repack {d}")
-            m = compile_repack(d, cc, out_dir)
+            m, jsha = _compile_repack(d, cc, out_dir)
             entries.append({"kind": "repack", "arch": m["arch"], "json": f"asap_repack_params_{d}_sm{cc}.json",
-                            **m["variant"]})
+                            **m["variant"], "sha256": {"json": jsha, **m["sha256"]}})
     index = {"schema": SCHEMA_VERSION, "triton_version": triton.__version__, "kernels": entries}
-    write_json(out_dir / "index.json", index)
+    _write_owned(out_dir, INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return index
 
 
-def load_metadata(path: str | Path) -> dict:
-    """Read one kernel's JSON and check it is a schema this launcher knows."""
-    path = Path(path)
+def check_kernel_folder(out_dir: Path) -> None:
+    """OutputError unless `out_dir` may receive kernels: absent, empty, or a kernel folder of asap's
+    (its marker says kind "kernels"). A folder of someone else's files is never written into."""
+    if not os.path.lexists(out_dir):
+        return
+    if not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder; choose another output folder for the kernels")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise KernelError(f"{path}: cannot read kernel metadata: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA_VERSION:
-        raise KernelError(f"{path}: kernel metadata schema {meta.get('schema') if isinstance(meta, dict) else '?'} "
-                          f"is not {SCHEMA_VERSION}; recompile with `asap compile-kernels`")
+        present = os.listdir(out_dir)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot read the folder ({exc.strerror or exc})") from exc
+    if not present:
+        return
+    marker = read_marker(out_dir)
+    if marker is None:
+        raise OutputError(f"{out_dir}: holds files asap did not write (no valid {MARKER} marker); refusing to write "
+                          f"kernels there: choose another folder or an empty one")
+    if marker["kind"] != KIND:
+        raise OutputError(f"{out_dir}: holds a {marker['kind']} written by asap, not a kernel folder; refusing to "
+                          f"write kernels there: choose another folder")
+
+
+# ---- reading kernel folders back (untrusted input) --------------------------------------------------
+def _plain_name(name, what: str, where: Path) -> str:
+    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
+        raise KernelError(f"{where}: names the {what} {name!r}, which is not a plain file name inside the kernel "
+                          f"folder (no folders, '..', absolute or hidden names); refused")
+    return name
+
+
+def read_in_folder(folder: str | Path, name, what: str, max_bytes: int) -> bytes:
+    """The bytes of the plain-named file `name` inside `folder`: KernelError (naming the file and the
+    cause) unless it is a regular file there (a symbolic link is not followed, a FIFO or device is
+    never opened for blocking reads) of at most `max_bytes`."""
+    folder = Path(folder)
+    path = folder / _plain_name(name, what, folder)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KernelError(f"{path}: the {what} is a symbolic link; refused (kernel files must lie inside their "
+                              f"folder)") from exc
+        raise KernelError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
+    try:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise KernelError(f"{path}: the {what} is not a regular file; refused")
+        with os.fdopen(fd, "rb") as f:
+            if st.st_size > max_bytes:
+                raise KernelError(f"{path}: the {what} is {st.st_size} bytes, more than the limit of {max_bytes}")
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise KernelError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
+    if len(data) > max_bytes:
+        raise KernelError(f"{path}: the {what} is more than the limit of {max_bytes} bytes")
+    return data
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_sha(v) -> bool:
+    return isinstance(v, str) and bool(_HEX64.fullmatch(v))
+
+
+def check_metadata(meta, where) -> dict:
+    """KernelError unless `meta` is kernel metadata of this schema with every field the launcher,
+    the plugin and the engine build use, of the right type and in range; returns it."""
+    def bad(what: str):
+        return KernelError(f"{where}: kernel metadata {what}; recompile with `asap compile-kernels`")
+
+    if not isinstance(meta, dict):
+        raise bad("is not a JSON object")
+    if meta.get("schema") != SCHEMA_VERSION or not _is_int(meta.get("schema")):
+        raise KernelError(f"{where}: kernel metadata schema {meta.get('schema')!r} is not {SCHEMA_VERSION}; "
+                          f"recompile with `asap compile-kernels`")
     for key in ("kernel_name", "args", "hidden_args", "block", "shared", "files", "grid_rule"):
         if key not in meta:
-            raise KernelError(f"{path}: kernel metadata lacks {key!r}")
+            raise bad(f"lacks {key!r}")
+    types = {"kind": str, "kernel_name": str, "arch": str, "cc": int, "triton_version": str, "args": list,
+             "hidden_args": list, "ptx_params": list, "constexprs": dict, "num_warps": int, "num_stages": int,
+             "block": list, "shared": int, "grid_rule": dict, "files": dict, "sha256": dict, "variant": dict,
+             "pointer_align": int}
+    for key, t in types.items():
+        v = meta.get(key)
+        if not (_is_int(v) if t is int else isinstance(v, t)):
+            raise bad(f"field {key!r} is {type(v).__name__}, not {t.__name__}")
+    if meta["kind"] not in ("spatial_mlp", "repack"):
+        raise bad(f"kind {meta['kind']!r} is not spatial_mlp or repack")
+    if not _IDENT.fullmatch(meta["kernel_name"]):
+        raise bad(f"kernel_name {meta['kernel_name']!r} is not an identifier")
+    if not 75 <= meta["cc"] <= 1000 or meta["arch"] != f"sm_{meta['cc']}":
+        raise bad(f"arch {meta['arch']!r} / cc {meta['cc']!r} do not agree")
+    if not 1 <= meta["num_warps"] <= 32 or meta["block"] != [meta["num_warps"] * 32, 1, 1]:
+        raise bad(f"block {meta['block']!r} does not fit num_warps {meta['num_warps']}")
+    if not 0 <= meta["shared"] <= 1 << 20 or meta["pointer_align"] not in (1, 2, 4, 8, 16, 32, 64, 128):
+        raise bad("shared memory size or pointer alignment out of range")
+    args, hidden = meta["args"], meta["hidden_args"]
+    if len(args) > 256 or not all(isinstance(a, dict) and isinstance(a.get("name"), str) and _IDENT.fullmatch(a["name"])
+                                  and isinstance(a.get("type"), str) and _ARG_TYPE.fullmatch(a["type"])
+                                  and a.get("bytes") in (4, 8) for a in args):
+        raise bad("has an argument list of the wrong shape (name, type, bytes)")
+    if len(hidden) > 8 or not all(isinstance(h, dict) and isinstance(h.get("name"), str) and _IDENT.fullmatch(h["name"])
+                                  and h.get("type") == "*i8" and _is_int(h.get("value")) and h["value"] == 0
+                                  for h in hidden):
+        raise bad("has hidden arguments other than null scratch pointers")
+    if len(meta["ptx_params"]) != len(args) + len(hidden) or not all(
+            isinstance(p, dict) and p.get("bytes") in (1, 2, 4, 8) for p in meta["ptx_params"]):
+        raise bad("PTX parameter list does not match its arguments")
+    if not all(isinstance(k, str) and (_is_int(v) or isinstance(v, float)) for k, v in meta["constexprs"].items()):
+        raise bad("constexprs are not name -> number")
+    rule = meta["grid_rule"]
+    need = ("S", "programs_per_tile") if meta["kind"] == "spatial_mlp" else ("BLOCK_T", "BLOCK_C")
+    if not all(_is_int(rule.get(k)) and 1 <= rule[k] <= 1 << 16 for k in need):
+        raise bad(f"grid rule lacks positive integers {', '.join(need)}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["variant"].items()):
+        raise bad("variant is not name -> dtype")
+    if meta["kind"] == "spatial_mlp" and not {"params_dtype", "out_dtype"} <= set(meta["variant"]):
+        raise bad("variant lacks params_dtype/out_dtype")
+    files, sha = meta["files"], meta["sha256"]
+    for key in ("cubin", "ptx"):
+        _plain_name(files.get(key), f"{key} file", Path(str(where)))
+        if not _is_sha(sha.get(key)):
+            raise bad(f"has no sha256 of its {key}")
+    if meta.get("ptx_target") is not None and not isinstance(meta["ptx_target"], str):
+        raise bad("ptx_target is not a string")
     return meta
 
 
-def load_index(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / "index.json"
+def _parse_json(raw: bytes, what: str, where) -> object:
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise KernelError(f"{path}: cannot read the kernel index: {exc}") from exc
-    if index.get("schema") != SCHEMA_VERSION:
-        raise KernelError(f"{path}: index schema {index.get('schema')} is not {SCHEMA_VERSION}")
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise KernelError(f"{where}: cannot read {what}: {exc}") from exc
+
+
+def load_metadata(path: str | Path) -> dict:
+    """Read one kernel's JSON (a regular file, bounded) and check it is a schema this launcher knows,
+    with every field of the right type (check_metadata)."""
+    from asap_deploy.io import read_regular_file
+
+    path = Path(path)
+    raw = read_regular_file(path, "kernel metadata", MAX_JSON_BYTES, error=KernelError)
+    return check_metadata(_parse_json(raw, "kernel metadata", path), path)
+
+
+def read_images(meta: dict, folder: str | Path) -> tuple[bytes, bytes]:
+    """(cubin, ptx) of checked metadata, read from inside `folder` and verified against the sha256
+    the metadata records: KernelError naming the damaged file otherwise."""
+    folder = Path(folder)
+    out = []
+    for key in ("cubin", "ptx"):
+        name = meta["files"][key]
+        data = read_in_folder(folder, name, f"kernel {key}", MAX_IMAGE_BYTES)
+        if hashlib.sha256(data).hexdigest() != meta["sha256"][key]:
+            raise KernelError(f"{folder / name}: the kernel {key} does not match the sha256 its metadata records "
+                              f"(damaged or replaced); recompile it")
+        out.append(data)
+    cubin, ptx = out
+    if cubin[:4] != b"\x7fELF" or f".entry {meta['kernel_name']}(".encode() not in ptx:
+        raise KernelError(f"{folder / meta['files']['cubin']}: not the compiled {meta['kernel_name']} kernel; "
+                          f"recompile it")
+    return cubin, ptx
+
+
+def load_kernel(folder: str | Path, entry: dict) -> tuple[dict, bytes, bytes]:
+    """(metadata, cubin, ptx) of one index entry of a kernel folder, every file confined to the
+    folder and checked against the sha256 the index records (when it has them) and the metadata
+    records: a damaged, truncated, missing or foreign file is a KernelError naming it."""
+    folder = Path(folder)
+    raw = read_in_folder(folder, entry.get("json"), "kernel metadata", MAX_JSON_BYTES)
+    sha = entry.get("sha256") or {}
+    where = folder / entry["json"]
+    if sha and hashlib.sha256(raw).hexdigest() != sha["json"]:
+        raise KernelError(f"{where}: the kernel metadata does not match the sha256 in {INDEX} (damaged or replaced); "
+                          f"recompile it")
+    meta = check_metadata(_parse_json(raw, "kernel metadata", where), where)
+    if sha and (meta["sha256"]["cubin"], meta["sha256"]["ptx"]) != (sha["cubin"], sha["ptx"]):
+        raise KernelError(f"{where}: the kernel metadata records other images than {INDEX}; recompile it")
+    if meta["arch"] != entry.get("arch") or meta["kind"] != entry.get("kind"):
+        raise KernelError(f"{where}: compiled for {meta['kind']} {meta['arch']}, but {INDEX} lists "
+                          f"{entry.get('kind')} {entry.get('arch')}; recompile it")
+    cubin, ptx = read_images(meta, folder)
+    return meta, cubin, ptx
+
+
+def check_variant(meta: dict, variant: Variant, cc: int, triton_version: str | None = None, where="") -> None:
+    """KernelError naming the first way `meta` is not `variant` compiled for sm_<cc> (by this
+    Triton): a kernel compiled for another architecture or configuration is never used for it."""
+    want = {"kind": "spatial_mlp", "kernel_name": "asap_spatial_mlp", "arch": f"sm_{cc}", "cc": cc,
+            "variant": {"params_dtype": variant.params_dtype, "out_dtype": variant.out_dtype,
+                        "ids_dtype": variant.ids_dtype, "extra_dtype": variant.extra_dtype},
+            "constexprs": {k: (int(v) if isinstance(v, bool) else v) for k, v in variant.constexprs().items()},
+            "args": [[n, t] for n, t in variant.signature().items() if t != "constexpr"]}
+    if triton_version is not None:
+        want["triton_version"] = triton_version
+    have = dict(meta, args=[[a["name"], a["type"]] for a in meta["args"]])
+    for key, value in want.items():
+        if have.get(key) != value:
+            raise KernelError(f"{where}: compiled with {key} {have.get(key)!r}, not {value!r} (another architecture, "
+                              f"configuration or Triton); recompile it")
+
+
+def load_index(out_dir: str | Path) -> dict:
+    """index.json of a kernel folder (a regular file inside it, bounded), every entry of the right
+    shape and naming a plain file inside the folder; KernelError otherwise."""
+    folder = Path(out_dir)
+    path = folder / INDEX
+    index = _parse_json(read_in_folder(folder, INDEX, "kernel index", MAX_JSON_BYTES), "the kernel index", path)
+    if not isinstance(index, dict) or index.get("schema") != SCHEMA_VERSION:
+        got = index.get("schema") if isinstance(index, dict) else type(index).__name__
+        raise KernelError(f"{path}: index schema {got!r} is not {SCHEMA_VERSION}")
+    kernels = index.get("kernels")
+    if not isinstance(kernels, list) or len(kernels) > MAX_ENTRIES or not isinstance(index.get("triton_version"), str):
+        raise KernelError(f"{path}: malformed kernel index (kernels / triton_version of the wrong type)")
+    for e in kernels:
+        if not isinstance(e, dict) or not isinstance(e.get("kind"), str) or not isinstance(e.get("arch"), str):
+            raise KernelError(f"{path}: malformed kernel index entry {str(e)[:80]!r}")
+        _plain_name(e.get("json"), "kernel metadata", path)
+        sha = e.get("sha256")
+        if sha is not None and not (isinstance(sha, dict) and all(_is_sha(sha.get(k)) for k in ("json", "cubin",
+                                                                                                 "ptx"))):
+            raise KernelError(f"{path}: entry {e['json']!r} has a malformed sha256 record")
     return index

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from asap_deploy.errors import KernelError, MissingDependencyError
 
-from .aot import load_index, load_metadata
+from .aot import load_index, load_metadata, read_images
 
 _CTYPES = {"i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
            "fp32": ctypes.c_float, "i1": ctypes.c_int32}
@@ -125,11 +125,8 @@ class DriverKernel:
     def from_json(cls, path: str | Path, device: int = 0, prefer: str = "cubin") -> "DriverKernel":
         path = Path(path)
         meta = load_metadata(path)
-        f = path.parent / meta["files"][prefer]
-        try:
-            data = f.read_bytes()
-        except OSError as exc:
-            raise KernelError(f"{f}: cannot read the kernel image: {exc.strerror}") from exc
+        cubin, ptx = read_images(meta, path.parent)  # inside the folder, checked against the recorded sha256
+        data = ptx if prefer == "ptx" else cubin
         if prefer == "ptx":
             data += b"\0"
         return cls(meta, data, device)

@@ -146,14 +146,14 @@ class KernelPack:
 
 
 def pack_from_metadata(metas: Sequence[Mapping], folder) -> KernelPack:
-    """A pack from aot.compile_variant metadata dicts whose files lie in `folder`."""
-    from pathlib import Path
+    """A pack from aot.compile_variant metadata dicts whose files lie in `folder` (plain names inside
+    it, checked against the sha256 the metadata records)."""
+    from .aot import check_metadata, read_images
 
     out = []
     for m in metas:
-        files = m["files"]
-        out.append(PackedKernel(dict(m), (Path(folder) / files["cubin"]).read_bytes(),
-                                (Path(folder) / files["ptx"]).read_bytes()))
+        m = check_metadata(dict(m), folder)
+        out.append(PackedKernel(m, *read_images(m, folder)))
     return KernelPack(out)
 
 

@@ -23,6 +23,7 @@ from asap_deploy.engines import build as eb
 from asap_deploy.errors import EngineError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
 from asap_deploy.export.synthetic import random_generator
+from asap_deploy.io import MARKER
 from asap_deploy.plugins import trt_compat
 from asap_deploy.plugins.plugin_core import KernelPack
 
@@ -74,7 +75,7 @@ def test_engines_sidecars_and_plugin_fields(built):
     for g in ("predictor", "pixelwise", "asap"):
         assert f"{g}.fp16.rtx.engine" in files and f"{g}.fp16.rtx.engine.json" in files
     assert "timing.rtx.cache" not in files  # timing caches are no-ops in TensorRT-RTX (full TensorRT: kept)
-    assert not [f for f in files if f.startswith(".")], f"temporary files left: {files}"
+    assert not [f for f in files if f.startswith(".") and f != MARKER], f"temporary files left: {files}"
     for g in ("pixelwise", "asap"):
         eng = (built.path / f"{g}.fp16.rtx.engine").read_bytes()
         sc = eb.read_sidecar(built.path / f"{g}.fp16.rtx.engine")
@@ -164,7 +165,7 @@ def test_sigint_mid_build_leaves_whole_engine_sidecar_pairs_only(built, tmp_path
                        env={**os.environ, "ASAP_KERNEL_CACHE": str(kernel_cache)})
     assert r.returncode == 130 and "interrupted" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     files = sorted(p.name for p in (tmp_path / "e").iterdir())
-    assert not [f for f in files if f.startswith(".")], files
+    assert not [f for f in files if f.startswith(".") and f != MARKER], files
     engines = [f for f in files if f.endswith(".engine")]
     assert len(engines) == 1, files
     sidecar = json.loads((tmp_path / "e" / (engines[0] + ".json")).read_text())
@@ -389,3 +390,92 @@ def test_gpu_engine_matches_pytorch_and_cuda_graph_replay(tmp_path, kernel_cache
     assert psnr >= THRESHOLDS["fp16"]["psnr_db"], psnr
     for r in replay:
         assert np.array_equal(r, first)
+
+
+# ---- kernel cache integrity and file ownership (issue 12) ---------------------------------------------------
+def _private_cache(kernel_cache, tmp_path) -> tuple[Path, Path]:
+    """A copy of the module's kernel cache and its one sm_86 fp16 entry."""
+    d = tmp_path / "kc"
+    shutil.copytree(kernel_cache, d, symlinks=True)
+    for folder in d.iterdir():
+        e = json.loads((folder / "index.json").read_text())["kernels"][0]
+        if (e["arch"], e["params_dtype"]) == ("sm_86", "fp16"):
+            return d, folder
+    raise AssertionError("no sm_86 fp16 entry")
+
+
+def _build_pixelwise(built, out, cache, *extra):
+    from asap_deploy.cli import app
+
+    return CliRunner().invoke(app, ["build-engine", str(built.path), "--fp16", "--flavor", "rtx", "--arch", "sm_86",
+                                    "--stage", "pixelwise", "-o", str(out), *SHAPES, *extra],
+                              env={"ASAP_KERNEL_CACHE": str(cache)})
+
+
+def test_flipped_byte_in_a_cached_kernel_is_recompiled_and_the_build_succeeds(built, kernel_cache, tmp_path):
+    """The issue's case: one flipped byte in a cached cubin used to fail every later build inside
+    TensorRT; now the entry is verified, recompiled, and the engine carries sound kernels."""
+    cache, entry = _private_cache(kernel_cache, tmp_path)
+    cubin = next(entry.glob("*.cubin"))
+    data = bytearray(cubin.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    cubin.write_bytes(bytes(data))
+    res = _build_pixelwise(built, tmp_path / "e", cache)
+    assert res.exit_code == 0, res.output
+    pack = _pack_in((tmp_path / "e" / "pixelwise.fp16.rtx.engine").read_bytes())  # verifies every image's sha256
+    assert pack.kernels[0].cubin == cubin.read_bytes() != bytes(data)
+
+
+def test_cache_entry_leaving_the_cache_is_refused_with_the_cause(built, kernel_cache, tmp_path):
+    cache, entry = _private_cache(kernel_cache, tmp_path)
+    outside = tmp_path / "outside"
+    shutil.move(str(entry), outside)
+    entry.symlink_to(outside)
+    res = _build_pixelwise(built, tmp_path / "e", cache)
+    assert res.exit_code == 10, res.output
+    assert "not a folder" in res.output and "ASAP_KERNEL_CACHE" in " ".join(res.output.split())
+    assert entry.is_symlink() and (outside / "index.json").is_file() and not (tmp_path / "e").exists()
+
+
+def test_engines_and_sidecars_are_claimed_in_the_bundle_marker(built):
+    from asap_deploy.io import owns_file, read_marker
+
+    assert read_marker(built.path)["kind"] == "bundle"
+    for g in ("predictor", "pixelwise", "asap"):
+        eng = built.path / f"{g}.fp16.rtx.engine"
+        assert owns_file(eng) and owns_file(eb.sidecar_path(eng))
+
+
+@pytest.mark.parametrize("which", ["pixelwise.fp16.rtx.engine", "pixelwise.fp16.rtx.engine.json"])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_build_never_replaces_an_engine_or_sidecar_asap_did_not_write(built, kernel_cache, tmp_path, which, overwrite):
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / which).write_bytes(b"user data")
+    res = _build_pixelwise(built, out, kernel_cache, *overwrite)
+    assert res.exit_code == 12, res.output
+    assert ("not written by asap" if overwrite else "--overwrite") in " ".join(res.output.split())
+    assert sorted(p.name for p in out.iterdir()) == [which] and (out / which).read_bytes() == b"user data"
+
+
+def test_build_never_replaces_a_bundle_file_through_a_hard_link(built, kernel_cache, tmp_path):
+    out = tmp_path / "e"
+    out.mkdir()
+    src = built.path / "pixelwise.fp16.onnx"
+    before = src.read_bytes()
+    os.link(src, out / "pixelwise.fp16.rtx.engine")
+    res = _build_pixelwise(built, out, kernel_cache, "--overwrite")
+    assert res.exit_code == 12 and "replace the input" in " ".join(res.output.split()), res.output
+    assert src.read_bytes() == before
+
+
+def test_overwrite_replaces_engines_asap_wrote(built, kernel_cache, tmp_path):
+    out = tmp_path / "e"
+    assert _build_pixelwise(built, out, kernel_cache).exit_code == 0
+    from asap_deploy.io import read_marker
+
+    marker = read_marker(out)
+    assert marker["kind"] == "engines" and set(marker["files"]) == {"pixelwise.fp16.rtx.engine",
+                                                                     "pixelwise.fp16.rtx.engine.json"}
+    res = _build_pixelwise(built, out, kernel_cache, "--overwrite")
+    assert res.exit_code == 0, res.output
