@@ -280,7 +280,9 @@ def validate(
     else:
         reference = create_engine("torch", bundle)
     engines = [create_engine(n, bundle, precision) for n in names]
-    report_dir = report or bundle_dir.with_name(bundle_dir.name + "-validation")
+    from asap_deploy.io import derived_name
+
+    report_dir = report or bundle_dir.with_name(derived_name(bundle_dir.name, "-validation"))
     with console.status("validating") as status:
         rep = run_validation(bundle, reference, engines, samples, precision, report_dir,
                              progress=lambda msg: status.update(msg))

@@ -24,7 +24,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import AsapError, BundleError, InputError, OutputError, UsageError, did_you_mean
 from .limits import glob_files, list_files
-from .io import (DEFAULT_MAX_PIXELS, file_identity, is_our_png, open_image, read_ids_or_rgb, read_instance_map,
+from .io import (DEFAULT_MAX_PIXELS, derived_name, file_identity, is_our_png, open_image, read_ids_or_rgb, read_instance_map,
                  remove_stale_temps, to_uint8, write_png)
 from .palette import Palette, load_palette
 
@@ -338,7 +338,8 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 def output_path(out_dir: Path, label: Path) -> Path:
-    return out_dir / (label.stem + ".png")
+    """`out_dir/<the label map's stem>.png` (the stem shortened if the name would pass 255 bytes)."""
+    return out_dir / derived_name(label.stem, ".png")
 
 
 # A folder holding side inputs (instance maps, high-resolution maps, a bundle) is listed up to

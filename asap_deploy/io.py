@@ -43,6 +43,12 @@ def _fit_name(name: str, room: int) -> str:
     return raw[:max(room, 0)].decode("utf-8", "ignore")
 
 
+def derived_name(base: str, tail: str) -> str:
+    """`base` + `tail` (an output named after an input: "x" + ".png", "bundle" + "-validation"),
+    `base` shortened so that the name fits NAME_MAX bytes whatever the input's name."""
+    return _fit_name(base, NAME_MAX - len(tail.encode("utf-8", "surrogateescape"))) + tail
+
+
 def temp_name(target: Path, kind: str = "", suffix: str = "") -> Path:
     """A hidden sibling name for `target`, `.NAME.asaptmp-<hex><kind><suffix>`, at most NAME_MAX
     bytes whatever the length of NAME (NAME is shortened; the random part keeps it unique)."""

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from .errors import AsapError, InputError, MissingDependencyError, UsageError
 from .infer import (Choice, FileResult, InferOptions, InferSummary, Source, check_out_dir, check_outputs_are_not_inputs,
-                    choose_backend, discover_inputs, input_identities)
+                    choose_backend, discover_inputs, input_identities, output_path)
 
 
 @dataclass
@@ -116,7 +116,7 @@ def ray_infer(inputs: Sequence[str | os.PathLike], source: Source, options: Infe
     todo: list[str] = []  # absolute paths: actors need not share the driver's working directory
     given: dict[str, Path] = {}
     for p in paths:
-        key = p.stem + ".png"
+        key = output_path(out_dir, p).name
         if key in owners:
             results.append(FileResult(p, error=f"{p}: its output {out_dir / key} would overwrite the output of "
                                                f"{owners[key]} (same file name); rename one of them"))

@@ -187,13 +187,24 @@ def test_255_byte_names_work_for_files_and_folders(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([long, folder])
 
 
-def test_infer_with_a_255_byte_input_name(tmp_path, bundle_dir):
+@pytest.mark.parametrize("name", ["m" * 251 + ".png", "n" * 253 + ".p", "é" * 127])
+def test_infer_with_a_255_byte_input_name(tmp_path, bundle_dir, name):
+    """The output name (stem + .png) and its temp name fit 255 bytes whatever the input's name."""
     labels, _ = label_maps(1, 16, 16, seed=2)
-    name = "m" * 251 + ".png"
-    save_png(tmp_path / "in" / name, labels[0])
-    run_cli(_infer(tmp_path / "in" / name, "--bundle", bundle_dir, "-o", tmp_path / "out"), 0)
-    run_cli(_infer(tmp_path / "in" / name, "--bundle", bundle_dir, "-o", tmp_path / "out", "--overwrite"), 0)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == [name]
+    save_png(tmp_path / "in" / "x.png", labels[0]).rename(tmp_path / "in" / name)
+    for extra in ([], ["--overwrite"]):
+        run_cli(_infer(tmp_path / "in" / name, "--bundle", bundle_dir, "-o", tmp_path / "out", *extra), 0)
+    [out] = list((tmp_path / "out").iterdir())
+    assert out.suffix == ".png" and len(out.name.encode()) <= 255 and is_our_png(out)
+
+
+def test_validate_default_report_name_fits_for_a_255_byte_bundle_name(tmp_path, bundle_dir):
+    import shutil
+
+    b = Path(shutil.copytree(bundle_dir, tmp_path / ("b" * 255)))
+    run_cli(["validate", b, "--random", "1"], 0)
+    [rep] = [p for p in tmp_path.iterdir() if p != b]
+    assert rep.name.endswith("-validation") and read_marker(rep)["kind"] == "validation report"
 
 
 def test_exit_hook_never_prints_a_traceback(tmp_path):
