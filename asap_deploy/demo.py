@@ -55,7 +55,7 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     if threads:
         torch.set_num_threads(threads)
 
-    from .data import PairedDataset, find_samples
+    from .data import PairedDataset, check_datasets, find_samples
     from .synthetic import make_dataset
     from .train import small_config
     from .train.evaluate import quality_report
@@ -81,6 +81,7 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     train_set = PairedDataset(find_samples(out / "data", "train")[1], cfg, augment=True)
     val_layout, val_samples = find_samples(out / "data", "val")
     val_set = PairedDataset(val_samples, cfg)
+    check_datasets([train_set, val_set])  # every pair before step 1 (its own data, but checked like any other)
     emit("stage", text=f"2/{STAGES} training a small ASAP-Net ({cfg.S}x{cfg.S} tiles, MLP {cfg.mlp_channels}) "
                        + (f"for {minutes:g} min" if minutes else f"for {steps} steps"))
     trainer = Trainer(cfg, opts, train_set, out / "run")
