@@ -6,17 +6,30 @@ hands each batch of requests to a Python callable in this process; that callable
 endpoints, health (`/v2/health/live`, `/v2/health/ready`), Prometheus metrics (8002, `/metrics`),
 and the dynamic batcher, which only puts requests of the same shape into one batch.
 
+Two models, because PyTriton answers a batch all or nothing: its callable must return one dict of
+arrays per request or raise, and a raised error goes to every request of the batch, as a Python
+traceback with server file paths (pytriton/proxy/inference.py formats it, the proxy's model.py
+wraps it in another one). So clients talk to
+  `asap`         a Triton Python-backend model of our own (`FrontModel`, written into a temporary
+                 model repository and loaded once `asap_engine` is). It has the dynamic batcher; it
+                 checks every request on its own, answers a bad one with its own one-line error
+                 (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT) and sends the good ones of each size,
+                 joined, to
+  `asap_engine`  the PyTriton-bound callable that runs the Engine in this process (it checks again,
+                 for clients that call it directly; they get PyTriton's all-or-nothing answers).
+The good requests pay one more hop inside the server (the BLS request: a shared-memory copy).
+
 The model `asap`:
   inputs   labels     uint8 (int32 when the model has > 255 labels), shape (-1, -1) per request
            instances  int32, shape (-1, -1)      only for models that use instance edges
   outputs  image      uint8 RGB, shape (-1, -1, 3)
 H and W must be multiples of S (the client pads: see `asap_deploy.infer.pad_to_multiple`).
 
-Bad requests get an error response naming the problem and the server goes on: Triton itself
-rejects a wrong dtype or rank; `validate_request` rejects ids out of range, sizes that are not
-multiples of S and sizes over `max_pixels`. PyTriton answers one callable call with results for
-all its requests or one error for all of them, so a bad request that the batcher put into a
-batch with good ones of the same size fails that batch; the error names the bad request.
+Bad requests get an error response naming the problem and the server goes on; a bad request never
+fails another one batched with it. Triton itself rejects a wrong dtype or rank (HTTP 400);
+`validate_request` rejects empty requests, ids out of range, sizes that are not multiples of S
+and sizes over `max_pixels` (HTTP 400, one line, no traceback). An engine failure fails only the
+requests that ran with it, with a one-line server error (HTTP 500; the details go to the log).
 
 Two traps on the way, both handled here:
   * the Python backend stub links the system libpython3.X.so while a venv/pyenv interpreter is
@@ -30,20 +43,28 @@ Two traps on the way, both handled here:
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import signal
 import sysconfig
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .config import ModelConfig
-from .errors import InputError, MissingDependencyError, UsageError
+from .errors import AsapError, InputError, MissingDependencyError, UsageError
 from .io import sigterm_as_interrupt
 
+LOGGER = logging.getLogger(__name__)
+
 MODEL_NAME = "asap"
+ENGINE_MODEL = "asap_engine"  # the PyTriton-bound engine; clients use MODEL_NAME (see the module doc)
+FRONT_SETTINGS = "asap_serve.json"
 LABELS, INSTANCES, IMAGE = "labels", "instances", "image"
 DEFAULT_MAX_PIXELS = 4096 * 4096  # per request; larger requests are refused (memory, latency)
 SERVE_EXTRA = "pip install 'asap-deploy[serve]'"
@@ -150,9 +171,13 @@ def validate_request(request: dict[str, np.ndarray], cfg: ModelConfig,
     if labels.ndim != 3:
         raise InputError(f"'{LABELS}' must be (H, W) label ids per request, got shape {labels.shape[1:]}")
     n, h, w = labels.shape
-    if h * w > max_pixels or h == 0 or w == 0:
-        raise InputError(f"a {w}x{h} (WxH) label map is outside the served range: 1..{max_pixels} pixels per request")
     S = cfg.S  # noqa: N806
+    if n == 0:
+        raise InputError("an empty request: its batch dimension is 0 (send one or more label maps)")
+    if h == 0 or w == 0:
+        raise InputError(f"an empty {w}x{h} (WxH) label map: W and H must be positive multiples of S={S}")
+    if h * w > max_pixels:
+        raise InputError(f"a {w}x{h} (WxH) label map is outside the served range: 1..{max_pixels} pixels per request")
     if h % S or w % S:
         raise InputError(f"a {w}x{h} (WxH) label map: W and H must be multiples of S={S}; pad it to "
                          f"{-(-w // S) * S}x{-(-h // S) * S} (reflect, bottom/right) and crop the image back")
@@ -174,41 +199,199 @@ def validate_request(request: dict[str, np.ndarray], cfg: ModelConfig,
     return labels, instances
 
 
-def make_infer_fn(engine, max_pixels: int = DEFAULT_MAX_PIXELS) -> Callable[[Sequence[dict]], list[dict]]:
-    """The callable PyTriton runs: a list of requests (dicts of arrays) -> a list of {"image": ...}.
+class RequestFailed(AsapError):
+    """A valid request that the model failed on (a server-side error; the details are in the log)."""
 
-    Every request is validated first; if any is bad, one InputError names each bad request and
-    nothing runs. Requests of the same size go through the engine as one batch."""
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else "error"
+
+
+def answer_requests(requests: Sequence[Mapping[str, np.ndarray]], cfg: ModelConfig,
+                    run: Callable[[np.ndarray, np.ndarray | None], np.ndarray],
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray | AsapError]:
+    """One answer per request of a batch: its image (N, H, W, 3) or its own error.
+
+    Every request is checked on its own (`validate_request`): a bad one gets its InputError and
+    touches no other. The good ones of one size go through `run(labels, instances)` as one call; if
+    that call fails, only its requests get a RequestFailed (one line: the exception's type; the
+    details go to the log)."""
+    answers: list[np.ndarray | AsapError | None] = [None] * len(requests)
+    groups: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray | None]]] = {}
+    for i, req in enumerate(requests):
+        try:
+            labels, instances = validate_request(req, cfg, max_pixels)
+        except InputError as exc:
+            answers[i] = exc
+            continue
+        groups.setdefault(labels.shape[1:], []).append((i, labels, instances))
+    for members in groups.values():
+        labels = np.concatenate([m[1] for m in members]) if len(members) > 1 else members[0][1]
+        instances = None
+        if members[0][2] is not None:
+            instances = np.concatenate([m[2] for m in members]) if len(members) > 1 else members[0][2]
+        n, h, w = labels.shape
+        error: AsapError | None = None
+        try:
+            images = np.asarray(run(labels, instances))
+            if images.shape != (n, h, w, cfg.output_nc):
+                raise RequestFailed(f"the engine returned images of shape {images.shape} for {n} label maps "
+                                    f"of {w}x{h} (WxH)")
+        except InputError as exc:
+            error = InputError(_one_line(exc.message))
+        except AsapError as exc:
+            LOGGER.warning("the engine failed on %d label map(s) of %dx%d (WxH): %s", n, w, h, exc.message)
+            error = RequestFailed(_one_line(exc.message))
+        except Exception as exc:  # noqa: BLE001 - any engine failure fails only the requests run with it
+            LOGGER.warning("the engine failed on %d label map(s) of %dx%d (WxH)", n, w, h, exc_info=True)
+            error = RequestFailed(f"the model failed on this request ({type(exc).__name__}); the server log has "
+                                  "the details")
+        start = 0
+        for i, lab, _ in members:
+            k = lab.shape[0]
+            answers[i] = error if error is not None else images[start:start + k]
+            start += k
+    return answers  # type: ignore[return-value]
+
+
+def make_infer_fn(engine, max_pixels: int = DEFAULT_MAX_PIXELS) -> Callable[[Sequence[dict]], list[dict]]:
+    """The callable PyTriton runs (model `asap_engine`): a list of requests (dicts of arrays) -> a
+    list of {"image": ...}.
+
+    PyTriton answers all requests of a call or raises one error for all of them, so a bad request
+    here (only from a client that skips the `asap` front model) fails the call, naming it. Requests
+    of the same size go through the engine as one batch."""
     cfg: ModelConfig = engine.config
 
     def infer_fn(requests: Sequence[dict]) -> list[dict]:
-        checked, problems = [], []
-        for i, req in enumerate(requests):
-            try:
-                checked.append(validate_request(req, cfg, max_pixels))
-            except InputError as exc:
-                problems.append(exc.message if len(requests) == 1 else f"request {i + 1} of {len(requests)} in this "
-                                f"batch: {exc.message}")
+        answers = answer_requests(requests, cfg, engine.run, max_pixels)
+        problems = [(i, a) for i, a in enumerate(answers) if not isinstance(a, np.ndarray)]
         if problems:
-            others = (" (the other requests of this batch were not run: send them again)"
-                      if len(problems) < len(requests) else "")
-            raise InputError("; ".join(problems) + others)
-        groups: dict[tuple, list[int]] = {}
-        for i, (lab, _) in enumerate(checked):
-            groups.setdefault(lab.shape[1:], []).append(i)
-        out: list[dict | None] = [None] * len(checked)
-        for idx in groups.values():
-            labels = np.concatenate([checked[i][0] for i in idx])
-            inst = np.concatenate([checked[i][1] for i in idx]) if cfg.instance_edges else None
-            images = engine.run(labels, inst)
-            start = 0
-            for i in idx:
-                n = checked[i][0].shape[0]
-                out[i] = {IMAGE: images[start:start + n]}
-                start += n
-        return out  # type: ignore[return-value]
+            many = len(requests) > 1
+            text = "; ".join((f"request {i + 1} of {len(requests)} in this batch: " if many else "") + a.message
+                             for i, a in problems)
+            if len(problems) < len(requests):
+                text += " (the other requests of this batch got no answer: send them again)"
+            raise (InputError if all(isinstance(a, InputError) for _, a in problems) else RequestFailed)(text)
+        return [{IMAGE: a} for a in answers]
 
     return infer_fn
+
+
+# ---- the front model: Triton's Python backend answers every request on its own --------------------------
+FRONT_MODEL_PY = '''"""Triton Python-backend model `asap`, written by `asap serve` into a temporary model
+repository (see asap_deploy/serve.py): checks each request on its own and runs the good ones
+through the model `asap_engine`."""
+
+from pathlib import Path
+
+from asap_deploy.serve import FrontModel
+
+
+class TritonPythonModel(FrontModel):
+    folder = Path(__file__).resolve().parent
+'''
+
+_TRITON_TYPES = {"uint8": "TYPE_UINT8", "int32": "TYPE_INT32"}
+
+
+def front_config_text(cfg: ModelConfig, opts: "ServeOptions") -> str:
+    """config.pbtxt of the front model `asap` (protobuf text format of Triton's ModelConfig)."""
+    def tensor(name: str, dtype: np.dtype, dims: tuple[int, ...]) -> str:
+        return (f"  {{\n    name: \"{name}\"\n    data_type: {_TRITON_TYPES[np.dtype(dtype).name]}\n"
+                f"    dims: [ {', '.join(map(str, dims))} ]\n  }}")
+
+    params = {"S": cfg.S, "label_nc": cfg.n_label_channels, "accepts_dontcare_255": int(cfg.accepts_dontcare_id),
+              "source": "asap-deploy serve"}
+    lines = [f"name: \"{MODEL_NAME}\"", "backend: \"python\"", f"max_batch_size: {opts.max_batch}",
+             "input [\n" + ",\n".join(tensor(*t) for t in model_inputs(cfg)) + "\n]",
+             "output [\n" + ",\n".join(tensor(*t) for t in model_outputs(cfg)) + "\n]",
+             "dynamic_batching {\n  max_queue_delay_microseconds: " + str(int(round(opts.max_delay_ms * 1000))) + "\n}",
+             "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]"]
+    for k, v in params.items():
+        lines.append(f"parameters {{\n  key: \"{k}\"\n  value: {{ string_value: \"{v}\" }}\n}}")
+    return "\n".join(lines) + "\n"
+
+
+def write_front_model(repo: Path, cfg: ModelConfig, opts: "ServeOptions") -> Path:
+    """Write the front model `asap` into the model repository `repo` (a folder this process made)."""
+    folder = repo / MODEL_NAME
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(front_config_text(cfg, opts), encoding="utf-8")
+    (folder / "1" / "model.py").write_text(FRONT_MODEL_PY, encoding="utf-8")
+    settings = {"config": cfg.to_dict(), "max_pixels": opts.max_pixels, "engine_model": ENGINE_MODEL}
+    (folder / "1" / FRONT_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+class FrontModel:
+    """The Triton Python-backend model `asap` (runs in the backend's stub process).
+
+    Each request is checked on its own; the good ones of one size go to `asap_engine` as one BLS
+    request; every request gets its own response: the image, or an error of one line (INVALID_ARG
+    for a bad request, INTERNAL when the engine failed; no traceback, no file paths)."""
+
+    folder: Path  # the version folder holding FRONT_SETTINGS (set by the generated model.py)
+
+    def initialize(self, args: Mapping[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils  # only inside Triton's Python backend
+
+        self.pb = pb_utils
+        settings = json.loads((Path(self.folder) / FRONT_SETTINGS).read_text(encoding="utf-8"))
+        self.cfg = ModelConfig.from_dict(settings["config"])
+        self.max_pixels = int(settings["max_pixels"])
+        self.engine_model = str(settings["engine_model"])
+        self.inputs = [name for name, _, _ in model_inputs(self.cfg)]
+
+    def _log_error(self, text: str) -> None:
+        logger = getattr(self.pb, "Logger", None)
+        if logger is not None and hasattr(logger, "log_error"):
+            logger.log_error(text)
+        else:
+            LOGGER.error("%s", text)
+
+    def _run(self, labels: np.ndarray, instances: np.ndarray | None) -> np.ndarray:
+        """One BLS request to the engine model."""
+        pb = self.pb
+        tensors = [pb.Tensor(LABELS, np.ascontiguousarray(labels))]
+        if instances is not None:
+            tensors.append(pb.Tensor(INSTANCES, np.ascontiguousarray(instances)))
+        response = pb.InferenceRequest(model_name=self.engine_model, inputs=tensors,
+                                       requested_output_names=[IMAGE]).exec()
+        if response.has_error():
+            self._log_error(f"{self.engine_model} failed on {labels.shape[0]} label map(s) of shape "
+                            f"{labels.shape[1:]}: {response.error().message()}")
+            raise RequestFailed("the model failed on this request; the server log has the details")
+        return pb.get_output_tensor_by_name(response, IMAGE).as_numpy()
+
+    def _response(self, answer: np.ndarray | AsapError):
+        pb = self.pb
+        if isinstance(answer, np.ndarray):
+            return pb.InferenceResponse(output_tensors=[pb.Tensor(IMAGE, np.ascontiguousarray(answer))])
+        code = pb.TritonError.INVALID_ARG if isinstance(answer, InputError) else pb.TritonError.INTERNAL
+        return pb.InferenceResponse(error=pb.TritonError(_one_line(answer.message), code))
+
+    def execute(self, requests: Sequence[Any]) -> list:
+        pb = self.pb
+        try:
+            arrays = []
+            for request in requests:
+                got = {}
+                for name in self.inputs:
+                    tensor = pb.get_input_tensor_by_name(request, name)
+                    if tensor is not None:
+                        got[name] = tensor.as_numpy()
+                arrays.append(got)
+            answers = answer_requests(arrays, self.cfg, self._run, self.max_pixels)
+        except Exception as exc:  # noqa: BLE001 - answer every request, never the stub's traceback
+            self._log_error(f"the asap front model failed on a batch of {len(requests)}: {type(exc).__name__}: {exc}")
+            failed = RequestFailed(f"the server failed on this request ({type(exc).__name__}); its log has the details")
+            answers = [failed] * len(requests)
+        return [self._response(a) for a in answers]
+
+    def finalize(self) -> None:
+        pass
 
 
 # ---- the server ---------------------------------------------------------------------------------------
@@ -229,6 +412,24 @@ def endpoints(opts: ServeOptions) -> Endpoints:
     return Endpoints(f"http://{host}:{opts.port}", f"{host}:{opts.grpc_port}", f"http://{host}:{opts.metrics_port}/metrics")
 
 
+def local_http_url(opts: ServeOptions) -> str:
+    """The HTTP endpoint as this machine reaches it (loopback for a wildcard --host)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(opts.host, opts.host)
+    return f"http://[{host}]:{opts.port}" if ":" in host else f"http://{host}:{opts.port}"
+
+
+def _load_model(url: str, name: str, access_token: str | None) -> None:
+    """Load model `name` from the server's repository (its model-repository API may need PyTriton's token)."""
+    from pytriton.client import ModelClient
+
+    kwargs = {"access_token": access_token} if access_token else {}
+    try:
+        with ModelClient(url, name, **kwargs) as client:
+            client.load_model()
+    except Exception as exc:  # noqa: BLE001 - tritonclient's and PyTriton's error types
+        raise AsapError(f"Triton could not load the model {name!r}: {_one_line(str(exc))} (the server log says why)") from exc
+
+
 def serve(engine, opts: ServeOptions, on_ready: Callable[[Endpoints], None] | None = None,
           workspace: Path | None = None) -> None:
     """Serve `engine` as model `asap` until SIGINT/SIGTERM (or the server dies); blocks.
@@ -241,21 +442,28 @@ def serve(engine, opts: ServeOptions, on_ready: Callable[[Endpoints], None] | No
     from pytriton.triton import Triton, TritonConfig
 
     cfg: ModelConfig = engine.config
-    tcfg = TritonConfig(http_address=opts.host, http_port=opts.port, grpc_address=opts.host, grpc_port=opts.grpc_port,
-                        metrics_address=opts.host, metrics_port=opts.metrics_port, allow_metrics=True,
-                        allow_gpu_metrics=False, exit_timeout_secs=opts.exit_timeout_s)
-    batcher = DynamicBatcher(max_queue_delay_microseconds=int(round(opts.max_delay_ms * 1000)))
-    mcfg = PTModelConfig(max_batch_size=opts.max_batch, batcher=batcher)
+    repo = Path(tempfile.mkdtemp(prefix="asap-serve-models-"))  # ours alone: removed below
     previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)  # PyTriton's serve() stops cleanly on it
     try:
+        tcfg = TritonConfig(http_address=opts.host, http_port=opts.port, grpc_address=opts.host,
+                            grpc_port=opts.grpc_port, metrics_address=opts.host, metrics_port=opts.metrics_port,
+                            allow_metrics=True, allow_gpu_metrics=False, exit_timeout_secs=opts.exit_timeout_s,
+                            model_repository=repo)
+        # the front model batches; it sends each size's good requests as one request of <= max_batch
+        mcfg = PTModelConfig(max_batch_size=opts.max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=0))
         with Triton(config=tcfg, workspace=str(workspace) if workspace else None) as triton:
-            triton.bind(model_name=MODEL_NAME, infer_func=make_infer_fn(engine, opts.max_pixels),
+            triton.bind(model_name=ENGINE_MODEL, infer_func=make_infer_fn(engine, opts.max_pixels),
                         inputs=[Tensor(name=n, dtype=d, shape=s) for n, d, s in model_inputs(cfg)],
                         outputs=[Tensor(name=n, dtype=d, shape=s) for n, d, s in model_outputs(cfg)],
                         config=mcfg, strict=True)
+            # the front model after the engine model: `asap` is never ready while `asap_engine` is not.
+            # The repository was empty at start, so the server loads it only when asked to.
+            write_front_model(repo, cfg, opts)
+            _load_model(local_http_url(opts), MODEL_NAME, getattr(triton, "get_access_token", lambda: None)())
             triton.run()
             if on_ready:
                 on_ready(endpoints(opts))
             triton.serve()  # returns on SIGINT/SIGTERM (KeyboardInterrupt) after stopping the server
     finally:
         signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(repo, ignore_errors=True)
