@@ -21,9 +21,11 @@ A palette file is JSON: {"0": [r, g, b], ...}, or {"palette": {...}}, or {"label
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -141,19 +143,99 @@ def bundle_palette(cfg: ModelConfig) -> Palette:
     return Palette(cols, "bundle")
 
 
+# ---- untrusted JSON (palette files, bundle manifests) ------------------------------------------
+MAX_PALETTE_FILE_BYTES = 16 << 20  # a 65536-colour palette is ~1.5 MB of JSON
+MAX_JSON_DEPTH = 64
+_ID_KEY = re.compile(r"[0-9]{1,5}")
+
+
+class _JsonRefused(ValueError):
+    """A JSON value that the standard library accepts and we do not (NaN, Infinity, duplicate keys)."""
+
+
+def _refuse_constant(token: str):
+    raise _JsonRefused(f"{token} is not a number (JSON has no NaN or Infinity)")
+
+
+def _finite_float(token: str) -> float:
+    v = float(token)
+    if not math.isfinite(v):
+        raise _JsonRefused(f"the number {token[:24]} is out of range (it reads as {v})")
+    return v
+
+
+def _no_duplicate_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _JsonRefused(f"the key {k[:40]!r} appears twice in one object")
+        out[k] = v
+    return out
+
+
+def _depth(obj, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, stopping once above `limit` (iterative: no recursion)."""
+    stack, deepest = [(obj, 1)], 0
+    while stack:
+        o, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            break
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return deepest
+
+
+def strict_json(data: bytes | str, what: str, error: type = UsageError) -> Any:
+    """Parse untrusted JSON, refusing (`error`, starting with `what`) what Python's json accepts but
+    JSON does not mean: NaN/Infinity (also numbers like 1e999 that overflow to infinity),
+    duplicate keys, nesting deeper than MAX_JSON_DEPTH, integers too long for Python, bad UTF-8."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                         object_pairs_hook=_no_duplicate_keys)
+    except _JsonRefused as exc:
+        raise error(f"{what}: refused ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{what}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError as exc:
+        raise error(f"{what}: nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, and ints beyond Python's digit limit
+        raise error(f"{what}: not valid JSON ({exc})") from exc
+    if _depth(obj, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise error(f"{what}: nested more than {MAX_JSON_DEPTH} levels deep")
+    return obj
+
+
+def _json_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def from_json_obj(obj, name: str) -> Palette:
+    """A Palette from parsed JSON (file or manifest): ids are decimal strings 0..65535 (or list
+    positions), colours exactly three integers 0..255 (not booleans, floats or strings)."""
     if isinstance(obj, dict) and "labels" in obj and isinstance(obj["labels"], dict):
         obj = obj["labels"].get("palette")
     if isinstance(obj, dict) and "palette" in obj:
         obj = obj["palette"]
     if isinstance(obj, list):
+        if len(obj) > 65536:
+            raise UsageError(f"{name}: a palette has at most 65536 colours (ids 0..65535), got {len(obj)}")
         obj = {str(i): c for i, c in enumerate(obj)}
     if not isinstance(obj, dict):
         raise UsageError(f"{name}: a palette file holds {{\"id\": [r, g, b], ...}} or a list of [r, g, b]")
-    try:
-        return Palette({int(k): v for k, v in obj.items()}, name)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{name}: not a palette ({exc})") from exc
+    colours: dict[int, tuple[int, int, int]] = {}
+    for k, c in obj.items():
+        if not isinstance(k, str) or not _ID_KEY.fullmatch(k) or int(k) > 65535:
+            raise UsageError(f"{name}: not a palette: the id {str(k)[:20]!r} is not a whole number 0..65535")
+        if (not isinstance(c, (list, tuple)) or len(c) != 3 or not all(_json_int(v) for v in c)
+                or any(not 0 <= v <= 255 for v in c)):
+            raise UsageError(f"{name}: not a palette: the colour of id {k} must be three values 0..255 "
+                             f"(integers), got {str(c)[:40]}")
+        colours[int(k)] = (c[0], c[1], c[2])
+    return Palette(colours, name)
 
 
 def load_palette(spec: str | os.PathLike | None, cfg: ModelConfig | None = None,
@@ -162,8 +244,9 @@ def load_palette(spec: str | os.PathLike | None, cfg: ModelConfig | None = None,
     from asap_deploy.config import preset
 
     if spec is None or str(spec) == "bundle":
-        if manifest is not None and manifest.get("labels", {}).get("palette"):
-            return from_json_obj(manifest["labels"]["palette"], "bundle")
+        labels = manifest.get("labels") if isinstance(manifest, Mapping) else None
+        if isinstance(labels, Mapping) and labels.get("palette"):
+            return from_json_obj(labels["palette"], "bundle")
         if cfg is None:
             raise UsageError("no model config to take the bundle palette from: pass --palette")
         return bundle_palette(cfg)
@@ -174,11 +257,10 @@ def load_palette(spec: str | os.PathLike | None, cfg: ModelConfig | None = None,
         p = bundle_palette(preset(s))
         p.name = s
         return p
+    from .io import read_regular_file
+
     path = Path(s)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise UsageError(f"--palette {s!r}: no such palette or file{did_you_mean(s, NAMED + ('bundle',))} (named: {', '.join(NAMED)}, bundle, or FILE.json)")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read the palette file ({exc})") from exc
-    return from_json_obj(obj, str(path))
+    data = read_regular_file(path, "palette file", MAX_PALETTE_FILE_BYTES, error=UsageError)  # no FIFO/device
+    return from_json_obj(strict_json(data, f"{path}: cannot read the palette file", UsageError), str(path))

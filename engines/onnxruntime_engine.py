@@ -67,8 +67,11 @@ class OnnxRuntimeEngine(Engine):
         if graph not in self._sessions:
             ort = _ort()
             path = self.bundle.file(graph, self.precision)
+            # the checked bytes, not the path: a regular file inside the bundle, size and sha256 as the
+            # manifest says, no external data (ONNX Runtime would follow a location written in it)
+            data = self.bundle.graph_bytes(graph, self.precision)
             try:
-                self._sessions[graph] = ort.InferenceSession(str(path), self._options, providers=self.providers)
+                self._sessions[graph] = ort.InferenceSession(data, self._options, providers=self.providers)
             except _ort_errors() as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise BundleError(f"{path}: ONNX Runtime cannot load this graph (an operator it does not know, or "

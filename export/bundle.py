@@ -8,6 +8,12 @@ Layout of a bundle folder:
 Export is deterministic: the same checkpoint gives byte-identical files (no timestamps, no
 absolute paths, fixed node names), so the hashes identify the model. Loading (`load_bundle`)
 refuses unknown schemas, missing files and any file whose sha256 differs from the manifest.
+
+A bundle is a closed world: every byte read comes from a regular file inside the bundle folder
+(`read_member`: symlinks leading out, FIFOs, devices and files of another size than listed are
+refused before reading), graphs keep no external data (`check_no_external_data`), every manifest
+value is checked for type, range and finiteness (`strict_json`, `_check_manifest_shape`), and
+engines load the checked bytes (`Bundle.graph_bytes` / `graph_model`), never a path.
 """
 
 from __future__ import annotations
@@ -329,23 +335,25 @@ class Bundle:
         against the manifest's size and sha256 and refused if it keeps data in external files.
         Engines load these bytes (never the path: the file cannot be swapped after the check, and
         nothing it names is followed)."""
+        return self._read_graph(graph, precision, parse=False)[0]
+
+    def graph_model(self, graph: str, precision: str = "fp32"):
+        """The parsed ModelProto of a graph file (read and checked as by `graph_bytes`)."""
+        return self._read_graph(graph, precision, parse=True)[1]
+
+    def _read_graph(self, graph: str, precision: str, parse: bool):
         self.file(graph, precision)
         name = file_name(graph, precision)
         entry = self.manifest["files"].get(name)
         if not isinstance(entry, dict):
             raise BundleError(f"{self.path / MANIFEST}: the manifest does not list {name}")
         data = read_member(self.path, name, MAX_FILE_BYTES, entry.get("bytes"), entry.get("sha256"))
-        if self.checked.get(name) != entry.get("sha256"):
-            check_no_external_data(parse_graph(data, self.path / name), self.path / name)
+        model = None
+        if parse or self.checked.get(name) != entry.get("sha256"):
+            model = parse_graph(data, self.path / name)
+            check_no_external_data(model, self.path / name)
             self.checked[name] = entry["sha256"]
-        return data
-
-    def graph_model(self, graph: str, precision: str = "fp32"):
-        """The parsed ModelProto of a graph file (read as `graph_bytes`)."""
-        f = self.path / file_name(graph, precision)
-        model = parse_graph(self.graph_bytes(graph, precision), f)
-        check_no_external_data(model, f)
-        return model
+        return data, model
 
     def file(self, graph: str, precision: str = "fp32") -> Path:
         if graph not in graphs.GRAPH_NAMES:
@@ -399,7 +407,7 @@ _CONFIG_INTS = {"label_nc": (1, 65535), "crop_size": (1, 1 << 16), "learned_ds_f
                 "lr_width": (1, 1 << 16), "lr_max_width": (1, 1 << 16), "lr_depth": (0, 256),
                 "hr_width": (1, 1 << 16), "hr_depth": (2, 256), "output_nc": (1, 64)}
 _CONFIG_BOOLS = ("instance_edges", "reflection_pad")
-_MAX_ASPECT = 1024.0
+_MAX_ASPECT = 1024.0  # and at least 1/_MAX_ASPECT: 5e-324 would make S = crop_size // (16 * ar) infinite
 
 
 def _check_config_values(config, mpath: Path) -> None:
@@ -421,9 +429,9 @@ def _check_config_values(config, mpath: Path) -> None:
                 raise BundleError(f"{mpath}: config.{key} must be true, false or null, got {shown!r}")
         elif key == "aspect_ratio":
             if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-                    or not 0 < value <= _MAX_ASPECT):
-                raise BundleError(f"{mpath}: config.{key} must be a finite number in (0, {_MAX_ASPECT:g}], "
-                                  f"got {shown!r}")
+                    or not 1 / _MAX_ASPECT <= value <= _MAX_ASPECT):
+                raise BundleError(f"{mpath}: config.{key} must be a finite number in [1/{_MAX_ASPECT:g}, "
+                                  f"{_MAX_ASPECT:g}], got {shown!r}")
 
 
 def _check_manifest_values(manifest: dict, mpath: Path) -> None:
@@ -470,11 +478,11 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
         found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{mpath}: unknown manifest schema {found!r} (expected {SCHEMA!r})")
     version = manifest.get("schema_version")
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
+    if not _is_int(version) or version not in SUPPORTED_SCHEMA_VERSIONS:  # true and 1.0 are not 1
         raise BundleError(f"{mpath}: manifest schema version {version!r} is not supported by this asap-deploy "
                           f"(it reads version(s) {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}); "
                           "re-export the bundle or upgrade asap-deploy")
-    for key in ("config", "files", "precisions", "graphs"):
+    for key in ("config", "files", "precisions", "graphs", "source"):
         if key not in manifest:
             raise BundleError(f"{mpath}: manifest lacks the field {key!r}")
     _check_manifest_shape(manifest, mpath)
@@ -601,17 +609,17 @@ def state_dict_from_bundle(bundle: Bundle, keys) -> dict[str, np.ndarray]:
 
     f = bundle.file("predictor", "fp32")
     m = bundle.graph_model("predictor", "fp32")
-    want = dict(keys) if isinstance(keys, Mapping) else {k: None for k in keys}
+    specs = dict(keys) if isinstance(keys, Mapping) else {k: None for k in keys}
     inits: dict[str, Any] = {}
     for t in m.graph.initializer:
-        if t.name in want and t.name in inits:
+        if t.name in specs and t.name in inits:
             raise BundleError(f"{f}: the weight {t.name} appears twice")
         inits[t.name] = t
-    missing = [k for k in want if k not in inits]
+    missing = [k for k in specs if k not in inits]
     if missing:
         raise BundleError(f"{f}: lacks weights {', '.join(missing[:5])}: not exported by this asap-deploy")
     state = {}
-    for k, spec in want.items():
+    for k, spec in specs.items():
         t = inits[k]
         if spec is not None:
             shape, dtype = tuple(spec[0]), np.dtype(spec[1])
