@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -15,6 +16,44 @@ from typing import Any, Mapping, Sequence
 from .errors import CheckpointError, ConfigError
 
 DONTCARE_ID = 255  # the id of "don't care" pixels in label maps (SPADE convention)
+
+# ---- limits on the model a config may describe (a config is untrusted input: it comes from
+# checkpoints, bundle manifests and --config files). Checked by `ModelConfig.validate` from the
+# config alone, before anything is allocated; see `ModelConfig.cost`.
+# The published generator has ~83 M learned parameters (333 MB in fp32) and needs well under
+# 1 GiB of activations at its training crop.
+MAX_PARAMETERS = 400_000_000  # learned parameters of the low-res stream (1.6 GB in fp32)
+MAX_ACTIVATION_BYTES = 16 * 2**30  # estimated peak of one no-grad fp32 forward, batch 1, at the crop
+# Field ranges (the same as the bundle manifest's, export/bundle.py): generous for real models,
+# small enough that the closed-form sizing below is cheap.
+FIELD_RANGES: dict[str, tuple[int, int]] = {
+    "label_nc": (1, 65535), "crop_size": (1, 1 << 16), "learned_ds_factor": (1, 1 << 16),
+    "lr_width": (1, 1 << 16), "lr_max_width": (1, 1 << 16), "lr_depth": (0, 256),
+    "hr_width": (1, 1 << 16), "hr_depth": (2, 256), "output_nc": (1, 64),
+}
+MAX_ASPECT_RATIO = 1024.0
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What one generator costs, from its config alone (`ModelConfig.cost`).
+
+    `parameters`: learned parameters (the low-res stream; the pixelwise MLP's are predicted).
+    `parameter_bytes`: their size in fp32. `activation_bytes`: an estimate of the peak of one
+    no-grad fp32 forward of `batch` x `height` x `width` (the largest set of tensors alive at
+    once, including conv workspaces): a bound to refuse absurd models with, not a measurement.
+    """
+
+    parameters: int
+    parameter_bytes: int
+    activation_bytes: int
+    batch: int
+    height: int
+    width: int
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 @dataclass(frozen=True)
@@ -92,18 +131,33 @@ class ModelConfig:
         return out
 
     def validate(self) -> None:
+        """ConfigError unless every field has its type and range and the model it describes is
+        within MAX_PARAMETERS / MAX_ACTIVATION_BYTES at its training crop (`check_cost`)."""
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"invalid model config: {msg}")
 
-        for name in ("label_nc", "crop_size", "lr_width", "lr_max_width", "hr_width", "output_nc"):
-            if int(getattr(self, name)) < 1:
-                raise bad(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.lr_depth < 0:
-            raise bad(f"lr_depth must be >= 0 (got {self.lr_depth})")
-        if self.hr_depth < 2:
-            raise bad(f"hr_depth must be >= 2 (got {self.hr_depth})")
-        if self.aspect_ratio <= 0:
-            raise bad(f"aspect_ratio must be > 0 (got {self.aspect_ratio})")
+        for name, (lo, hi) in FIELD_RANGES.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise bad(f"{name} must be a whole number, got {str(v)[:40]!r} ({type(v).__name__})")
+            object.__setattr__(self, name, int(v))  # numpy integers become plain ints
+            v = int(v)
+            if v < lo:
+                raise bad(f"{name} must be >= {lo} (got {v})")
+            if v > hi:
+                raise bad(f"{name} must be <= {hi} (got {v})")
+        for name in ("instance_edges", "reflection_pad"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name} must be true or false, got {str(getattr(self, name))[:40]!r}")
+        if self.contain_dontcare_label is not None and not isinstance(self.contain_dontcare_label, bool):
+            raise bad(f"contain_dontcare_label must be true, false or null, got {str(self.contain_dontcare_label)[:40]!r}")
+        a = self.aspect_ratio
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a):
+            raise bad(f"aspect_ratio must be a finite number, got {str(a)[:40]!r}")
+        if a <= 0:
+            raise bad(f"aspect_ratio must be > 0 (got {a})")
+        if not 1 / MAX_ASPECT_RATIO <= a <= MAX_ASPECT_RATIO:
+            raise bad(f"aspect_ratio must be in {1 / MAX_ASPECT_RATIO:g}..{MAX_ASPECT_RATIO:g} (got {a})")
         s2 = self.learned_ds_factor
         if s2 < 1 or s2 & (s2 - 1):
             raise bad(f"learned_ds_factor must be a power of two (got {s2})")
@@ -115,6 +169,92 @@ class ModelConfig:
             )
         if s < s2:
             raise bad(f"S = {s} is smaller than learned_ds_factor = {s2}; lower learned_ds_factor or raise crop_size")
+        if min(self.crop_hw) < s:
+            raise bad(f"the training crop ({self.crop_hw[0]}x{self.crop_hw[1]} from crop_size={self.crop_size}, "
+                      f"aspect_ratio={self.aspect_ratio}) holds no whole {s}x{s} tile")
+        self.check_cost()
+
+    # ---- size of the model, from the config alone -------------------------------------------
+    @property
+    def crop_hw(self) -> tuple[int, int]:
+        """(H, W) of the training crop, rounded down to multiples of S (the grid of `describe`)."""
+        s = self.S
+        return int(round(self.crop_size / self.aspect_ratio)) // s * s, self.crop_size // s * s
+
+    def cost(self, height: int | None = None, width: int | None = None, batch: int = 1) -> ModelCost:
+        """Parameters and estimated peak activation bytes of this generator for one no-grad fp32
+        forward of `batch` label maps of `height` x `width` (default: the training crop).
+
+        Closed-form arithmetic on the fields (nothing is allocated). The activation estimate
+        adds, per stage, the tensors alive together in `model.ASAPNetGenerator.forward`: the
+        label indices; the low-res input (full-resolution one-hot when S1 = 1, else the tent
+        pass's tap tables); for each low-res conv its input, output and one sample's im2col
+        workspace; in the pixelwise stage the parameter grid and its tile-major copy, the
+        per-tile gather table, the encoding table, the chunk buffers and the output.
+        """
+        H, W = self.crop_hw if height is None or width is None else (int(height), int(width))  # noqa: N806
+        B, S, s1 = int(batch), self.S, self.pre_downsample  # noqa: N806
+        n_ds = self.learned_ds_factor.bit_length() - 1
+        n_lab, n_in = self.n_label_channels, self.n_lowres_inputs
+        w, wm, hw, c_out = self.lr_width, self.lr_max_width, self.hr_width, self.output_nc
+        c0 = n_lab + self.pe_channels  # the MLP: c0 -> hw (hr_depth - 1 times) -> c_out, bias rows included
+        P = (c0 + 1) * hw + (self.hr_depth - 2) * (hw + 1) * hw + (hw + 1) * c_out  # noqa: N806 (= num_params)
+        f32, i64, px = 4, 8, B * H * W
+
+        # learned parameters: first conv (+ IN affine), the stride-2 convs, the blocks, the 1x1
+        layers = [(n_in, w, 1)] + [(w, wm if i == n_ds - 1 else w, 2) for i in range(n_ds)]
+        wl = wm if n_ds else w
+        if self.lr_depth:
+            layers.append((wl, wl, 1))  # one block stands for all: same shapes, same peak
+        params = (sum(9 * ci * co + 2 * co for ci, co, _ in layers) + (self.lr_depth - 1) * (9 * wl * wl + 2 * wl)
+                  * (self.lr_depth > 0) + (wl + 1) * P)
+
+        idx = 2 * i64 * px  # labels.long() and the channel indices
+        h0, w0 = H // s1, W // s1
+        lr_in = f32 * B * n_in * h0 * w0
+        if s1 == 1:
+            enc = f32 * px * n_lab + ((f32 + 1) * px + f32 * px * n_in if self.instance_edges else 0)
+        else:  # tap classes (int64) + tap weights, horizontal pass and its padded copy, edges
+            enc = (i64 + f32) * 2 * px + 2 * f32 * B * H * w0 * n_lab + lr_in + (4 * f32 * px if self.instance_edges else 0)
+        peak_lr, h, wd = 0, h0, w0
+        for ci, co, stride in layers:
+            ho, wo = -(-h // stride), -(-wd // stride)
+            peak_lr = max(peak_lr, f32 * (B * ci * h * wd + B * co * ho * wo + 9 * ci * ho * wo))
+            h, wd = ho, wo
+        tiles = B * (H // S) * (W // S)
+        grid = f32 * tiles * P
+        peak_lr = max(peak_lr, f32 * B * wl * h * wd + grid)
+        chunk = max(4096, S * S) * 2  # pixels of one chunk of whole tiles (model.DEFAULT_CHUNK_PIXELS)
+        pix = (2 * grid  # the grid and its tile-major copy
+               + 2 * f32 * tiles * n_lab * (hw + 1)  # the gather table and the sum it is made of
+               + S * S * (f32 * self.pe_channels + 40)  # the encoding table and its numpy temporaries
+               + f32 * px * c_out  # the output
+               + chunk * (3 * f32 * (max(hw, c_out) + 1) + i64 + f32 * c_out))  # chunk buffers
+        acts = idx + max(enc, lr_in + peak_lr, pix, grid + 2 * f32 * px * c_out)
+        return ModelCost(params, f32 * params, acts, B, H, W)
+
+    def check_cost(self, height: int | None = None, width: int | None = None, batch: int = 1, *,
+                   max_parameters: int | None = None, max_activation_bytes: int | None = None) -> ModelCost:
+        """`cost(...)`, or ConfigError when the model has more than `max_parameters` learned
+        parameters (default MAX_PARAMETERS) or needs more than `max_activation_bytes` (estimated;
+        default MAX_ACTIVATION_BYTES) at that size."""
+        max_parameters = MAX_PARAMETERS if max_parameters is None else max_parameters
+        max_activation_bytes = MAX_ACTIVATION_BYTES if max_activation_bytes is None else max_activation_bytes
+        c = self.cost(height, width, batch)
+        if c.parameters > max_parameters:
+            raise ConfigError(
+                f"invalid model config: the model it describes is too large: {c.parameters:,} learned parameters "
+                f"({_gib(c.parameter_bytes)} in fp32), the limit is {max_parameters:,} (the published generator has "
+                f"~83 M); check lr_width={self.lr_width}, lr_max_width={self.lr_max_width}, lr_depth={self.lr_depth}, "
+                f"label_nc={self.label_nc}, hr_width={self.hr_width}, hr_depth={self.hr_depth}")
+        if c.activation_bytes > max_activation_bytes:
+            where = "its training crop" if height is None or width is None else "the requested size"
+            raise ConfigError(
+                f"invalid model config: the model it describes needs about {_gib(c.activation_bytes)} of activations "
+                f"for {c.batch} x {c.height} x {c.width} ({where}), the limit is {_gib(max_activation_bytes)}; "
+                f"check crop_size={self.crop_size}, aspect_ratio={self.aspect_ratio}, label_nc={self.label_nc}, "
+                f"widths lr {self.lr_width}/{self.lr_max_width}, hr {self.hr_width}")
+        return c
 
     # ---- label ids ----------------------------------------------------------------------
     @property
@@ -158,7 +298,7 @@ class ModelConfig:
             raise ConfigError("model config is missing the required field 'label_nc'")
         try:
             return cls(**dict(data))
-        except (TypeError, ValueError) as exc:  # e.g. label_nc "x": int() in validate()
+        except (TypeError, ValueError, ArithmeticError) as exc:  # anything validate() did not name
             raise ConfigError(f"invalid model config: {exc}") from exc
 
     @classmethod

@@ -258,6 +258,10 @@ class ASAPNetGenerator(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig):
+        # Every path that builds a generator (checkpoints, bundles, --config, training) comes
+        # here: check the config's fields and size the model it describes (ModelConfig.check_cost)
+        # before anything is allocated, even for a config that skipped __post_init__.
+        cfg.validate()
         super().__init__()
         self.cfg = cfg
         self.lowres_stream = LowResStream(cfg)
