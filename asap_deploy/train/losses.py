@@ -84,10 +84,9 @@ def load_vgg19_features(path: str | os.PathLike) -> nn.Sequential:
             f"{path}: VGG19 weights file not found. The perceptual loss needs torchvision's VGG19 "
             "ImageNet weights as a local file (e.g. vgg19-dcbb9e9d.pth, copied from a machine with internet); "
             "nothing is downloaded. Pass its path with --vgg-weights, or train without --vgg.")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file
-        raise CheckpointError(f"{path}: cannot read the VGG19 weights: {exc}") from exc
+    from ..checkpoints import read_state
+
+    sd = read_state(path)  # bounded like any checkpoint (zip bombs, allocating pickles, dtypes)
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(sd).__name__}")
     feats = vgg19_features()
