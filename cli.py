@@ -979,7 +979,8 @@ def doctor(
     """What is installed and usable here (torch, ONNX Runtime providers, CUDA, TensorRT, Triton, AOT kernels), and what to install."""
     from rich.markup import escape
 
-    from asap_deploy.doctor import machine_info, machine_line, run_checks, usable_backends
+    from asap_deploy.doctor import run_checks, usable_backends
+    from asap_deploy.engines.machine import machine_info, machine_line
 
     checks = run_checks(kernel_cache)
     backends = usable_backends(checks)

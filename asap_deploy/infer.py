@@ -146,7 +146,7 @@ class Choice:
 
 
 def _torch_ok() -> tuple[bool, str]:
-    from .doctor import importable
+    from .engines.machine import importable
 
     ok = importable("torch")
     return ok, "" if ok else "PyTorch is not installed (pip install 'asap-deploy[torch]')"

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from authors_forward import AuthorsForward, random_generator  # noqa: E402
 
 from asap_deploy.config import preset  # noqa: E402
-from asap_deploy.doctor import machine_info  # noqa: E402
+from asap_deploy.engines.machine import machine_info  # noqa: E402
 from asap_deploy.model import label_channels, one_hot, pixelwise  # noqa: E402
 
 

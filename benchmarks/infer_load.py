@@ -58,7 +58,7 @@ def prepare(tmp: Path, counts: list[int], size: int) -> None:
     by the measured `asap infer` processes (Linux carries a parent's RSS high-water mark into a
     forked child's ru_maxrss)."""
     from asap_deploy.config import preset
-    from asap_deploy.doctor import machine_info
+    from asap_deploy.engines.machine import machine_info
     from asap_deploy.engines.bench import random_bundle
 
     random_bundle(tmp / "bundle", "facades", seed=0)

@@ -45,7 +45,7 @@ def machine() -> dict:
     """The doctor's machine description plus this script's thread count and load."""
     import torch
 
-    from asap_deploy.doctor import machine_info
+    from asap_deploy.engines.machine import machine_info
 
     info = machine_info()
     info.update(torch_threads=torch.get_num_threads(), load_avg_before=os.getloadavg())

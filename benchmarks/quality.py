@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from asap_deploy.data import PairedDataset, find_samples  # noqa: E402
 from asap_deploy.demo import demo_options  # noqa: E402
-from asap_deploy.doctor import cpu_model  # noqa: E402
+from asap_deploy.engines.machine import cpu_model  # noqa: E402
 from asap_deploy.io import write_json, write_text  # noqa: E402
 from asap_deploy.synthetic import make_dataset  # noqa: E402
 from asap_deploy.train import small_config  # noqa: E402

@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
-    from asap_deploy.doctor import machine_info
+    from asap_deploy.engines.machine import machine_info
     from asap_deploy.engines import create_engine
     from asap_deploy.engines.bench import BenchOptions, measure, random_bundle
     from asap_deploy.export.synthetic import random_label_maps

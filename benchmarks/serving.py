@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from asap_deploy.doctor import machine_info
+    from asap_deploy.engines.machine import machine_info
     from asap_deploy.engines.bench import random_bundle
 
     with tempfile.TemporaryDirectory(prefix="asap_serving_") as t:

@@ -260,7 +260,7 @@ def _status(exc: BaseException) -> str:
 def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None = None,
               model_info: dict | None = None) -> dict:
     """Benchmark `bundle` (export.bundle.Bundle) -> report dict (schema asap-deploy/bench v1)."""
-    from asap_deploy.doctor import machine_info
+    from asap_deploy.engines.machine import machine_info
     from asap_deploy.export.synthetic import random_label_maps
 
     cfg = bundle.config
@@ -390,7 +390,7 @@ COLUMNS = ["backend", "precision", "size", "batch", "stage", "status", "min ms",
 
 
 def machine_text(rep: dict) -> str:
-    from asap_deploy.doctor import machine_line
+    from asap_deploy.engines.machine import machine_line
 
     m = dict(rep["machine"])
     m["load_avg"] = m.get("load_avg_start")

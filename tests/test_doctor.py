@@ -10,7 +10,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from asap_deploy.cli import app
-from asap_deploy.doctor import kernel_cache, machine_info, rtx_parser_check, run_checks
+from asap_deploy.doctor import kernel_cache, rtx_parser_check, run_checks
+from asap_deploy.engines.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
