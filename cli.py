@@ -466,7 +466,7 @@ def make_data(
     """Write a synthetic paired data set whose textures depend on class AND pixel position."""
     from asap_deploy.errors import UsageError
     from asap_deploy.limits import check_optional, check_range, check_seed
-    from asap_deploy.synthetic import make_dataset
+    from asap_deploy.synthetic_dataset import make_dataset
 
     check_range("--n", n, 1, 100_000)
     check_optional("--n-val", n_val, 1, 100_000)

@@ -56,7 +56,7 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
         torch.set_num_threads(threads)
 
     from .data import PairedDataset, check_datasets, find_samples
-    from .synthetic import make_dataset
+    from .synthetic_dataset import make_dataset
     from .train import small_config
     from .train.evaluate import quality_report
     from .train.plot import plot_losses

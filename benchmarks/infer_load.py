@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 def make_corpus(folder: Path, n: int, size: int, cfg) -> None:
     from PIL import Image
 
-    from asap_deploy.export.synthetic import random_label_maps
+    from asap_deploy.random_model import random_label_maps
 
     folder.mkdir(parents=True, exist_ok=True)
     maps, _ = random_label_maps(cfg, 16, size, size, seed=1)  # 16 distinct maps, repeated

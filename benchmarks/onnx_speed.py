@@ -69,7 +69,7 @@ class Runner:
         from asap_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
         from asap_deploy.engines.torch_engine import TorchEngine
         from asap_deploy.export.bundle import load_bundle
-        from asap_deploy.export.synthetic import random_label_maps
+        from asap_deploy.random_model import random_label_maps
         from asap_deploy.model import label_channels, one_hot
         from authors_forward import AuthorsForward
 
@@ -190,7 +190,7 @@ def main() -> None:
 
     from asap_deploy.config import preset
     from asap_deploy.export.bundle import export_model
-    from asap_deploy.export.synthetic import random_generator
+    from asap_deploy.random_model import random_generator
 
     info = {"machine": machine(), "size": args.size, "batch": 1, "precision": "fp32", "preset": "facades"}
     tmp = tempfile.TemporaryDirectory(prefix="asap_onnx_speed_")

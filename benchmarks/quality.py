@@ -31,7 +31,7 @@ from asap_deploy.data import PairedDataset, find_samples  # noqa: E402
 from asap_deploy.demo import demo_options  # noqa: E402
 from asap_deploy.engines.machine import cpu_model  # noqa: E402
 from asap_deploy.io import write_json, write_text  # noqa: E402
-from asap_deploy.synthetic import make_dataset  # noqa: E402
+from asap_deploy.synthetic_dataset import make_dataset  # noqa: E402
 from asap_deploy.train import small_config  # noqa: E402
 from asap_deploy.train.evaluate import quality_report  # noqa: E402
 from asap_deploy.train.trainer import Trainer  # noqa: E402

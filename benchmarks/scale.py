@@ -38,7 +38,7 @@ def main() -> None:
     from asap_deploy.engines.machine import machine_info
     from asap_deploy.engines import create_engine
     from asap_deploy.engines.bench import BenchOptions, measure, random_bundle
-    from asap_deploy.export.synthetic import random_label_maps
+    from asap_deploy.random_model import random_label_maps
     from asap_deploy.infer import upscale_nearest
     from asap_deploy.scale import ScaledRenderer
 

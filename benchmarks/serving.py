@@ -107,7 +107,7 @@ def ray_vs_local(bundle: Path, n: int, size: int, tmp: Path) -> dict:
     from PIL import Image
 
     from asap_deploy.config import preset
-    from asap_deploy.export.synthetic import random_label_maps
+    from asap_deploy.random_model import random_label_maps
 
     maps, _ = random_label_maps(preset("facades"), 8, size, size, seed=3)
     (tmp / "maps").mkdir()

@@ -261,7 +261,7 @@ def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None
               model_info: dict | None = None) -> dict:
     """Benchmark `bundle` (export.bundle.Bundle) -> report dict (schema asap-deploy/bench v1)."""
     from asap_deploy.engines.machine import machine_info
-    from asap_deploy.export.synthetic import random_label_maps
+    from asap_deploy.random_model import random_label_maps
 
     cfg = bundle.config
     opts.check(cfg.S)
@@ -506,7 +506,7 @@ def random_bundle(out_dir: Path, preset_name: str = "facades", seed: int = 0, fp
     from asap_deploy.config import preset
     from asap_deploy.errors import require_torch
     from asap_deploy.export.bundle import export_model, load_bundle
-    from asap_deploy.export.synthetic import random_generator
+    from asap_deploy.random_model import random_generator
 
     require_torch("asap bench without --bundle (a random model is made and exported)")
     cfg = config or preset(preset_name)

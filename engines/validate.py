@@ -120,7 +120,7 @@ MAX_LABEL_MAPS = 1000  # --labels: label maps held in memory at once; --random: 
 
 def random_samples(cfg: ModelConfig, n: int, seed: int = 0) -> list[Sample]:
     """n random blob label maps over several sizes: square, wide and tall, with batch > 1."""
-    from asap_deploy.export.synthetic import random_label_maps
+    from asap_deploy.random_model import random_label_maps
 
     if n < 1:
         raise UsageError("--random needs at least 1 label map")

@@ -19,7 +19,7 @@ from asap_deploy.engines.bench import (BenchOptions, measure, parse_size, percen
                                        to_markdown, validate_report, write_reports)
 from asap_deploy.errors import UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
-from asap_deploy.export.synthetic import random_generator
+from asap_deploy.random_model import random_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(label_nc=5, crop_size=128, learned_ds_factor=8, lr_width=8, lr_max_width=8, lr_depth=1, hr_width=16)

@@ -13,7 +13,7 @@ from asap_deploy.config import ModelConfig
 from asap_deploy.data import PairedDataset, collate, find_samples
 from asap_deploy.errors import DatasetError, InputError, UsageError
 from asap_deploy.io import read_label_map, read_rgb, write_png
-from asap_deploy.synthetic import class_textures, make_dataset, render_target
+from asap_deploy.synthetic_dataset import class_textures, make_dataset, render_target
 
 CFG = ModelConfig(label_nc=4, crop_size=32, learned_ds_factor=2)
 RNG = np.random.default_rng(0)

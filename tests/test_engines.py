@@ -16,7 +16,7 @@ from asap_deploy.engines import IMAGE, IMAGE_FLOAT, check_backend, create_engine
 from asap_deploy.engines.onnxruntime_engine import tile_blocks
 from asap_deploy.errors import InputError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
-from asap_deploy.export.synthetic import random_generator, random_label_maps
+from asap_deploy.random_model import random_generator, random_label_maps
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(label_nc=9, contain_dontcare_label=True, instance_edges=True, crop_size=256,

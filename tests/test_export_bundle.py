@@ -13,7 +13,7 @@ from asap_deploy.errors import BundleError, OutputError
 from asap_deploy.io import MARKER as OWNER_MARKER, read_marker
 from asap_deploy.export import bundle as bundle_mod
 from asap_deploy.export.bundle import MANIFEST, export_model, load_bundle
-from asap_deploy.export.synthetic import random_generator
+from asap_deploy.random_model import random_generator
 
 CFG = ModelConfig(label_nc=6, contain_dontcare_label=True, crop_size=512, lr_width=8, lr_max_width=8, lr_depth=1)
 

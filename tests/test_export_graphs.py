@@ -12,7 +12,7 @@ import torch
 from asap_deploy.config import ModelConfig
 from asap_deploy.export import graphs
 from asap_deploy.export.bundle import export_model, file_name, load_bundle
-from asap_deploy.export.synthetic import random_generator, random_label_maps
+from asap_deploy.random_model import random_generator, random_label_maps
 from asap_deploy.engines.validate import THRESHOLDS, failures, image_metrics, params_metrics
 from asap_deploy.io import to_uint8
 

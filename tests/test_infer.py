@@ -19,7 +19,7 @@ from asap_deploy.config import ModelConfig
 from asap_deploy.engines import create_engine
 from asap_deploy.errors import InputError, OutputError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
-from asap_deploy.export.synthetic import random_generator, random_label_maps
+from asap_deploy.random_model import random_generator, random_label_maps
 from asap_deploy.infer import InferOptions, Source, choose_backend, discover_inputs, infer, pad_to_multiple
 from asap_deploy.palette import bundle_palette
 

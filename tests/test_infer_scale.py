@@ -12,7 +12,7 @@ from asap_deploy.config import ModelConfig
 from asap_deploy.engines import IMAGE_FLOAT, create_engine
 from asap_deploy.errors import InputError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
-from asap_deploy.export.synthetic import random_generator, random_label_maps
+from asap_deploy.random_model import random_generator, random_label_maps
 from asap_deploy.scale import ScaledRenderer, check_scale, scaled_size
 
 CFG = ModelConfig(label_nc=5, contain_dontcare_label=True, crop_size=128, learned_ds_factor=8, lr_width=8,

@@ -43,7 +43,7 @@ def bundle_dir(tmp_path_factory):
     pytest.importorskip("torch", reason="making the test bundle needs torch (asap-deploy[torch])")
     from asap_deploy.config import ModelConfig
     from asap_deploy.export.bundle import export_model
-    from asap_deploy.export.synthetic import random_generator
+    from asap_deploy.random_model import random_generator
 
     return export_model(random_generator(ModelConfig(**CFG_KW), 3), tmp_path_factory.mktemp("ray") / "b",
                         fp16=False).path

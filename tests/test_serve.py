@@ -137,7 +137,7 @@ def test_instance_inputs_checked():
 def bundle_dir(tmp_path_factory):
     pytest.importorskip("torch", reason="making the test bundle needs torch (asap-deploy[torch])")
     from asap_deploy.export.bundle import export_model
-    from asap_deploy.export.synthetic import random_generator
+    from asap_deploy.random_model import random_generator
 
     return export_model(random_generator(CFG, 3), tmp_path_factory.mktemp("serve") / "b", fp16=False).path
 

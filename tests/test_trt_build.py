@@ -22,7 +22,7 @@ from asap_deploy.config import ModelConfig
 from asap_deploy.engines import build as eb
 from asap_deploy.errors import EngineError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
-from asap_deploy.export.synthetic import random_generator
+from asap_deploy.random_model import random_generator
 from asap_deploy.io import MARKER
 from asap_deploy.plugins import trt_compat
 from asap_deploy.plugins.plugin_core import KernelPack
@@ -373,7 +373,7 @@ def test_gpu_engine_matches_pytorch_and_cuda_graph_replay(tmp_path, kernel_cache
         pytest.skip(f"needs a CUDA GPU: {trt_compat.cuda_device_count()[1]}")
     from asap_deploy.engines import create_engine
     from asap_deploy.engines.validate import THRESHOLDS
-    from asap_deploy.export.synthetic import random_label_maps
+    from asap_deploy.random_model import random_label_maps
 
     bundle = load_bundle(export_model(random_generator(CFG, 5), tmp_path / "b").path)
     eb.build_engines(bundle, eb.BuildOptions(flavor=flavor, stage="end-to-end", fp16=True, archs=[sm] if sm else None,

@@ -17,7 +17,7 @@ from asap_deploy.engines.validate import (THRESHOLDS, cosine, folder_samples, ps
                                           validate)
 from asap_deploy.errors import OutputError
 from asap_deploy.export.bundle import load_bundle
-from asap_deploy.export.synthetic import random_generator, random_label_maps
+from asap_deploy.random_model import random_generator, random_label_maps
 from asap_deploy.io import write_png
 from conftest import authors_fixture_dir
 

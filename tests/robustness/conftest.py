@@ -74,14 +74,14 @@ def png_with_header(width: int, height: int, depth: int = 8, colour_type: int = 
 
 
 def label_maps(n: int, h: int = 16, w: int = 16, seed: int = 0, cfg: ModelConfig = CFG):
-    from asap_deploy.export.synthetic import random_label_maps
+    from asap_deploy.random_model import random_label_maps
 
     return random_label_maps(cfg, n, h, w, seed=seed)
 
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from asap_deploy.export.synthetic import random_generator
+    from asap_deploy.random_model import random_generator
 
     return random_generator(CFG, 7)
 

@@ -118,7 +118,7 @@ def test_ids_and_colours_outside_the_label_set(tmp_path, bundle_dir, good_map):
 
 def test_mismatched_and_bad_instance_maps(tmp_path):
     from asap_deploy.export.bundle import export_model
-    from asap_deploy.export.synthetic import random_generator
+    from asap_deploy.random_model import random_generator
 
     from .conftest import CFG_INST
 

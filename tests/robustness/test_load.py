@@ -36,7 +36,7 @@ def test_a_batch_the_backend_cannot_run_fails_only_its_inputs(tmp_path):
     Runtime's reflect Pad refuses. That map fails with a message; a 64x64 one is written."""
     from asap_deploy.config import ModelConfig
     from asap_deploy.export.bundle import export_model
-    from asap_deploy.export.synthetic import random_generator
+    from asap_deploy.random_model import random_generator
 
     cfg = ModelConfig(label_nc=4, crop_size=256, lr_width=8, lr_max_width=8, hr_width=8, reflection_pad=True)
     b = export_model(random_generator(cfg, 0), tmp_path / "b", fp16=False).path

@@ -46,7 +46,7 @@ def _run(argv, hook: str = "", fsize: int | None = None, timeout: float = 180) -
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from asap_deploy.synthetic import make_dataset
+    from asap_deploy.synthetic_dataset import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("d") / "data", 4, 2, 32, 3, 0) and \
         tmp_path_factory.getbasetemp() / "d0" / "data"
@@ -150,7 +150,7 @@ def test_sigint_during_export_leaves_nothing(tmp_path, checkpoint):
 
 def test_sigint_during_make_data_leaves_nothing_and_keeps_the_old_set(tmp_path):
     hook = _SIGINT_SELF + (
-        "import asap_deploy.synthetic as syn\n_real, _n = syn.write_png, [0]\n"
+        "import asap_deploy.synthetic_dataset as syn\n_real, _n = syn.write_png, [0]\n"
         "def wp(*a, **k):\n    _n[0] += 1\n    if _n[0] == 3: _interrupt()\n    return _real(*a, **k)\n"
         "syn.write_png = wp\n")
     r = _run(["make-data", tmp_path / "d", "--n", "4", "--size", "32"], hook)

@@ -1,7 +1,8 @@
-"""Synthetic inputs: realistic random label maps (blobs of classes) and random generators.
+"""A random model and inputs for it: random generators and realistic random label maps (blobs
+of classes), for `asap validate --random`, the benchmark, the tests and benchmarks/.
 
-Used by `asap validate --random`, the tests and the benchmarks. numpy + OpenCV only, except
-`random_generator` (torch).
+Not the training data set of `asap make-data` (that is synthetic_dataset.py). Core: it reads only
+config and model, so every layer may use it. numpy + OpenCV only, except `random_generator` (torch).
 """
 
 from __future__ import annotations
