@@ -193,7 +193,7 @@ def export(
 
     def write_repo(bundle_path: Path) -> None:
         from asap_deploy.export.bundle import load_bundle
-        from asap_deploy.export.triton_repo import RepoOptions, write_triton_repo
+        from asap_deploy.app.triton_repo import RepoOptions, write_triton_repo
 
         rep = write_triton_repo(load_bundle(bundle_path), triton_repo, RepoOptions(
             max_batch=triton_max_batch, max_delay_ms=triton_delay_ms, instances=triton_instances, kind=triton_kind,
@@ -679,7 +679,7 @@ def demo(
     if bench_size % 16:  # the demo model's S divides 16: checked now, not after minutes of training
         raise UsageError(f"--bench-size must be a multiple of 16 in 16..4096 (got {bench_size})")
     require_torch("asap demo")
-    from asap_deploy.demo import run_demo
+    from asap_deploy.app.demo import run_demo
 
     bar = _progress_bar(steps, minutes)
     state = {}
@@ -734,10 +734,10 @@ def demo(
 
 
 def _infer_on_ray(inputs, source, opts, backend: str, address: str, actors: int, as_json: bool) -> None:
-    """`asap infer --ray`: the same per-file results and exit code as local infer (asap_deploy/ray_infer.py)."""
+    """`asap infer --ray`: the same per-file results and exit code as local infer (asap_deploy/app/ray_infer.py)."""
     from rich.markup import escape
 
-    from asap_deploy.ray_infer import RayOptions, ray_infer
+    from asap_deploy.app.ray_infer import RayOptions, ray_infer
 
     with console.status(f"translating on Ray ({address}, {actors} actor(s))"):
         summary = ray_infer(inputs, source, opts, backend, RayOptions(address=address, actors=actors))
@@ -812,12 +812,12 @@ def infer(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from asap_deploy.infer import InferOptions, Source, check_threads, choose_backend, infer as run_infer, open_engine
+    from asap_deploy.app.infer import InferOptions, Source, check_threads, choose_backend, infer as run_infer, open_engine
 
     from asap_deploy.io import sigterm_as_interrupt
 
     from asap_deploy.limits import MAX_BATCH, check_max_pixels, check_range
-    from asap_deploy.scale import check_scale
+    from asap_deploy.app.scale import check_scale
 
     check_range("--batch", batch, 1, MAX_BATCH)
     check_max_pixels("--max-pixels", max_pixels)
@@ -940,7 +940,7 @@ def bench(
             info = {"description": "randomly initialised facades-preset model (13 labels, S=64, published widths)"}
         info.update({"S": bundle.config.S, "config": bundle.config.to_dict()})
         if not names:
-            from asap_deploy.infer import _ort_providers, tensorrt_usable
+            from asap_deploy.app.infer import _ort_providers, tensorrt_usable
 
             if "CUDAExecutionProvider" in _ort_providers():
                 opts.backends.append("onnxruntime-cuda")
@@ -979,7 +979,7 @@ def doctor(
     """What is installed and usable here (torch, ONNX Runtime providers, CUDA, TensorRT, Triton, AOT kernels), and what to install."""
     from rich.markup import escape
 
-    from asap_deploy.doctor import run_checks, usable_backends
+    from asap_deploy.app.doctor import run_checks, usable_backends
     from asap_deploy.engines.machine import machine_info, machine_line
 
     checks = run_checks(kernel_cache)
@@ -1021,8 +1021,8 @@ def serve(
     """Serve the model as `asap` on NVIDIA Triton Inference Server (PyTriton) until Ctrl-C / SIGTERM."""
     from rich.markup import escape
 
-    from asap_deploy.infer import Source, check_threads, choose_backend, open_engine
-    from asap_deploy.serve import ServeOptions, check_serve_dependencies, serve as run_serve
+    from asap_deploy.app.infer import Source, check_threads, choose_backend, open_engine
+    from asap_deploy.app.serve import ServeOptions, check_serve_dependencies, serve as run_serve
 
     from asap_deploy.limits import MAX_BATCH, check_max_pixels, check_range
 
@@ -1076,7 +1076,7 @@ def loadtest(
 ) -> None:
     """Load a served `asap` model: throughput, latency min/median/p90/p99, errors (bounded in count and time)."""
     from asap_deploy.io import write_text
-    from asap_deploy.loadtest import LoadOptions, parse_wxh, run_loadtest
+    from asap_deploy.app.loadtest import LoadOptions, parse_wxh, run_loadtest
 
     sizes = [parse_wxh(s) for s in size]
     opts = LoadOptions(url=url, model=model, concurrency=concurrency,

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from asap_deploy.data import PairedDataset, find_samples  # noqa: E402
-from asap_deploy.demo import demo_options  # noqa: E402
+from asap_deploy.app.demo import demo_options  # noqa: E402
 from asap_deploy.engines.machine import cpu_model  # noqa: E402
 from asap_deploy.io import write_json, write_text  # noqa: E402
 from asap_deploy.synthetic_dataset import make_dataset  # noqa: E402

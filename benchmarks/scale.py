@@ -6,7 +6,7 @@ label map, per backend.
 Facades preset (13 labels, S=64, published widths), random weights, one label map of random blobs
 at --size x --size. Per backend (torch, onnxruntime; CPU) and K:
   scaled   predictor on the label map at its own size + the pixelwise MLP on the K-times denser
-           grid (asap_deploy.scale.ScaledRenderer, what `asap infer --scale K` runs), float output
+           grid (asap_deploy.app.scale.ScaledRenderer, what `asap infer --scale K` runs), float output
   full     the whole model (engine.generate) on the label map upscaled K times (nearest)
 Timing: engines/bench.measure (warm-up, then >= --iterations calls; median reported), the two
 variants of one (backend, K) measured back to back; host wall clock, outputs on the host.
@@ -39,8 +39,8 @@ def main() -> None:
     from asap_deploy.engines import create_engine
     from asap_deploy.engines.bench import BenchOptions, measure, random_bundle
     from asap_deploy.random_model import random_label_maps
-    from asap_deploy.infer import upscale_nearest
-    from asap_deploy.scale import ScaledRenderer
+    from asap_deploy.app.infer import upscale_nearest
+    from asap_deploy.app.scale import ScaledRenderer
 
     tmp = tempfile.TemporaryDirectory(prefix="asap_scale_")
     bundle = random_bundle(Path(tmp.name) / "b", "facades")

@@ -59,7 +59,7 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 1
 
 
 def serve_and_load(python: str, bundle: Path, max_batch: int, size: int, levels: list[int], tmp: Path) -> list[dict]:
-    from asap_deploy.loadtest import LoadOptions, run_loadtest
+    from asap_deploy.app.loadtest import LoadOptions, run_loadtest
 
     http, grpc, metrics = free_ports(3)
     log = tmp / f"serve_b{max_batch}.log"

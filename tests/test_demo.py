@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from asap_deploy.checkpoints import load_generator
 from asap_deploy.cli import app
-from asap_deploy.demo import run_demo
+from asap_deploy.app.demo import run_demo
 from asap_deploy.errors import OutputError
 from asap_deploy.io import MARKER, read_label_map, read_rgb
 from asap_deploy.train.trainer import read_train_state

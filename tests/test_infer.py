@@ -187,7 +187,7 @@ def test_instance_maps_matched_by_name(tmp_path):
 
 
 def test_threads_option_reaches_the_engine(tmp_path, bundle_dir, monkeypatch):
-    import asap_deploy.infer as inf
+    import asap_deploy.app.infer as inf
 
     labels, _ = random_label_maps(CFG, 1, 16, 16)
     src = save(tmp_path / "a.png", labels[0])

@@ -13,7 +13,7 @@ from asap_deploy.engines import IMAGE_FLOAT, create_engine
 from asap_deploy.errors import InputError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
 from asap_deploy.random_model import random_generator, random_label_maps
-from asap_deploy.scale import ScaledRenderer, check_scale, scaled_size
+from asap_deploy.app.scale import ScaledRenderer, check_scale, scaled_size
 
 CFG = ModelConfig(label_nc=5, contain_dontcare_label=True, crop_size=128, learned_ds_factor=8, lr_width=8,
                   lr_max_width=8, lr_depth=1, hr_width=16)  # S=8
@@ -74,7 +74,7 @@ def test_scaled_matches_fractional_oracle(engines, backend, k, h, w):
     rng = np.random.default_rng(int(k * 100) + h)
     labels = rng.integers(0, CFG.n_label_channels, (1, h, w)).astype(np.uint8)
     labels[rng.random(labels.shape) < 0.1] = 255
-    from asap_deploy.infer import pad_to_multiple
+    from asap_deploy.app.infer import pad_to_multiple
 
     padded = pad_to_multiple(labels[0], CFG.S)[None]
     params = e.predict_params(padded)

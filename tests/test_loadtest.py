@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from asap_deploy.errors import InputError, UsageError
-from asap_deploy.loadtest import LoadOptions, LoadReport, parse_url, parse_wxh, run_loadtest
+from asap_deploy.app.loadtest import LoadOptions, LoadReport, parse_url, parse_wxh, run_loadtest
 
 
 @pytest.mark.parametrize("url, want", [("http://127.0.0.1:8000", ("http", "127.0.0.1:8000")),

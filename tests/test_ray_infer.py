@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from asap_deploy.errors import UsageError
-from asap_deploy.infer import InferOptions, Source, infer
-from asap_deploy.ray_infer import RayOptions, ray_infer
+from asap_deploy.app.infer import InferOptions, Source, infer
+from asap_deploy.app.ray_infer import RayOptions, ray_infer
 
 CFG_KW = dict(label_nc=5, contain_dontcare_label=True, crop_size=128, learned_ds_factor=8, lr_width=8,
               lr_max_width=8, lr_depth=1, hr_width=16)
@@ -100,15 +100,15 @@ def test_cli_infer_ray(ray_local, bundle_dir, tmp_path):
 def test_actor_engines_use_the_cpus_ray_reserved_for_them(bundle_dir, monkeypatch):
     """Each actor's engine runs as many CPU threads as its Ray reservation (default: every core,
     which oversubscribes a node shared by several actors)."""
-    from asap_deploy import ray_infer as ri
-    from asap_deploy.infer import Choice, open_engine
+    from asap_deploy.app import ray_infer as ri
+    from asap_deploy.app.infer import Choice, open_engine
 
     eng, _ = open_engine(Choice("onnxruntime", "test"), Source(bundle=bundle_dir), cpu_threads=1)
     assert eng.describe()["intra_op_threads"] == 1
     labels = np.ones((1, 16, 16), np.uint8)
     assert eng.run(labels).shape == (1, 16, 16, 3)
     seen = {}
-    monkeypatch.setattr("asap_deploy.infer.open_engine",
+    monkeypatch.setattr("asap_deploy.app.infer.open_engine",
                         lambda choice, source, precision, cpu_threads=None: (seen.setdefault("threads", cpu_threads),
                                                                              None))
     ri._Translator(Source(bundle=bundle_dir), InferOptions(), "onnxruntime", Choice("onnxruntime", "test"), 3)

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asap_deploy import serve
+from asap_deploy.app import serve
 from asap_deploy.config import ModelConfig
 from asap_deploy.errors import InputError, MissingDependencyError, UsageError
-from asap_deploy.serve import ServeOptions, make_infer_fn, validate_request
+from asap_deploy.app.serve import ServeOptions, make_infer_fn, validate_request
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(label_nc=5, contain_dontcare_label=True, crop_size=128, learned_ds_factor=8, lr_width=8,
@@ -505,7 +505,7 @@ def test_served_model_end_to_end(server, engine):
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=10).read().decode()
     assert 'nv_inference_request_success{model="asap"' in text
 
-    from asap_deploy.loadtest import LoadOptions, run_loadtest
+    from asap_deploy.app.loadtest import LoadOptions, run_loadtest
 
     rep = run_loadtest(LoadOptions(url=f"grpc://127.0.0.1:{server.grpc}", concurrency=4, requests=20,
                                    sizes=[(16, 24), (32, 32)], label_nc=6)).to_dict()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from asap_deploy.data import PairedDataset, find_samples
-from asap_deploy.demo import demo_options
+from asap_deploy.app.demo import demo_options
 from asap_deploy.synthetic_dataset import make_dataset
 from asap_deploy.train import small_config
 from asap_deploy.train.evaluate import quality_report

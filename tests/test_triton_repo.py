@@ -22,7 +22,7 @@ from asap_deploy.config import ModelConfig  # noqa: E402
 from asap_deploy.errors import BundleError, OutputError, UsageError  # noqa: E402
 from asap_deploy.export.bundle import export_model, load_bundle  # noqa: E402
 from asap_deploy.random_model import random_generator  # noqa: E402
-from asap_deploy.export.triton_repo import (MARKER, PYTHON_MODEL, RepoOptions, check_onnx_matches_config,  # noqa: E402
+from asap_deploy.app.triton_repo import (MARKER, PYTHON_MODEL, RepoOptions, check_onnx_matches_config,  # noqa: E402
                                             config_text, parse_config, write_triton_repo)
 
 CFG = ModelConfig(label_nc=5, contain_dontcare_label=True, crop_size=128, learned_ds_factor=8, lr_width=8,

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from asap_deploy.errors import InputError
-from asap_deploy.infer import decode_label_map
+from asap_deploy.app.infer import decode_label_map
 from asap_deploy.io import read_image
 from asap_deploy.palette import bundle_palette
 

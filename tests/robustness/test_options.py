@@ -201,7 +201,7 @@ def test_scaled_output_within_max_pixels_is_written(tmp_path, bundle_dir, good_m
 
 
 def test_library_check_scale_bounds():
-    from asap_deploy.scale import check_scale
+    from asap_deploy.app.scale import check_scale
 
     for bad in (1e9, float("inf"), float("-inf"), 1025):
         with pytest.raises(UsageError, match=r"--scale must be in 1\.\.1024"):

@@ -28,12 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from asap_deploy.app.serve import check_batching
 from asap_deploy.errors import BundleError, MissingDependencyError, OutputError, UsageError
-
+from asap_deploy.export.bundle import MANIFEST, sha256_file
 from asap_deploy.io import check_replaceable, staged_dir
-from asap_deploy.serve import check_batching
-
-from .bundle import MANIFEST, sha256_file
 
 ONNX_MODEL, TRT_MODEL = "asap", "asap_tensorrt"
 MARKER = "asap_triton_repo.json"  # what the repository holds (the ownership marker is io.MARKER)
@@ -144,7 +142,7 @@ class TritonPythonModel:
         import numpy as np
 
         from asap_deploy.errors import AsapError
-        from asap_deploy.serve import validate_request
+        from asap_deploy.app.serve import validate_request
 
         responses = [None] * len(requests)
         groups = {}
@@ -229,7 +227,7 @@ def write_triton_repo(bundle, out_dir: str | Path, opts: RepoOptions | None = No
             shutil.copytree(bundle.path, vdir / "bundle", ignore=shutil.ignore_patterns(".*", "*.partial-*"))
             (vdir / "model.py").write_text(PYTHON_MODEL, encoding="utf-8")
             inputs, _ = model_io(cfg)
-            from asap_deploy.serve import DEFAULT_MAX_PIXELS
+            from asap_deploy.app.serve import DEFAULT_MAX_PIXELS
 
             settings = {"precision": opts.precision, "flavor": flavor, "inputs": [n for n, _, _ in inputs],
                         "max_pixels": DEFAULT_MAX_PIXELS}

@@ -21,7 +21,7 @@ import numpy as np
 
 import json
 
-from .io import check_replaceable, claim_files, to_uint8, write_json, write_png
+from ..io import check_replaceable, claim_files, to_uint8, write_json, write_png
 
 DEMO_SIZE = 64
 DEMO_CLASSES = 6
@@ -32,7 +32,7 @@ N_SHOWN = 8
 def demo_options(minutes: float | None, steps: int | None, seed: int):
     """Training options of the demo: the SPADE recipe plus L1 (weight 100, as the authors' --L1_loss),
     a smaller discriminator, and a higher learning rate, so a CPU gets somewhere in minutes."""
-    from .train.trainer import TrainOptions
+    from ..train.trainer import TrainOptions
 
     return TrainOptions(steps=steps, minutes=minutes, batch_size=4, seed=seed, lr_g=1e-3, lr_d=1e-3,
                         decay_steps=0, lambda_l1=100.0, ndf=32, save_every=10**9, log_every=5)
@@ -55,12 +55,12 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     if threads:
         torch.set_num_threads(threads)
 
-    from .data import PairedDataset, check_datasets, find_samples
-    from .synthetic_dataset import make_dataset
-    from .train import small_config
-    from .train.evaluate import quality_report
-    from .train.plot import plot_losses
-    from .train.trainer import Trainer
+    from ..data import PairedDataset, check_datasets, find_samples
+    from ..synthetic_dataset import make_dataset
+    from ..train import small_config
+    from ..train.evaluate import quality_report
+    from ..train.plot import plot_losses
+    from ..train.trainer import Trainer
 
     emit = on_event or (lambda kind, **kw: None)
     out = Path(out)
@@ -99,7 +99,7 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
 
     # 4. pictures: label map | generated | target, one row per held-out sample
     emit("stage", text=f"4/{STAGES} writing pictures to {out / 'results'}")
-    from .palette import bundle_palette
+    from ..palette import bundle_palette
 
     palette = bundle_palette(cfg)
     rows = []
@@ -123,7 +123,7 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
 
     # 5. export
     emit("stage", text=f"5/{STAGES} exporting the ONNX bundle to {out / 'bundle'}")
-    from .export.bundle import export_model, load_bundle
+    from ..export.bundle import export_model, load_bundle
 
     export_model(model, out / "bundle", source={"checkpoint": str(summary["paths"]["generator"])}, overwrite=True)
     bundle = load_bundle(out / "bundle")
@@ -131,8 +131,8 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
 
     # 6. validate ONNX Runtime against the PyTorch reference
     emit("stage", text=f"6/{STAGES} validating ONNX Runtime against PyTorch on the held-out label maps")
-    from .engines import create_engine
-    from .engines.validate import folder_samples, validate
+    from ..engines import create_engine
+    from ..engines.validate import folder_samples, validate
 
     val_labels = val_layout.label_dir
     samples = folder_samples(cfg, val_labels)
@@ -148,7 +148,7 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
 
     # 8. bench
     emit("stage", text=f"8/{STAGES} asap bench at {bench_size}x{bench_size} (authors' forward as baseline)")
-    from .engines.bench import BenchOptions, run_bench, write_reports
+    from ..engines.bench import BenchOptions, run_bench, write_reports
 
     bench = run_bench(bundle, BenchOptions(sizes=[(bench_size, bench_size)], min_iters=3, min_seconds=bench_seconds, warmup_s=0.0),
                       progress=lambda msg: emit("note", text=msg))
@@ -174,7 +174,7 @@ def infer_scales(labels: list[Path], bundle_dir: Path, out: Path) -> dict[str, A
                                                                     batch_size=len(labels), overwrite=True),
                     backend="onnxruntime")  # overwrite: replaces only PNGs asap wrote (an earlier demo's)
         if res.failed:
-            from .errors import InputError
+            from ..errors import InputError
 
             raise InputError(f"demo infer at scale {k} failed: {res.failed[0].error}")
         runs[f"scale{k}"] = {"images": len(res.written), "backend": res.backend, "seconds": res.seconds}
@@ -185,7 +185,7 @@ def scale_grid(labels: list[Path], infer_dir: Path, palette) -> np.ndarray:
     """Rows: label map | scale-1 output upscaled nearest | bicubic | rendered at scale 4, all at 4x."""
     import cv2
 
-    from .io import read_label_map, read_rgb
+    from ..io import read_label_map, read_rgb
 
     k = SCALES[-1]
     rows = []
@@ -213,7 +213,7 @@ def write_index(out: Path, result: dict[str, Any]) -> Path:
     """index.html: every picture and report of the demo on one static page."""
     from html import escape
 
-    from .io import write_text
+    from ..io import write_text
 
     q = result["quality"]
     bench_md = (out / "bench" / "report.md").read_text() if (out / "bench" / "report.md").is_file() else ""

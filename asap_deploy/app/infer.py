@@ -21,12 +21,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import AsapError, BundleError, InputError, OutputError, UsageError, did_you_mean
-from .limits import glob_files, list_files
-from .io import (DEFAULT_MAX_PIXELS, derived_name, file_identity, is_our_png, open_image, read_ids_or_rgb, read_instance_map,
+from ..config import ModelConfig
+from ..errors import AsapError, BundleError, InputError, OutputError, UsageError, did_you_mean
+from ..limits import glob_files, list_files
+from ..io import (DEFAULT_MAX_PIXELS, derived_name, file_identity, is_our_png, open_image, read_ids_or_rgb, read_instance_map,
                  remove_stale_temps, to_uint8, write_png)
-from .palette import Palette, load_palette
+from ..palette import Palette, load_palette
 
 IMAGE_SUFFIXES = (".png",)
 BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -146,7 +146,7 @@ class Choice:
 
 
 def _torch_ok() -> tuple[bool, str]:
-    from .engines.machine import importable
+    from ..engines.machine import importable
 
     ok = importable("torch")
     return ok, "" if ok else "PyTorch is not installed (pip install 'asap-deploy[torch]')"
@@ -227,7 +227,7 @@ def choose_backend(requested: str, source: Source, precision: str = "fp32", scal
 
 def check_threads(cpu_threads: int | None) -> None:
     """--threads: 1..4 x the cores here (limits.check_threads)."""
-    from .limits import check_threads as check
+    from ..limits import check_threads as check
 
     check("--threads", cpu_threads)
 

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import InputError, MissingDependencyError, UsageError
-from .limits import MAX_SIDE, check_max_pixels, check_optional, check_pixels, check_range, check_seed, parse_size
+from ..errors import InputError, MissingDependencyError, UsageError
+from ..limits import MAX_SIDE, check_max_pixels, check_optional, check_pixels, check_range, check_seed, parse_size
 
 MAX_REQUESTS = 1_000_000
 MAX_DURATION_S = 3600.0

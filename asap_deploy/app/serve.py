@@ -23,7 +23,7 @@ The model `asap`:
   inputs   labels     uint8 (int32 when the model has > 255 labels), shape (-1, -1) per request
            instances  int32, shape (-1, -1)      only for models that use instance edges
   outputs  image      uint8 RGB, shape (-1, -1, 3)
-H and W must be multiples of S (the client pads: see `asap_deploy.infer.pad_to_multiple`).
+H and W must be multiples of S (the client pads: see `asap_deploy.app.infer.pad_to_multiple`).
 
 Bad requests get an error response naming the problem and the server goes on; a bad request never
 fails another one batched with it. Triton itself rejects a wrong dtype or rank (HTTP 400);
@@ -56,9 +56,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import AsapError, InputError, MissingDependencyError, UsageError
-from .io import sigterm_as_interrupt
+from ..config import ModelConfig
+from ..errors import AsapError, InputError, MissingDependencyError, UsageError
+from ..io import sigterm_as_interrupt
 
 LOGGER = logging.getLogger(__name__)
 
@@ -281,12 +281,12 @@ def make_infer_fn(engine, max_pixels: int = DEFAULT_MAX_PIXELS) -> Callable[[Seq
 
 # ---- the front model: Triton's Python backend answers every request on its own --------------------------
 FRONT_MODEL_PY = '''"""Triton Python-backend model `asap`, written by `asap serve` into a temporary model
-repository (see asap_deploy/serve.py): checks each request on its own and runs the good ones
+repository (see asap_deploy/app/serve.py): checks each request on its own and runs the good ones
 through the model `asap_engine`."""
 
 from pathlib import Path
 
-from asap_deploy.serve import FrontModel
+from asap_deploy.app.serve import FrontModel
 
 
 class TritonPythonModel(FrontModel):

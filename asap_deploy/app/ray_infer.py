@@ -1,7 +1,7 @@
 """`asap infer --ray ADDRESS`: the same translation as `asap infer`, spread over a Ray cluster.
 
 Ray Data streams the input paths through `map_batches` with an actor pool: each actor opens one
-Engine (a GPU per actor when the backend runs on CUDA) and runs `asap_deploy.infer.infer` on its
+Engine (a GPU per actor when the backend runs on CUDA) and runs `asap_deploy.app.infer.infer` on its
 batch of paths, so decoding, validation, padding, batching, atomic writes and per-file errors are
 exactly those of local `asap infer` (outputs are byte-identical). Only small rows travel back to
 the driver: input, output, error, note per file. The output folder must be reachable by every
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import AsapError, InputError, MissingDependencyError, UsageError
+from ..errors import AsapError, InputError, MissingDependencyError, UsageError
 from .infer import (Choice, FileResult, InferOptions, InferSummary, Source, check_out_dir, check_outputs_are_not_inputs,
                     choose_backend, discover_inputs, input_identities, output_path)
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import DONTCARE_ID, ModelConfig
-from .errors import InputError, UsageError
+from ..config import DONTCARE_ID, ModelConfig
+from ..errors import InputError, UsageError
 
 CHUNK_PIXELS = 2**19
 
@@ -50,7 +50,7 @@ MAX_SCALE = 1024.0
 def check_scale(k: float, max_pixels: int | None = None) -> float:
     """--scale K: a real number in 1..MAX_SCALE whose output of a 1x1 map fits `max_pixels` (the
     size of each input's output is checked from its header: `check_scaled_output`)."""
-    from .limits import check_range
+    from ..limits import check_range
 
     try:
         k = float(k)
@@ -284,7 +284,7 @@ def scaled_pixelwise_graph(cfg: ModelConfig):
         [vi("ids", TensorProto.INT32, ["N", "h", "Ly", "w", "Lx"]), vi("params", TensorProto.FLOAT, ["N", P, "h", "w"]),
          vi("u_y", TensorProto.FLOAT, ["h", "Ly"]), vi("u_x", TensorProto.FLOAT, ["w", "Lx"])],
         [vi("rgb", TensorProto.FLOAT, ["N", "h", "Ly", "w", "Lx", cfg.output_nc])],
-        doc_string="ASAP-Net pixelwise MLP on a denser pixel grid (asap infer --scale); see asap_deploy/scale.py")
+        doc_string="ASAP-Net pixelwise MLP on a denser pixel grid (asap infer --scale); see asap_deploy/app/scale.py")
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], producer_name="asap-deploy", ir_version=9)
     onnx.checker.check_model(m, full_check=True)
     return m
