@@ -104,7 +104,6 @@ def _load_config(preset: Optional[str], config: Optional[Path]):
 PRESET_HELP = "Model preset: facades, cityscapes, ade20k or coco."
 CONFIG_HELP = "Model config JSON file (fields of ModelConfig; a regular file of at most 16 MiB)."
 SEED_HELP_RANGE = " (0..4294967295)"
-MAX_PIXELS_HELP = "Refuse any size above this many pixels, before work (1..1073741824; default 64 Mpx)."
 
 
 def _checkpoint_arg(option: str, path: Optional[Path], folder_ok: bool = False, engine: bool = False) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import resource
+import signal
 import subprocess
 from pathlib import Path
 
@@ -26,6 +27,37 @@ from .conftest import ROOT, label_maps, py_cli, run_cli, save_png
 USAGE = UsageError.exit_code
 THREADS_MAX = 4 * (os.cpu_count() or 1)
 SEED = "0..4294967295"
+
+
+class Overtime(BaseException):
+    """A case that ran past its time (raised from SIGALRM)."""
+
+
+@pytest.fixture(autouse=True)
+def bounded_test():
+    """Before the fix some of these cases allocated hundreds of GiB or never ended: a regression must
+    fail the test (MemoryError, Overtime) rather than take the machine or the run down."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    try:
+        with open("/proc/self/statm") as f:
+            vm = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        vm = None
+    if vm is not None:
+        cap = vm + (6 << 30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+
+    def on_alarm(signum, frame):
+        raise Overtime("the command did not stop within 60 s")  # not an Exception: no `except Exception` swallows it
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(60)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _fill(args, **where) -> list[str]:
@@ -56,9 +88,6 @@ NUMERIC = [
     (["infer", "{map}", "--bundle", "{bundle}", "-o", "{out}", "--max-pixels", "0"], "--max-pixels", "1..1073741824"),
     (["infer", "{map}", "--bundle", "{bundle}", "-o", "{out}", "--max-pixels", str(2**40)], "--max-pixels",
      "1..1073741824"),
-    (["infer", "{map}", "--bundle", "{bundle}", "-o", "{out}", "--threads", "100000"], "--threads", f"1..{THREADS_MAX}"),
-    (["infer", "{map}", "--bundle", "{bundle}", "-o", "{out}", "--threads", "2000"], "--threads", f"1..{THREADS_MAX}"),
-    (["infer", "{map}", "--bundle", "{bundle}", "-o", "{out}", "--threads", "-4"], "--threads", f"1..{THREADS_MAX}"),
     (["infer", "{map}", "--bundle", "{bundle}", "-o", "{out}", "--ray-actors", "0"], "--ray-actors", "1..1024"),
     (["infer", "{map}", "--bundle", "{bundle}", "-o", "{out}", "--ray-actors", "100000"], "--ray-actors", "1..1024"),
     # bench
@@ -82,8 +111,6 @@ NUMERIC = [
     (["bench", "--bundle", "{bundle}", "-o", "{out}", "--seed", str(2**32)], "--seed", SEED),
     (["bench", "--bundle", "{bundle}", "-o", "{out}", "--max-pixels", "0"], "--max-pixels", "1..1073741824"),
     # serve (checked before its dependencies and the model are loaded)
-    (["serve", "{bundle}", "--threads", "2000"], "--threads", f"1..{THREADS_MAX}"),
-    (["serve", "{bundle}", "--threads", "0"], "--threads", f"1..{THREADS_MAX}"),
     (["serve", "{bundle}", "--max-batch", "100000"], "--max-batch", "1..256"),
     (["serve", "{bundle}", "--max-delay-ms", "inf"], "--max-delay-ms", "0..10000"),
     (["serve", "{bundle}", "--max-pixels", "0"], "--max-pixels", "1..1073741824"),
@@ -125,13 +152,11 @@ NUMERIC = [
     (["train", "--out", "{out}", "--steps", "1", "--load-size", "0"], "--load-size", "16..16384"),
     (["train", "--out", "{out}", "--steps", "1", "--save-every", "0"], "--save-every", "1..1000000000"),
     (["train", "--out", "{out}", "--steps", "1", "--log-every", "-1"], "--log-every", "1..1000000000"),
-    (["train", "--out", "{out}", "--steps", "1", "--threads", "100000"], "--threads", f"1..{THREADS_MAX}"),
     (["train", "--out", "{out}", "--steps", "1", "--seed", "-7"], "--seed", SEED),
     # demo (checked before the data set, the training and the bench)
     (["demo", "--out", "{out}", "--minutes", "inf"], "--minutes", "(0, 1440]"),
     (["demo", "--out", "{out}", "--minutes", "0"], "--minutes", "(0, 1440]"),
     (["demo", "--out", "{out}", "--steps", "0"], "--steps", "1..1000000"),
-    (["demo", "--out", "{out}", "--threads", "100000"], "--threads", f"1..{THREADS_MAX}"),
     (["demo", "--out", "{out}", "--bench-size", "100000"], "--bench-size", "16..4096"),
     (["demo", "--out", "{out}", "--bench-size", "1000"], "--bench-size", "multiple of 16"),
     (["demo", "--out", "{out}", "--seed", str(2**40)], "--seed", SEED),
@@ -161,6 +186,26 @@ def test_numeric_option_out_of_range(args, option, says, tmp_path, bundle_dir, c
     r = run_cli(_fill(args, out=out, bundle=bundle_dir, ck=checkpoint, map=good_map), USAGE, names=(option,))
     one_error_line(r, option, says)
     assert not out.exists() and not Path(f"{out}-repo").exists()  # no work done
+
+
+THREADS = [
+    (["infer", "{map}", "--bundle", "{bundle}", "-o", "{out}", "--threads", "100000"]),
+    (["infer", "{map}", "--bundle", "{bundle}", "-o", "{out}", "--threads", "2000"]),
+    (["infer", "{map}", "--bundle", "{bundle}", "-o", "{out}", "--threads", "-4"]),
+    (["serve", "{bundle}", "--threads", "2000"]),
+    (["train", "--out", "{out}", "--steps", "1", "--preset", "facades", "--threads", "100000"]),
+    (["demo", "--out", "{out}", "--threads", "100000"]),
+]
+
+
+@pytest.mark.parametrize("args", THREADS, ids=[" ".join(a[:1] + a[-2:]) for a in THREADS])
+def test_threads_capped_relative_to_the_cores(args, tmp_path, bundle_dir, good_map):
+    """Before the fix --threads 100000 crashed (SIGSEGV) and 2000 could deadlock: in a fresh process."""
+    out = tmp_path / "out"
+    r = run_sub(_fill(args, out=out, bundle=bundle_dir, map=good_map))
+    sub_error(r, USAGE, "--threads", f"must be in 1..{THREADS_MAX}", f"{os.cpu_count()} cores here")
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+    assert not out.exists()
 
 
 def test_help_states_the_ranges():
