@@ -212,31 +212,39 @@ def check_not_input(output: str | os.PathLike, inputs, what: str = "output") -> 
                               "(an output never replaces an input, even with --overwrite)")
 
 
+def owned_folder(target: str | os.PathLike, kind: str, what: str) -> tuple[dict | None, list[str]]:
+    """(marker, files present) of a folder the toolkit may write its `kind` into; OutputError unless
+    `target` is absent, empty, or carries our marker of that `kind` (a folder of someone else's
+    files is never written into or emptied)."""
+    target = Path(target)
+    if not os.path.lexists(target):
+        return None, []
+    if target.is_symlink() or not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder; refusing to write the {what} there")
+    try:
+        present = folder_files(target)
+        if not present and not os.path.lexists(target / MARKER) and not any(target.iterdir()):
+            return None, []
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot read the folder ({exc.strerror or exc})") from exc
+    marker = read_marker(target)
+    if marker is None:
+        raise OutputError(f"{target}: holds files asap did not write (no valid {MARKER} marker); refusing to "
+                          f"write the {what} there: choose another folder or empty it yourself")
+    if marker["kind"] != kind:
+        raise OutputError(f"{target}: holds a {marker['kind']} written by asap, not a {kind}; refusing to "
+                          f"write the {what} there: choose another folder")
+    return marker, present
+
+
 def check_replaceable(target: str | os.PathLike, kind: str, what: str, inputs=()) -> None:
     """Raise OutputError unless writing the `kind` folder `target` in one piece loses nothing:
     `target` is absent, an empty folder, or a folder whose marker says `kind` and lists every file
     in it. Callers check --overwrite first; this holds with --overwrite too."""
     target = Path(target)
     check_not_input(target, inputs, what)
-    if not os.path.lexists(target):
-        return
-    if target.is_symlink() or not target.is_dir():
-        raise OutputError(f"{target}: exists and is not a folder; refusing to replace it with the {what}")
-    try:
-        present = folder_files(target)
-        marker_present = os.path.lexists(target / MARKER)
-    except OSError as exc:
-        raise OutputError(f"{target}: cannot read the folder ({exc.strerror or exc})") from exc
-    if not present and not marker_present and not any(target.iterdir()):
-        return
-    marker = read_marker(target)
-    if marker is None:
-        raise OutputError(f"{target}: holds files asap did not write (no {MARKER} marker); refusing to replace "
-                          f"it with the {what}: choose another folder or empty it yourself")
-    if marker["kind"] != kind:
-        raise OutputError(f"{target}: holds a {marker['kind']} written by asap, not a {kind}; refusing to "
-                          f"replace it with the {what}: choose another folder")
-    foreign = sorted(f for f in present if not _listed(f, marker["files"]))
+    marker, present = owned_folder(target, kind, what)
+    foreign = sorted(f for f in present if marker is not None and not _listed(f, marker["files"]))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputError(f"{target}: holds files asap did not write ({shown}); refusing to replace the "
@@ -373,6 +381,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def cache_root() -> Path:
+    """asap-deploy's folder in the user's cache ($XDG_CACHE_HOME or ~/.cache): kernel cache,
+    TensorRT-RTX library link."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "asap-deploy"
 
 
 def _cv2():

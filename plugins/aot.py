@@ -347,23 +347,7 @@ def compile_kernels(archs: Sequence[int], out_dir: str | Path, variants: Sequenc
 def check_kernel_folder(out_dir: Path) -> None:
     """OutputError unless `out_dir` may receive kernels: absent, empty, or a kernel folder of asap's
     (its marker says kind "kernels"). A folder of someone else's files is never written into."""
-    if not os.path.lexists(out_dir):
-        return
-    if not out_dir.is_dir():
-        raise OutputError(f"{out_dir}: exists and is not a folder; choose another output folder for the kernels")
-    try:
-        present = os.listdir(out_dir)
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot read the folder ({exc.strerror or exc})") from exc
-    if not present:
-        return
-    marker = read_marker(out_dir)
-    if marker is None:
-        raise OutputError(f"{out_dir}: holds files asap did not write (no valid {MARKER} marker); refusing to write "
-                          f"kernels there: choose another folder or an empty one")
-    if marker["kind"] != KIND:
-        raise OutputError(f"{out_dir}: holds a {marker['kind']} written by asap, not a kernel folder; refusing to "
-                          f"write kernels there: choose another folder")
+    owned_folder(out_dir, KIND, "kernels")
 
 
 # ---- reading kernel folders back (untrusted input) --------------------------------------------------
