@@ -20,7 +20,7 @@ from asap_deploy.engines import create_engine
 from asap_deploy.errors import InputError, OutputError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
 from asap_deploy.random_model import random_generator, random_label_maps
-from asap_deploy.infer import InferOptions, Source, choose_backend, discover_inputs, infer, pad_to_multiple
+from asap_deploy.app.infer import InferOptions, Source, choose_backend, discover_inputs, infer, pad_to_multiple
 from asap_deploy.palette import bundle_palette
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,13 +226,39 @@ def test_unwritable_output_and_usage_errors(tmp_path, bundle_dir):
 
 
 def test_auto_backend_says_why(bundle_dir):
+    """On any machine: the bundle has no engine, so auto never picks TensorRT and says so first."""
     c = choose_backend("auto", Source(bundle=bundle_dir))
-    assert c.backend in ("tensorrt", "onnxruntime-cuda", "onnxruntime")
-    if c.backend == "onnxruntime":
-        assert any(s.startswith("tensorrt: no fp32 engine") for s in c.skipped)
-        assert any("CUDAExecutionProvider" in s for s in c.skipped)
-    assert choose_backend("auto", Source(bundle=bundle_dir), scale=2.0).backend != "tensorrt"
+    assert c.backend in ("onnxruntime-cuda", "onnxruntime"), c
+    assert c.skipped[0].startswith(f"tensorrt: no fp32 engine in {bundle_dir}"), c.skipped
     assert choose_backend("auto", Source(model=Path("m.pt"))).backend == "torch"
+
+
+@pytest.mark.parametrize("trt_ok,providers,torch_ok,want,skipped", [
+    (True, ["CUDAExecutionProvider", "CPUExecutionProvider"], True, "tensorrt", []),
+    (False, ["CUDAExecutionProvider", "CPUExecutionProvider"], True, "onnxruntime-cuda", ["tensorrt: WHY"]),
+    (False, ["CPUExecutionProvider"], True, "onnxruntime", ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider"]),
+    (False, [], True, "torch", ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider", "onnxruntime: not installed"]),
+    (False, [], False, None, ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider", "onnxruntime: not installed",
+                              "torch: PyTorch is not installed"]),
+])
+def test_auto_backend_order_and_reasons(bundle_dir, monkeypatch, trt_ok, providers, torch_ok, want, skipped):
+    """Each machine auto can meet: the backend it picks and, in order, what it skipped and why."""
+    inf = sys.modules[choose_backend.__module__]
+    monkeypatch.setattr(inf, "tensorrt_usable", lambda b, p: (trt_ok, "OK" if trt_ok else "WHY"))
+    monkeypatch.setattr(inf, "_ort_providers", lambda: list(providers))
+    monkeypatch.setattr(inf, "_torch_ok", lambda: (torch_ok, "" if torch_ok else "PyTorch is not installed (pip ...)"))
+    if want is None:
+        with pytest.raises(UsageError, match="no backend can run this bundle") as ei:
+            choose_backend("auto", Source(bundle=bundle_dir))
+        got = ei.value.message.split(": ", 1)[1].split("; ")
+    else:
+        c = choose_backend("auto", Source(bundle=bundle_dir))
+        assert c.backend == want and c.reason, c
+        got = c.skipped
+    assert len(got) == len(skipped) and all(g.startswith(s) for g, s in zip(got, skipped)), got
+    scaled = choose_backend("auto", Source(bundle=bundle_dir), scale=2.0) if want else None
+    if scaled is not None:  # --scale: TensorRT is skipped for that reason, even where it is usable
+        assert scaled.backend != "tensorrt" and scaled.skipped[0] == "tensorrt: --scale runs on torch/onnxruntime only"
 
 
 def test_discover_inputs(tmp_path):

@@ -112,13 +112,16 @@ def test_launch_values_match_kernel_arguments():
 
 
 # ---- through TensorRT-RTX's Python plugin API ------------------------------------------------------
-trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed (pip install 'asap-deploy[rtx]')")
+@pytest.fixture(scope="module")
+def trt():
+    """tensorrt_rtx for the tests below; without it they skip, and the tests above still run."""
+    return pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed (pip install 'asap-deploy[rtx]')")
 
 
 _KEEP: list = []  # a PluginField holds a raw pointer to its array: keep the arrays alive
 
 
-def _fields(arrays):
+def _fields(trt, arrays):
     from asap_deploy.plugins.tensorrt import _field_type
 
     _KEEP.append(arrays)
@@ -127,7 +130,7 @@ def _fields(arrays):
                                       for n in core.FIELD_NAMES])
 
 
-def test_fields_round_trip_through_the_creator(pack):
+def test_fields_round_trip_through_the_creator(trt, pack):
     from asap_deploy.plugins.tensorrt import fields_of, register
 
     creator = register(trt)
@@ -135,34 +138,34 @@ def test_fields_round_trip_through_the_creator(pack):
     reg = trt.get_plugin_registry().get_creator("SpatialMLP", "1", "asap")
     assert reg is not None
     arrays = core.field_arrays(ATTRS, pack)
-    p1 = creator.create_plugin("spatial_mlp", _fields(arrays), trt.TensorRTPhase.RUNTIME)
+    p1 = creator.create_plugin("spatial_mlp", _fields(trt, arrays), trt.TensorRTPhase.RUNTIME)
     f1 = fields_of(p1)
     assert list(f1) == list(core.FIELD_NAMES)
     for n in core.FIELD_NAMES:
         np.testing.assert_array_equal(f1[n], arrays[n], err_msg=n)
     # what TensorRT would store, read back by a fresh plugin: same attributes, same kernel images
-    p2 = creator.create_plugin("spatial_mlp", _fields({k: v.copy() for k, v in f1.items()}), trt.TensorRTPhase.RUNTIME)
+    p2 = creator.create_plugin("spatial_mlp", _fields(trt, {k: v.copy() for k, v in f1.items()}), trt.TensorRTPhase.RUNTIME)
     assert p2.state.attrs == core.normalize_attributes(ATTRS)
     assert p2.state.pack.to_bytes() == pack.to_bytes()
     assert [k.cubin for k in p2.state.pack.kernels] == [k.cubin for k in pack.kernels]
 
 
-def test_build_phase_takes_pending_kernels_and_runtime_does_not(pack):
+def test_build_phase_takes_pending_kernels_and_runtime_does_not(trt, pack):
     from asap_deploy.plugins.tensorrt import fields_of, pending_kernels
 
     arrays = core.field_arrays(ATTRS, None)  # the ONNX node: attributes, no kernels
     with pending_kernels(trt, pack) as creator:
-        built = creator.create_plugin("n", _fields(arrays), trt.TensorRTPhase.BUILD)
-        rt = creator.create_plugin("n", _fields(arrays), trt.TensorRTPhase.RUNTIME)
+        built = creator.create_plugin("n", _fields(trt, arrays), trt.TensorRTPhase.BUILD)
+        rt = creator.create_plugin("n", _fields(trt, arrays), trt.TensorRTPhase.RUNTIME)
     assert fields_of(built)["kernels"].view(np.uint8).tobytes() == pack.to_bytes()
     assert fields_of(rt)["kernels"].size == 0
     assert creator.pending == b""
 
 
-def test_clone_is_independent_and_complete(pack):
+def test_clone_is_independent_and_complete(trt, pack):
     from asap_deploy.plugins.tensorrt import fields_of, register
 
-    p = register(trt).create_plugin("n", _fields(core.field_arrays(ATTRS, pack)), trt.TensorRTPhase.RUNTIME)
+    p = register(trt).create_plugin("n", _fields(trt, core.field_arrays(ATTRS, pack)), trt.TensorRTPhase.RUNTIME)
     c = p.clone()
     assert c is not p and c.state is not p.state and c.state.attrs == p.state.attrs
     assert (c.plugin_name, c.plugin_namespace, c.plugin_version, c.num_outputs) == ("SpatialMLP", "asap", "1", 1)
@@ -174,10 +177,10 @@ def test_clone_is_independent_and_complete(pack):
     assert p.attach_to_context(None).state.pack_bytes == p.state.pack_bytes
 
 
-def test_output_types_and_formats(pack):
+def test_output_types_and_formats(trt, pack):
     from asap_deploy.plugins.tensorrt import register
 
-    p = register(trt).create_plugin("n", _fields(core.field_arrays(ATTRS, pack)), trt.TensorRTPhase.BUILD)
+    p = register(trt).create_plugin("n", _fields(trt, core.field_arrays(ATTRS, pack)), trt.TensorRTPhase.BUILD)
     for t in (trt.DataType.FLOAT, trt.DataType.HALF):
         assert p.get_output_data_types([trt.DataType.INT32, t]) == [t]
 
@@ -199,6 +202,6 @@ def test_output_types_and_formats(pack):
     assert not p.supports_format_combination(0, descs(F32, F16, F16), 2)
     assert not p.supports_format_combination(1, descs(I32, F16, F16, fmt=trt.TensorFormat.CHW2), 2)
     fp16_only = register(trt).create_plugin(
-        "n", _fields(core.field_arrays(ATTRS, KernelPack([pack.kernels[1]]))), trt.TensorRTPhase.BUILD)
+        "n", _fields(trt, core.field_arrays(ATTRS, KernelPack([pack.kernels[1]]))), trt.TensorRTPhase.BUILD)
     assert not fp16_only.supports_format_combination(1, ok32, 2)
     json.dumps(fp16_only.state.attrs)  # plain python values

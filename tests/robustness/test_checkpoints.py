@@ -152,10 +152,13 @@ def test_wrong_keys_and_shapes_through_the_cli(tmp_path, tiny_model):
 
 
 def _cfg_file(tmp: Path) -> Path:
+    from asap_deploy.config import ModelConfig
+
     from .conftest import CFG
 
     p = tmp / "cfg.json"
-    p.write_text(CFG.to_json() if hasattr(CFG, "to_json") else __import__("json").dumps(CFG.to_dict()))
+    p.write_text(CFG.to_json())
+    assert ModelConfig.from_json(p.read_text()) == CFG  # the CLI reads the model the checkpoints were made for
     return p
 
 
