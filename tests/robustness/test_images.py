@@ -38,7 +38,7 @@ def test_absurd_header_refused_before_allocating(tmp_path, bundle_dir, good_map)
     _infer([huge, mid, good_map], bundle_dir, tmp_path / "o", "--max-pixels", "1000000",
            names=("huge.png", "mid.png"), says=("5000x5000 pixels exceeds the limit of 1000000", "2 of 3"))
     assert (tmp_path / "o" / "good.png").is_file()
-    _infer([huge], bundle_dir, tmp_path / "o2", "--max-pixels", str(10 ** 12), names=("huge.png",),
+    _infer([huge], bundle_dir, tmp_path / "o2", "--max-pixels", str(2 ** 30), names=("huge.png",),  # the cap
            says=("more pixels than Pillow decodes",))
     run_cli(["infer", good_map, "--bundle", bundle_dir, "--max-pixels", "0"], 2, says=("--max-pixels",))
     # io.read_image (training data): a JPEG header, not only PNG, is checked before OpenCV decodes it
