@@ -1074,7 +1074,7 @@ def loadtest(
                                              "folder must exist)."),
 ) -> None:
     """Load a served `asap` model: throughput, latency min/median/p90/p99, errors (bounded in count and time)."""
-    from asap_deploy.io import write_text
+    from asap_deploy.io import claim_files, write_text
     from asap_deploy.app.loadtest import LoadOptions, parse_wxh, run_loadtest
 
     sizes = [parse_wxh(s) for s in size]
@@ -1087,6 +1087,9 @@ def loadtest(
 
         check_output_file("--json", json_file)
     with console.status(f"load test on {url}"):
+        from asap_deploy.io import check_file_replaceable
+
+        check_file_replaceable(json_file, "load-test report", overwrite)  # before connecting
         rep = run_loadtest(opts).to_dict()
     table = Table(title=f"asap loadtest {url} (model {model}, concurrency {concurrency}, sizes {', '.join(rep['sizes'])})")
     for col in ("requests ok", "errors", "wall s", "req/s", "Mpx/s", "min ms", "median ms", "p90 ms", "p99 ms"):
@@ -1100,6 +1103,7 @@ def loadtest(
         err_console.print(f"[red]{n} x[/] {msg}", highlight=False, markup=False)
     if json_file is not None:
         write_text(json_file, json.dumps(rep, indent=2) + "\n")
+        claim_files(json_file.parent, "load-test report", [json_file.name])  # ours to replace next time
         console.print(f"report: {json_file}")
 
 

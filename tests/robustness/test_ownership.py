@@ -214,3 +214,15 @@ def test_exit_hook_never_prints_a_traceback(tmp_path):
             f"io._live_temps.add(pathlib.Path({str(tmp_path)!r}) / 'gone' / 'y')\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_loadtest_json_never_replaces_a_users_file(tmp_path):
+    """Checked before connecting (nothing listens on the URL): a user's file is refused, also with
+    --overwrite; only a report an earlier loadtest wrote may be replaced."""
+    mine = tmp_path / "load.json"
+    mine.write_text("my notes")
+    url = "http://127.0.0.1:9"
+    run_cli(["loadtest", url, "--requests", "1", "--json", mine], OUT, names=(str(mine),), says=("--overwrite",))
+    run_cli(["loadtest", url, "--requests", "1", "--json", mine, "--overwrite"], OUT, names=(str(mine),),
+            says=("not written by asap",))
+    assert mine.read_text() == "my notes"
