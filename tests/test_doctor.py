@@ -10,7 +10,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from asap_deploy.cli import app
-from asap_deploy.doctor import kernel_cache, rtx_parser_check, run_checks
+from asap_deploy.app.doctor import kernel_cache, rtx_parser_check, run_checks
 from asap_deploy.engines.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +37,60 @@ def test_kernel_cache_counted_per_arch(tmp_path):
     assert kernel_cache(tmp_path) == {"sm_80": 2, "sm_90": 1}
 
 
-def test_rtx_workaround_reported_without_touching_disk():
+def _listing(d: Path) -> list[tuple[str, bool]]:
+    return sorted((p.name, p.is_symlink()) for p in d.iterdir())
+
+
+def test_rtx_workaround_reported_without_touching_disk(tmp_path, monkeypatch):
+    """Each state of the parser-library workaround is reported as such, and the check only looks:
+    it never creates the link it reports missing."""
+    from asap_deploy.plugins import trt_compat
+
+    libs = tmp_path / "tensorrt_rtx_libs"
+    libs.mkdir()
+    (libs / trt_compat.RTX_LIB_VERSIONED).write_bytes(b"\x7fELF fake")
+    monkeypatch.setattr(trt_compat, "_rtx_libs_dir", lambda: libs)
+    monkeypatch.setenv("LD_LIBRARY_PATH", "")
+    before = _listing(libs)
+
+    c = rtx_parser_check()  # the wheel as shipped: only the versioned name
+    assert c.status == "warn", c
+    assert f"{trt_compat.RTX_LIB} not in place yet" in c.detail and "writable" in c.detail
+    assert c.fix.startswith("nothing to do: asap build-engine")
+    assert _listing(libs) == before  # reported, not fixed
+
+    elsewhere = tmp_path / "ld"
+    elsewhere.mkdir()
+    (elsewhere / trt_compat.RTX_LIB).write_bytes(b"")
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"/nonexistent:{elsewhere}")
     c = rtx_parser_check()
-    assert c.status in ("ok", "warn") and "libtensorrt_rtx" in (c.detail + c.fix + "libtensorrt_rtx")
+    assert (c.status, c.detail) == ("ok", f"{elsewhere / trt_compat.RTX_LIB} on LD_LIBRARY_PATH")
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", "")
+    (libs / trt_compat.RTX_LIB).symlink_to(trt_compat.RTX_LIB_VERSIONED)
+    c = rtx_parser_check()
+    assert (c.status, c.detail) == ("ok", f"{libs / trt_compat.RTX_LIB} present")
+
+    def not_installed():
+        raise trt_compat.TrtUnavailable("tensorrt_rtx_libs is not installed")
+
+    monkeypatch.setattr(trt_compat, "_rtx_libs_dir", not_installed)
+    c = rtx_parser_check()
+    assert c.status == "warn" and "not installed" in c.detail and c.fix == trt_compat.INSTALL["rtx"]
+
+
+def test_rtx_check_leaves_the_real_package_folder_alone():
+    from asap_deploy.plugins import trt_compat
+
+    try:
+        libs = trt_compat._rtx_libs_dir()
+    except trt_compat.TrtUnavailable:
+        libs = None
+    before = _listing(libs) if libs else None
+    c = rtx_parser_check()
+    assert c.status in ("ok", "warn") and (c.detail and (c.status == "ok" or c.fix)), c
+    if libs:
+        assert _listing(libs) == before
 
 
 def test_machine_info_names_cpu_and_libraries():
