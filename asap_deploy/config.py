@@ -1,6 +1,8 @@
 """ModelConfig: every shape of an ASAP-Net generator, its presets, and inference from a checkpoint.
 
-Pure Python (no torch): `asap inspect` and the inference-only backends use it too.
+Pure Python (no torch; numpy only inside the array helpers): `asap inspect` and the
+inference-only backends use it too. The size rule (H, W multiples of S; pad and crop) and the
+label-id rule (range, don't care) live here and only here; every layer calls them.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, InputError
 
 DONTCARE_ID = 255  # the id of "don't care" pixels in label maps (SPADE convention)
+# Negative slope of the per-pixel MLP's hidden activations (fixed by ASAP-Net, not a config field).
+# Its one home: the model, the graphs and the fused kernel (via plugins/spec.py) all read it here.
+LEAKY_SLOPE = 0.01
 
 # ---- limits on the model a config may describe (a config is untrusted input: it comes from
 # checkpoints, bundle manifests and --config files). Checked by `ModelConfig.validate` from the
@@ -33,6 +38,31 @@ FIELD_RANGES: dict[str, tuple[int, int]] = {
 }
 MAX_ASPECT_RATIO = 1024.0
 
+
+
+# ---- the size rule, for callers that know only S (kernels, engine profiles) ------------------------
+def padded_size(h: int, w: int, S: int) -> tuple[int, int]:  # noqa: N803
+    """(h, w) rounded up to multiples of S: the size a label map is padded to (`pad_to_tiles`)."""
+    return -(-h // S) * S, -(-w // S) * S
+
+
+def pad_to_tiles(a, S: int):  # noqa: N803
+    """numpy (H, W, ...) -> (H', W', ...) with H', W' = `padded_size(H, W, S)`: reflect padding at the
+    bottom and right, so the top-left H x W is the input and `crop(out, H, W)` undoes it (edge
+    padding where a side is 1 pixel: reflect needs two)."""
+    import numpy as np
+
+    h, w = a.shape[:2]
+    ph, pw = padded_size(h, w, S)
+    if (ph, pw) == (h, w):
+        return a
+    pad = [(0, ph - h), (0, pw - w)] + [(0, 0)] * (a.ndim - 2)
+    return np.pad(a, pad, mode="reflect" if min(h, w) > 1 else "edge")
+
+
+def crop(a, h: int, w: int):
+    """The top-left h x w of an (H', W', ...) array: undoes `pad_to_tiles` on its output."""
+    return a[:h, :w]
 
 @dataclass(frozen=True)
 class ModelCost:
@@ -181,6 +211,25 @@ class ModelConfig:
         s = self.S
         return int(round(self.crop_size / self.aspect_ratio)) // s * s, self.crop_size // s * s
 
+    # ---- the size rule: inputs are whole S x S tiles ----------------------------------------
+    def padded_size(self, h: int, w: int) -> tuple[int, int]:
+        """(h, w) rounded up to multiples of S (what `pad_to_tiles` pads to)."""
+        return padded_size(h, w, self.S)
+
+    def fits_tiles(self, h: int, w: int) -> bool:
+        """Whether an h x w label map is whole S x S tiles: h and w positive multiples of S."""
+        return h > 0 and w > 0 and self.padded_size(h, w) == (h, w)
+
+    def check_size(self, h: int, w: int, what: str = "image size") -> None:
+        """InputError unless `fits_tiles(h, w)`: "{what} HxW (HxW) is not a positive multiple of S: pad it to ..."."""
+        if not self.fits_tiles(h, w):
+            ph, pw = self.padded_size(h, w)
+            raise InputError(f"{what} {h}x{w} (HxW) is not a positive multiple of S={self.S}: pad it to {ph}x{pw}")
+
+    def pad_to_tiles(self, a):
+        """numpy (H, W, ...) -> reflect-padded at the bottom/right to `padded_size(H, W)`; `crop` undoes it."""
+        return pad_to_tiles(a, self.S)
+
     def cost(self, height: int | None = None, width: int | None = None, batch: int = 1) -> ModelCost:
         """Parameters and estimated peak activation bytes of this generator for one no-grad fp32
         forward of `batch` label maps of `height` x `width` (default: the training crop).
@@ -268,11 +317,62 @@ class ModelConfig:
         return f"0..{self.n_label_channels - 1}" + (f" or {DONTCARE_ID} (don't care)" if self.accepts_dontcare_id else "")
 
     def invalid_label_ids(self, ids):
-        """Boolean mask over an integer numpy array of label ids: True where this model does not take the id."""
+        """Boolean mask over an integer array of label ids (numpy or torch): True where this model
+        does not take the id."""
         bad = (ids < 0) | (ids >= self.n_label_channels)
         if self.accepts_dontcare_id:
             bad &= ids != DONTCARE_ID
         return bad
+
+    def first_invalid_label_id(self, ids) -> tuple[int, int, int] | None:
+        """(id, x, y) of the first id (C order) of an integer array (..., H, W) that this model does
+        not take, or None. Two reductions when every id is in 0..n-1 (the common case: no
+        full-size temporaries); the mask only when something is outside. `ids`: numpy, or a torch
+        tensor (reduced on its device, copied to the host only when something is outside)."""
+        import numpy as np
+
+        if not isinstance(ids, np.ndarray) and hasattr(ids, "detach"):  # torch, without importing it
+            if ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < self.n_label_channels):
+                return None
+            if not bool(self.invalid_label_ids(ids).any()):  # e.g. don't-care ids: decided on the device
+                return None
+            ids = ids.detach().cpu().numpy()
+        a = np.asarray(ids)
+        if a.size == 0:
+            return None
+        if a.dtype.kind == "u" or int(a.min()) >= 0:
+            if int(a.max()) < self.n_label_channels:
+                return None
+        bad = self.invalid_label_ids(a.astype(np.int64, copy=False))
+        if not bad.any():
+            return None
+        at = np.unravel_index(int(np.argmax(bad)), a.shape)
+        y, x = (int(v) for v in at[-2:]) if a.ndim >= 2 else (0, int(at[-1]) if a.ndim else 0)
+        return int(a[at]), x, y
+
+    def check_label_ids(self, ids, what: str | None = None, at: str | None = "at x={x}, y={y}") -> None:
+        """InputError naming the first id this model does not take: "[what: ]label id V [at x=X, y=Y]
+        is out of range: this model takes ids ...". `at` formats the place (None: not named)."""
+        found = self.first_invalid_label_id(ids)
+        if found is None:
+            return
+        value, x, y = found
+        place = f" {at.format(x=x, y=y)}" if at else ""
+        raise InputError(f"{what + ': ' if what else ''}label id {value}{place} is out of range: this model takes "
+                         f"ids {self.allowed_label_ids}")
+
+    def channel_index(self, ids, what: str | None = None, check: bool = True):
+        """Label ids (numpy) -> int64 one-hot channel index: id 255 -> the last channel where
+        accepted (`contain_dontcare_label` True, or None: inferred configs). `check=False` for ids
+        already checked (`check_label_ids`) on the way in."""
+        import numpy as np
+
+        if check:
+            self.check_label_ids(ids, what)
+        a = np.asarray(ids).astype(np.int64)
+        if self.accepts_dontcare_id:
+            a[a == DONTCARE_ID] = self.n_label_channels - 1
+        return a
 
     @property
     def label_dtype(self) -> str:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DONTCARE_ID, ModelConfig
+from .config import DONTCARE_ID, LEAKY_SLOPE, ModelConfig
 from .errors import InputError
 
 # Pixels per chunk of the pixelwise stage (whole tiles, at least one): two reused activation
@@ -74,13 +74,9 @@ def label_channels(labels: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """
     idx = labels.long()
     n = cfg.n_label_channels
+    cfg.check_label_ids(idx, at=None)
     if cfg.accepts_dontcare_id:
         idx = torch.where(idx == DONTCARE_ID, torch.full_like(idx, n - 1), idx)
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= n:
-            bad = hi if hi >= n else lo
-            raise InputError(f"label id {bad} is out of range: this model takes ids {cfg.allowed_label_ids}")
     return idx
 
 
@@ -236,14 +232,14 @@ def pixelwise(channel_idx: torch.Tensor, params: torch.Tensor, cfg: ModelConfig,
                + torch.bmm(pe_x.expand(k, -1, -1), w1_x[t0:t1]).unsqueeze(1))  # (k, S, S, c1)
         x.view(k, S, S, c1 + 1)[..., 1:].add_(pos)
         for i, m in enumerate(mats[1:-1]):
-            x = F.leaky_relu(x, 0.01, inplace=True)  # leaky(1) = 1 keeps the bias channel
+            x = F.leaky_relu(x, LEAKY_SLOPE, inplace=True)  # leaky(1) = 1 keeps the bias channel
             if fast:
                 y = bufs[(i + 1) % 2, :k]
                 torch.bmm(x, m[t0:t1], out=y[..., 1:])
                 x = y
             else:
                 x = F.pad(torch.bmm(x, m[t0:t1]), (1, 0), value=1.0)
-        x = F.leaky_relu(x, 0.01, inplace=True)
+        x = F.leaky_relu(x, LEAKY_SLOPE, inplace=True)
         rgb = torch.tanh(torch.bmm(last_t[t0:t1], x.transpose(1, 2)))  # (k, c_out, px)
         out[r0:r1, :, q0:q1] = rgb.view(r1 - r0, q1 - q0, c_out, S, S).permute(0, 3, 1, 4, 2)
     return out.view(n, H, W, c_out)
@@ -270,15 +266,12 @@ class ASAPNetGenerator(nn.Module):
 
     # The two stages, usable on their own (export and benchmarks time them separately).
     def check_inputs(self, labels: torch.Tensor, instances: torch.Tensor | None) -> None:
-        S = self.cfg.S  # noqa: N806
         if labels.dim() != 3:
             raise InputError(f"labels must be (N, H, W) ids, got shape {tuple(labels.shape)}")
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise InputError(f"labels must be integer ids, got dtype {labels.dtype}")
         _, H, W = labels.shape  # noqa: N806
-        if H % S or W % S or H == 0 or W == 0:
-            raise InputError(f"image size {H}x{W} (HxW) is not a positive multiple of S={S}: pad it to "
-                             f"{-(-H // S) * S}x{-(-W // S) * S}")
+        self.cfg.check_size(H, W)
         if self.cfg.instance_edges:
             if instances is None:
                 raise InputError("this model uses instance edges: an instance map is required")

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from asap_deploy.config import ModelConfig
-from asap_deploy.errors import InputError
+from asap_deploy.errors import InputError, UsageError
 
 IMAGE, IMAGE_FLOAT = "image", "image_float"
 
@@ -25,18 +25,23 @@ class Engine(ABC):
         self.precision = precision
 
     # ---- public API -------------------------------------------------------------------------
-    def run(self, labels: np.ndarray, instances: np.ndarray | None = None) -> np.ndarray:
+    # `ids_checked=True`: the caller has already checked every id with
+    # `ModelConfig.check_label_ids` (asap infer does, per file, to name the file and the pixel);
+    # shapes and sizes are still checked here.
+    def run(self, labels: np.ndarray, instances: np.ndarray | None = None, *, ids_checked: bool = False) -> np.ndarray:
         """labels (N,H,W) ids [+ instances] -> uint8 RGB (N,H,W,3)."""
-        return self.generate(labels, instances)[IMAGE]
+        return self.generate(labels, instances, ids_checked=ids_checked)[IMAGE]
 
-    def generate(self, labels: np.ndarray, instances: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def generate(self, labels: np.ndarray, instances: np.ndarray | None = None, *,
+                 ids_checked: bool = False) -> dict[str, np.ndarray]:
         """End to end: {"image": uint8 (N,H,W,3), "image_float": float32 (N,H,W,3) in [-1,1]}."""
-        labels, instances = self.check_inputs(labels, instances)
+        labels, instances = self.check_inputs(labels, instances, ids_checked=ids_checked)
         return self._generate(labels, instances)
 
-    def predict_params(self, labels: np.ndarray, instances: np.ndarray | None = None) -> np.ndarray:
+    def predict_params(self, labels: np.ndarray, instances: np.ndarray | None = None, *,
+                       ids_checked: bool = False) -> np.ndarray:
         """Stage 1: the parameter grid (N, P, H/S, W/S) float32."""
-        labels, instances = self.check_inputs(labels, instances)
+        labels, instances = self.check_inputs(labels, instances, ids_checked=ids_checked)
         return self._predict_params(labels, instances)
 
     def pixelwise(self, labels: np.ndarray, params: np.ndarray) -> dict[str, np.ndarray]:
@@ -48,6 +53,12 @@ class Engine(ABC):
         if tuple(params.shape) != want:
             raise InputError(f"parameter grid has shape {tuple(params.shape)}, expected {want}")
         return self._pixelwise(labels, np.ascontiguousarray(params, dtype=np.float32))
+
+    def scaled_mlp(self, ids: np.ndarray, params: np.ndarray, u_y: np.ndarray, u_x: np.ndarray) -> np.ndarray:
+        """The pixelwise MLP on a denser pixel grid (`asap infer --scale`; layout: app/scale.py):
+        ids (N,h,Ly,w,Lx) channel indices, params (N,P,h,w), u_y (h,Ly), u_x (w,Lx) -> float32
+        (N,h,Ly,w,Lx,3) in [-1, 1]. Only backends whose registry entry has `scale` provide it."""
+        raise UsageError(f"the {self.name} backend has no scaled pixelwise stage (asap infer --scale)")
 
     def close(self) -> None:
         """Release resources (sessions, device memory)."""
@@ -62,8 +73,8 @@ class Engine(ABC):
         self.close()
 
     # ---- input checks -------------------------------------------------------------------------
-    def check_inputs(self, labels: np.ndarray, instances: np.ndarray | None,
-                     need_instances: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def check_inputs(self, labels: np.ndarray, instances: np.ndarray | None, need_instances: bool = True, *,
+                     ids_checked: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         cfg = self.config
         labels = np.asarray(labels)
         if labels.ndim != 3:
@@ -71,15 +82,12 @@ class Engine(ABC):
         if not np.issubdtype(labels.dtype, np.integer):
             raise InputError(f"labels must be integer ids, got dtype {labels.dtype}")
         n, h, w = labels.shape
-        S = cfg.S  # noqa: N806
-        if n == 0 or h == 0 or w == 0 or h % S or w % S:
-            raise InputError(f"label maps of {h}x{w} (HxW), batch {n}: H and W must be positive multiples of S={S} "
-                             f"(pad to {-(-h // S) * S}x{-(-w // S) * S})")
-        ids = labels.astype(np.int64, copy=False)
-        bad = cfg.invalid_label_ids(ids)
-        if bad.any():
-            raise InputError(f"label id {int(ids[bad].flat[0])} is out of range: this model takes ids "
-                             f"{cfg.allowed_label_ids}")
+        if n == 0 or not cfg.fits_tiles(h, w):
+            ph, pw = cfg.padded_size(h, w)
+            raise InputError(f"label maps of {h}x{w} (HxW), batch {n}: H and W must be positive multiples of "
+                             f"S={cfg.S} (pad to {ph}x{pw})")
+        if not ids_checked:
+            cfg.check_label_ids(labels, at=None)
         labels = np.ascontiguousarray(labels, dtype=np.dtype(cfg.label_dtype))
         if cfg.instance_edges and need_instances:
             if instances is None:

@@ -33,12 +33,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from asap_deploy.errors import UsageError
+from asap_deploy.export.stages import KEYS, Stage
+
+from . import registry
 
 SCHEMA = "asap-deploy/bench"
 SCHEMA_VERSION = 1
-STAGES = ("predictor", "pixelwise", "end_to_end")
+STAGES = KEYS  # report keys: predictor, pixelwise, end_to_end (export/stages.py)
 BASELINE = "authors"
-BENCH_BACKENDS = ("authors", "torch", "onnxruntime", "onnxruntime-cuda", "tensorrt")
+BENCH_BACKENDS = (BASELINE, *registry.NAMES)  # every backend of the registry, variants included
+DEFAULT_BACKENDS = (registry.TORCH.name, registry.ONNXRUNTIME.name)  # measured even where unusable
 PERCENTILES = (90, 95, 99)
 MAX_ITERATIONS = 100_000
 MAX_DURATION_S = 600.0   # --duration: timed seconds per row
@@ -66,7 +70,7 @@ def summarize(samples: Sequence[float], images_per_call: int, wall_s: float) -> 
 
 @dataclass
 class BenchOptions:
-    backends: list[str] = field(default_factory=lambda: ["torch", "onnxruntime"])
+    backends: list[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
     sizes: list[tuple[int, int]] = field(default_factory=lambda: [(1024, 1024)])
     batches: list[int] = field(default_factory=lambda: [1])
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
@@ -80,6 +84,7 @@ class BenchOptions:
 
     def check(self, S: int | None = None) -> None:  # noqa: N803
         """Every option in its documented range (limits.py wording), before any work."""
+        from asap_deploy.config import padded_size
         from asap_deploy.limits import MAX_BATCH, MAX_SIDE, check_max_pixels, check_pixels, check_range, check_seed
 
         for b in self.backends:
@@ -108,8 +113,19 @@ class BenchOptions:
             check_range("--size width", w, 1, MAX_SIDE)
             n = max(self.batches)
             check_pixels("--size", f"{h}x{w} at --batch {n}", n * h * w, self.max_pixels)
-            if S and (h % S or w % S):
-                raise UsageError(f"size {h}x{w} (HxW) is not a multiple of S={S}: use {-(-h // S) * S}x{-(-w // S) * S}")
+            if S and padded_size(h, w, S) != (h, w):
+                raise UsageError(f"size {h}x{w} (HxW) is not a multiple of S={S}: use {'x'.join(map(str, padded_size(h, w, S)))}")
+
+
+def default_backends(bundle_dir: Path, precision: str, engine_given: bool = False) -> list[str]:
+    """What `asap bench` measures without --backends: torch and onnxruntime (a failure is a row),
+    and every other backend of the registry usable here for `bundle_dir` at `precision` (TensorRT
+    also when an engine file was given: its failure to run is then a row of the table)."""
+    out = list(DEFAULT_BACKENDS)
+    for b in registry.BACKENDS:
+        if b.name not in out and (b.available(bundle_dir, precision)[0] or (engine_given and b is registry.TENSORRT)):
+            out.append(b.name)
+    return out
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -194,9 +210,9 @@ class _Item:
     def stage(self, stage: str, labels: np.ndarray, instances: np.ndarray | None) -> Callable[[], object]:
         if self.engine is not None:
             e = self.engine
-            if stage == "end_to_end":
+            if stage == Stage.END_TO_END.key:
                 return lambda: e.run(labels, instances)
-            if stage == "predictor":
+            if stage == Stage.PREDICTOR.key:
                 return lambda: e.predict_params(labels, instances)
             params = e.predict_params(labels, instances)
             return lambda: e.pixelwise(labels, params)
@@ -207,7 +223,7 @@ class _Item:
         it = torch.from_numpy(np.ascontiguousarray(instances)) if instances is not None else None
         with torch.inference_mode():
             onehot = a.encode(lt, it)
-            params = a.lowres(onehot) if stage == "pixelwise" else None
+            params = a.lowres(onehot) if stage == Stage.PIXELWISE.key else None
 
         def run(f):
             def call():
@@ -215,8 +231,8 @@ class _Item:
                     return f()
             return call
 
-        return run({"end_to_end": lambda: a(onehot), "predictor": lambda: a.lowres(onehot),
-                    "pixelwise": lambda: a.pixelwise(onehot, params)}[stage])
+        return run({Stage.END_TO_END.key: lambda: a(onehot), Stage.PREDICTOR.key: lambda: a.lowres(onehot),
+                    Stage.PIXELWISE.key: lambda: a.pixelwise(onehot, params)}[stage])
 
     def close(self) -> None:
         if self.engine is not None:
@@ -238,18 +254,13 @@ class _Context:
         return self._model
 
     def engine(self, backend: str, precision: str):
-        from . import create_engine
-
-        if backend == "torch":
+        if backend == registry.TORCH.name:  # shares the authors' baseline's model (built once)
             if precision != "fp32":
                 raise UsageError("the torch backend is fp32 only")
             from .torch_engine import TorchEngine
 
             return TorchEngine(self.torch_model())
-        if backend == "onnxruntime-cuda":
-            return create_engine("onnxruntime", self.bundle, precision,
-                                 providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-        return create_engine(backend, self.bundle, precision)
+        return registry.backend(backend).open(self.bundle, precision)
 
 
 def _status(exc: BaseException) -> str:

@@ -25,15 +25,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from asap_deploy.config import padded_size
 from asap_deploy.errors import EngineError, KernelError, OutputError, UsageError
+from asap_deploy.export.stages import GRAPHS, Stage
 from asap_deploy.io import (atomic_path, check_file_replaceable, check_not_input, check_replaceable, claim_files,
                             owns_file, read_regular_file, staged_dir, write_json)
 
+from .engine_file import engine_name  # noqa: F401 - the format and its parser: engine_file.py
+
 SIDECAR_SCHEMA = "asap-deploy/engine"
 SIDECAR_VERSION = 1
-STAGES = {"predictor": ("predictor",), "pixelwise": ("pixelwise",), "end-to-end": ("asap",),
-          "all": ("predictor", "pixelwise", "asap")}
-PLUGIN_GRAPHS = ("pixelwise", "asap")
+# --stage value -> graphs (export/stages.py spells each stage)
+STAGES = {**{s.cli: (s.graph,) for s in Stage}, "all": tuple(s.graph for s in Stage)}
+PLUGIN_GRAPHS = (Stage.PIXELWISE.graph, Stage.END_TO_END.graph)
 RTX_ARCHS = (75, 80, 86, 89, 120)  # what TensorRT-RTX 1.7 targets (no sm_90: not for H100/H200)
 DEFAULT_OPT = (1, 1024, 1024)
 DEFAULT_MAX = (4, 2048, 2048)
@@ -64,9 +68,9 @@ class Profile:
     def check(self, S: int) -> "Profile":  # noqa: N803
         for name in ("min", "opt", "max"):
             n, h, w = getattr(self, name)
-            if h % S or w % S:
-                raise UsageError(f"--{name} {n}x{h}x{w}: H and W must be multiples of S={S} "
-                                 f"(e.g. {n}x{-(-h // S) * S}x{-(-w // S) * S})")
+            ph, pw = padded_size(h, w, S)
+            if (ph, pw) != (h, w):
+                raise UsageError(f"--{name} {n}x{h}x{w}: H and W must be multiples of S={S} (e.g. {n}x{ph}x{pw})")
         for i, axis in enumerate("NHW"):
             if not self.min[i] <= self.opt[i] <= self.max[i]:
                 raise UsageError(f"profile {axis}: need min <= opt <= max, got {self.min[i]}, {self.opt[i]}, "
@@ -84,9 +88,8 @@ class Profile:
 
 def default_profile(S: int) -> Profile:  # noqa: N803
     """opt 1x1024x1024, min 1xSxS, max 4x2048x2048, rounded up to multiples of S."""
-    up = lambda v: -(-v // S) * S  # noqa: E731
-    return Profile((1, S, S), (DEFAULT_OPT[0], up(DEFAULT_OPT[1]), up(DEFAULT_OPT[2])),
-                   (DEFAULT_MAX[0], up(DEFAULT_MAX[1]), up(DEFAULT_MAX[2])))
+    return Profile((1, S, S), (DEFAULT_OPT[0], *padded_size(*DEFAULT_OPT[1:], S)),
+                   (DEFAULT_MAX[0], *padded_size(*DEFAULT_MAX[1:], S)))
 
 
 def make_profile(S: int, min_shape: str | None = None, opt_shape: str | None = None,  # noqa: N803
@@ -105,16 +108,12 @@ def stage_graphs(stage: str) -> tuple[str, ...]:
     return STAGES[stage]
 
 
-def engine_name(graph: str, precision: str, flavor: str) -> str:
-    return f"{graph}.{precision}.{flavor}.engine"
-
-
 # ---- kernels for the plugin (AOT, cached) ---------------------------------------------------------
 def kernel_cache_dir() -> Path:
     env = os.environ.get("ASAP_KERNEL_CACHE")
     if env:
         return Path(env)
-    from asap_deploy.plugins.trt_compat import cache_root
+    from asap_deploy.io import cache_root
 
     return cache_root() / "kernels"
 
@@ -135,7 +134,7 @@ def plugin_kernels(cfg, archs: Sequence[int], dtype_pairs: Sequence[tuple[str, s
     from asap_deploy.plugins import aot
     from asap_deploy.plugins import kernel as kernel_mod
     from asap_deploy.plugins.plugin_core import KernelPack, PackedKernel
-    from asap_deploy.plugins.torch_op import kernel_spec
+    from asap_deploy.plugins.spec import kernel_spec
 
     cache = Path(cache_dir) if cache_dir is not None else kernel_cache_dir()
     src = hashlib.sha256(Path(kernel_mod.__file__).read_bytes()).hexdigest()[:16]
@@ -235,7 +234,8 @@ def read_sidecar(engine_path: Path) -> dict:
 
 
 def rebuild_command(sc: dict) -> str:
-    stage = {"asap": "end-to-end"}.get(sc.get("graph"), sc.get("graph"))
+    graph = sc.get("graph")
+    stage = Stage.from_graph(graph).cli if graph in GRAPHS else graph
     bundle = sc.get("bundle", {}).get("path", "BUNDLE_DIR")
     fp16 = " --fp16" if sc.get("precision") == "fp16" else ""
     return (f"asap build-engine {bundle} --stage {stage} --flavor {sc.get('tensorrt', {}).get('flavor')}{fp16} "
@@ -247,7 +247,7 @@ def check_sidecar(sc: dict, engine_bytes: bytes | None = None, *, trt_version: s
                   ) -> None:
     """EngineError naming the first mismatch and the command that rebuilds the engine. Only the
     facts given are checked (the runner gives all of them)."""
-    from asap_deploy.plugins.plugin_core import PLUGIN_VERSION
+    from asap_deploy.plugins.spec import PLUGIN_VERSION
 
     fix = f"rebuild it: {rebuild_command(sc)}"
     name = sc.get("engine", {}).get("file", "the engine")
@@ -340,7 +340,7 @@ class _Logger:
 
 
 def _targets(trt, flavor: str, archs: Sequence[int] | None) -> dict[str, Any]:
-    from asap_deploy.plugins import trt_compat
+    from asap_deploy.plugins import cuda_driver, trt_compat
 
     if flavor == "rtx":
         archs = list(archs) if archs else list(RTX_ARCHS)
@@ -351,7 +351,7 @@ def _targets(trt, flavor: str, archs: Sequence[int] | None) -> dict[str, Any]:
                              f"sm_90 H100/H200 needs --flavor tensorrt)")
         return {"kind": "rtx-compute-capabilities", "sm": archs, "built_on_gpu": False}
     trt_compat.require_gpu("building a TensorRT engine (--flavor tensorrt)")
-    cc, name = trt_compat.device_sm(0)
+    cc, name = cuda_driver.device_sm(0)
     if archs and list(archs) != [cc]:
         raise UsageError(f"--flavor tensorrt builds for the GPU it runs on (sm_{cc}, {name}); --arch "
                          f"{','.join(f'sm_{a}' for a in archs)} is only for --flavor rtx")
@@ -381,9 +381,9 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
     if flavor == "rtx":
         trt_compat.ensure_rtx_parser_lib()  # before any parse: the parser would abort the process
     from asap_deploy.plugins import tensorrt as trt_plugin
-    from asap_deploy.plugins.plugin_core import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+    from asap_deploy.plugins.spec import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-    trt_plugin.register(trt)
+    trt_plugin.register(trt)  # explicit: importing the plugin module registers nothing
     strong_only = trt_compat.strongly_typed_only(trt)
     if options.fp16 and "fp16" not in bundle.precisions:
         if strong_only:
@@ -419,8 +419,7 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
         if progress:
             progress(f"parsing {src.name}")
         uses_plugin = graph in PLUGIN_GRAPHS
-        with trt_plugin.pending_kernels(trt, pack if uses_plugin else b""):
-            ok = parser.parse(data, str(src))
+        ok = parser.parse(data, str(src))
         if not ok:
             errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or log.errors()
             raise EngineError(f"{src.name}: the ONNX parser failed: {'; '.join(errs) or 'no message'}")
@@ -429,6 +428,8 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
         if uses_plugin and not plugin_layers:
             raise EngineError(f"{src.name}: the parser did not map the {PLUGIN_NAMESPACE}::{PLUGIN_NAME} node to the "
                               f"plugin (it inlined the ONNX function instead)")
+        if uses_plugin:  # this network's plugins take this build's kernels (serialized with their fields)
+            trt_plugin.attach_kernels(trt, network, pack)
         config = builder.create_builder_config()
         if flavor == "rtx":
             config.num_compute_capabilities = len(targets["sm"])

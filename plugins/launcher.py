@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from asap_deploy.errors import KernelError, MissingDependencyError
+from asap_deploy.config import padded_size
+from asap_deploy.errors import KernelError
 
 from .aot import load_index, load_metadata, read_images
+from .cuda_driver import check, driver
 
 _CTYPES = {"i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
            "fp32": ctypes.c_float, "i1": ctypes.c_int32}
@@ -86,29 +88,9 @@ def grid_for(meta: Mapping, **sizes: int) -> tuple[int, int, int]:
         return (-(-sizes["n_tiles"] // rule["BLOCK_T"]), -(-sizes["P"] // rule["BLOCK_C"]), 1)
     s = rule["S"]
     n, h, w = sizes["N"], sizes["H"], sizes["W"]
-    if h % s or w % s:
+    if padded_size(h, w, s) != (h, w):
         raise KernelError(f"image size {h}x{w} is not a multiple of S={s}")
     return (n * (h // s) * (w // s) * rule["programs_per_tile"], 1, 1)
-
-
-def _driver():
-    try:
-        from cuda.bindings import driver  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cuda as driver  # older cuda-python
-        except ImportError as exc:
-            raise MissingDependencyError("the driver-only launcher needs cuda-python: "
-                                         "pip install 'asap-deploy[gpu]'") from exc
-    return driver
-
-
-def _check(driver, result, what: str):
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if int(err) != int(driver.CUresult.CUDA_SUCCESS):
-        _, name = driver.cuGetErrorName(err)
-        raise KernelError(f"{what} failed: {name.decode() if isinstance(name, bytes) else name}")
-    return rest[0] if len(rest) == 1 else rest
 
 
 class DriverKernel:
@@ -134,40 +116,40 @@ class DriverKernel:
     def load(self) -> "DriverKernel":
         if self._function is not None:
             return self
-        drv = _driver()
+        drv = driver()
         try:
             res = drv.cuInit(0)
         except Exception as exc:  # noqa: BLE001 - cuda-python raises a loader error when no driver exists
             raise KernelError(f"no CUDA driver on this machine ({type(exc).__name__}): the driver-only launcher "
                               f"needs an NVIDIA GPU and its driver") from exc
-        _check(drv, res, "cuInit")
-        ctx = _check(drv, drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        check(drv, res, "cuInit")
+        ctx = check(drv, drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
         if not int(ctx):
-            dev = _check(drv, drv.cuDeviceGet(self.device), "cuDeviceGet")
-            ctx = _check(drv, drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-            _check(drv, drv.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-        self._module = _check(drv, drv.cuModuleLoadData(self.image), f"cuModuleLoadData({self.meta['kernel_name']})")
-        self._function = _check(drv, drv.cuModuleGetFunction(self._module, self.meta["kernel_name"].encode()),
+            dev = check(drv, drv.cuDeviceGet(self.device), "cuDeviceGet")
+            ctx = check(drv, drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+            check(drv, drv.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        self._module = check(drv, drv.cuModuleLoadData(self.image), f"cuModuleLoadData({self.meta['kernel_name']})")
+        self._function = check(drv, drv.cuModuleGetFunction(self._module, self.meta["kernel_name"].encode()),
                                 "cuModuleGetFunction")
         shared = int(self.meta["shared"])
         if shared > DEFAULT_SHARED_LIMIT:
             attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            _check(drv, drv.cuFuncSetAttribute(self._function, attr, shared), "cuFuncSetAttribute(shared)")
+            check(drv, drv.cuFuncSetAttribute(self._function, attr, shared), "cuFuncSetAttribute(shared)")
         return self
 
     def launch(self, grid: Sequence[int], values: Mapping[str, int | float], stream: int = 0) -> None:
         self.load()
-        drv = _driver()
+        drv = driver()
         packed = pack_args(self.meta, values)
         bx, by, bz = self.meta["block"]
-        _check(drv, drv.cuLaunchKernel(self._function, int(grid[0]), int(grid[1]), int(grid[2]), bx, by, bz,
+        check(drv, drv.cuLaunchKernel(self._function, int(grid[0]), int(grid[1]), int(grid[2]), bx, by, bz,
                                        int(self.meta["shared"]), drv.CUstream(int(stream)), packed.address, 0),
                f"cuLaunchKernel({self.meta['kernel_name']})")
 
     def unload(self) -> None:
         if self._module is not None:
-            drv = _driver()
-            _check(drv, drv.cuModuleUnload(self._module), "cuModuleUnload")
+            drv = driver()
+            check(drv, drv.cuModuleUnload(self._module), "cuModuleUnload")
             self._module = self._function = None
 
 

@@ -5,7 +5,7 @@ plugins/tensorrt.py wraps this in an IPluginV3 for `tensorrt` / `tensorrt_rtx`; 
 the code TensorRT runs can be checked on a machine without TensorRT. Needs numpy only (plus
 cuda-python inside `enqueue`).
 
-Fields (plugin version 1): the ONNX node's attributes (export/graphs.py `spatial_mlp_attributes`)
+Fields (plugins/spec.py, PLUGIN_VERSION): the ONNX node's attributes (`spec.node_attributes`)
 and `kernels`, an INT8 array holding a kernel pack: the AOT-compiled cubin + PTX of every
 (architecture, params dtype, out dtype) variant with its JSON metadata (plugins/aot.py), so an
 engine needs nothing but this small class and the CUDA driver at run time.
@@ -25,23 +25,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from asap_deploy.config import padded_size
 from asap_deploy.errors import KernelError
 
-PLUGIN_NAME = "SpatialMLP"
-PLUGIN_NAMESPACE = "asap"
-PLUGIN_VERSION = "1"
-LEAKY_SLOPE = 0.01  # the kernel's constant
+from .spec import ATTRIBUTE_NAMES, ATTRIBUTES, KERNELS_FIELD, LEAKY_SLOPE
 
-# field name -> (kind, numpy dtype); kinds map to trt.PluginFieldType in plugins/tensorrt.py
-INT_FIELDS = ("tile_size", "label_count", "pe_channels", "depth", "num_params")
+# field name -> (kind, numpy dtype): the contract's attributes (plugins/spec.py), then the kernel
+# pack; kinds map to trt.PluginFieldType in plugins/tensorrt.py
+_KINDS = {"int": ("INT32", np.int32), "ints": ("INT32", np.int32), "float": ("FLOAT32", np.float32)}
+INT_FIELDS = tuple(n for n, k in ATTRIBUTES.items() if k == "int")
 FIELDS: dict[str, tuple[str, Any]] = {
-    **{n: ("INT32", np.int32) for n in INT_FIELDS},
-    "channels": ("INT32", np.int32),
-    "leaky_slope": ("FLOAT32", np.float32),
-    "kernels": ("INT8", np.int8),
+    **{n: _KINDS[k] for n, k in ATTRIBUTES.items()},
+    KERNELS_FIELD: ("INT8", np.int8),
 }
 FIELD_NAMES = tuple(FIELDS)
-ATTRIBUTE_NAMES = tuple(n for n in FIELD_NAMES if n != "kernels")
 
 DTYPES = ("fp32", "fp16")  # params / float output element types the kernel takes
 _MAGIC = b"ASAPKPK1"
@@ -164,7 +161,7 @@ def normalize_attributes(values: Mapping[str, Any]) -> dict[str, Any]:
     missing = [n for n in ATTRIBUTE_NAMES if n not in values]
     if missing:
         raise KernelError(f"SpatialMLP plugin: missing field(s) {', '.join(missing)} (the ONNX node must carry the "
-                          f"attributes of export/graphs.py spatial_mlp_attributes)")
+                          f"attributes of plugins/spec.py node_attributes)")
     a: dict[str, Any] = {}
     for n in INT_FIELDS:
         a[n] = int(np.asarray(values[n]).reshape(-1)[0])
@@ -189,7 +186,7 @@ def field_arrays(attrs: Mapping[str, Any], pack: KernelPack | bytes | None) -> d
     out["channels"] = np.array(attrs["channels"], np.int32)
     out["leaky_slope"] = np.array([attrs["leaky_slope"]], np.float32)
     blob = pack.to_bytes() if isinstance(pack, KernelPack) else (pack or b"")
-    out["kernels"] = np.frombuffer(blob, np.int8).copy() if blob else np.zeros(0, np.int8)
+    out[KERNELS_FIELD] = np.frombuffer(blob, np.int8).copy() if blob else np.zeros(0, np.int8)
     return out
 
 
@@ -267,16 +264,17 @@ class SpatialMLPCore:
 
     def kernel_for(self, params_dtype: str, out_dtype: str):
         """The DriverKernel for the current context's device, loaded on first use."""
-        from .launcher import DriverKernel, _check, _driver
+        from .cuda_driver import check, driver
+        from .launcher import DriverKernel
 
-        drv = _driver()
-        ctx = _check(drv, drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        dev = _check(drv, drv.cuCtxGetDevice(), "cuCtxGetDevice") if int(ctx) else 0
+        drv = driver()
+        ctx = check(drv, drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        dev = check(drv, drv.cuCtxGetDevice(), "cuCtxGetDevice") if int(ctx) else 0
         key = (int(ctx), int(dev), params_dtype, out_dtype)
         if key not in self._loaded:
             attr = drv.CUdevice_attribute
-            major = _check(drv, drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cc")
-            minor = _check(drv, drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cc")
+            major = check(drv, drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cc")
+            minor = check(drv, drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cc")
             k, how = self.pack.select(int(major) * 10 + int(minor), params_dtype, out_dtype)
             image = k.cubin if how == "cubin" else k.ptx + b"\0"
             self._loaded[key] = (DriverKernel(k.meta, image, int(dev)).load(), how)
@@ -287,7 +285,7 @@ class SpatialMLPCore:
         """Launch the fused kernel on `stream` (raw cudaStream_t) for device pointers of the three
         tensors; returns 'cubin' or 'ptx' (how the kernel was loaded)."""
         S = self.attrs["tile_size"]  # noqa: N806
-        if h % S or w % S:
+        if padded_size(h, w, S) != (h, w):
             raise KernelError(f"SpatialMLP: image {h}x{w} is not a multiple of S={S}")
         if n * h * w == 0:
             return "empty"

@@ -5,104 +5,19 @@
   interpreter (tests, any machine).
 * CPU tensors otherwise: the per-tile PyTorch path `asap_deploy.model.pixelwise` (fp32).
 
-`kernel_spec(cfg)` turns a ModelConfig into the kernel's compile-time constants and refuses
-configs the kernel cannot run, naming the config field.
+The kernel's compile-time constants (`KernelSpec`, `kernel_spec(cfg)`, which refuses configs the
+kernel cannot run, naming the config field) are part of the contract in plugins/spec.py.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 from asap_deploy.config import ModelConfig
 from asap_deploy.errors import ConfigError, InputError, UsageError, require_torch
 
-DEFAULT_BLOCK_P = 128  # pixels per dot block
-DEFAULT_ITERS = 4  # dot blocks per program (parameters loaded once for BLOCK_P*ITERS pixels)
-DEFAULT_NUM_WARPS = 4
-MAX_HIDDEN = 4  # keep in step with plugins.kernel.MAX_HIDDEN (not imported: no triton needed here)
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """Compile-time constants of one kernel variant (+ launch options)."""
-
-    S: int  # noqa: N815
-    LOG2S: int  # noqa: N815
-    HID: int  # noqa: N815
-    N_HIDDEN: int  # noqa: N815
-    OUT: int  # noqa: N815
-    OUT_PAD: int  # noqa: N815
-    PE_PAD: int  # noqa: N815
-    EXTRA: int  # noqa: N815
-    BLOCK_P: int  # noqa: N815
-    ITERS: int  # noqa: N815
-    OUT_U8: bool = False  # noqa: N815
-    num_warps: int = DEFAULT_NUM_WARPS
-    num_stages: int = 1
-
-    @property
-    def pixels_per_program(self) -> int:
-        return self.BLOCK_P * self.ITERS
-
-    @property
-    def programs_per_tile(self) -> int:
-        return (self.S * self.S) // self.pixels_per_program
-
-    def constexprs(self) -> dict:
-        d = asdict(self)
-        d.pop("num_warps"), d.pop("num_stages")
-        return d
-
-    def grid(self, n: int, height: int, width: int) -> tuple[int, int, int]:
-        """Launch grid rule: one program per BLOCK_P*ITERS pixels of one tile."""
-        return (n * (height // self.S) * (width // self.S) * self.programs_per_tile, 1, 1)
-
-    def num_params(self, n_lab: int) -> int:
-        c0 = n_lab + self.EXTRA + 4 * self.LOG2S
-        return (c0 + 1) * self.HID + self.N_HIDDEN * (self.HID + 1) * self.HID + (self.HID + 1) * self.OUT
-
-
-def _pow2_at_least(v: int, lo: int) -> int:
-    return max(lo, 1 << max(0, math.ceil(math.log2(max(v, 1)))))
-
-
-def kernel_spec(cfg: ModelConfig, *, extra_channels: int = 0, out_u8: bool = False,
-                block_p: int | None = None, iters: int | None = None,
-                num_warps: int = DEFAULT_NUM_WARPS) -> KernelSpec:
-    """The kernel variant for `cfg`, or ConfigError naming the field the kernel cannot take."""
-    S = cfg.S  # noqa: N806
-    if S < 4:
-        raise ConfigError(f"the fused kernel needs S >= 4 (a tile of >= 16 pixels for its dots); this config has "
-                          f"S = {S} from crop_size={cfg.crop_size}, aspect_ratio={cfg.aspect_ratio}")
-    hid = cfg.hr_width
-    if hid < 16 or hid > 128 or hid & (hid - 1):
-        raise ConfigError(f"the fused kernel needs hr_width to be a power of two in 16..128 (tl.dot tiles, "
-                          f"registers); this config has hr_width={hid}: use the torch per-tile path")
-    n_hidden = cfg.hr_depth - 2
-    if n_hidden > MAX_HIDDEN:
-        raise ConfigError(f"the fused kernel unrolls at most {MAX_HIDDEN} hidden layers (hr_depth <= "
-                          f"{MAX_HIDDEN + 2}); this config has hr_depth={cfg.hr_depth}")
-    if cfg.output_nc > 16:
-        raise ConfigError(f"the fused kernel supports output_nc <= 16; this config has output_nc={cfg.output_nc}")
-    c0 = cfg.mlp_channels[0]
-    if c0 != cfg.n_label_channels + cfg.pe_channels:
-        raise ConfigError(
-            f"the pixelwise input of this config is not [one-hot labels, PE]: mlp_channels[0]={c0} but "
-            f"label_nc/contain_dontcare_label give {cfg.n_label_channels} label channels and S gives "
-            f"{cfg.pe_channels} PE channels; pass the dense inputs as `extra` (general first layer)")
-    if extra_channels < 0:
-        raise UsageError(f"extra_channels must be >= 0 (got {extra_channels})")
-    bp = min(block_p or DEFAULT_BLOCK_P, S * S)
-    if bp < 16 or bp & (bp - 1):
-        raise UsageError(f"block_p must be a power of two >= 16 (got {bp})")
-    it = max(1, min(iters or DEFAULT_ITERS, (S * S) // bp))
-    while (S * S) % (bp * it):
-        it -= 1
-    return KernelSpec(S=S, LOG2S=cfg.log2_S, HID=hid, N_HIDDEN=n_hidden, OUT=cfg.output_nc,
-                      OUT_PAD=_pow2_at_least(cfg.output_nc, 16), PE_PAD=_pow2_at_least(cfg.pe_channels, 16),
-                      EXTRA=extra_channels, BLOCK_P=bp, ITERS=it, OUT_U8=out_u8, num_warps=num_warps)
+from .spec import DEFAULT_NUM_WARPS, KernelSpec, kernel_spec
 
 
 def interpret_requested() -> bool:
@@ -117,23 +32,9 @@ def to_uint8(rgb):
 
 
 def check_labels(labels, cfg: ModelConfig) -> None:
-    """Raise InputError for ids the model does not take (no full-resolution temporaries in the
-    common case: two reductions)."""
-    n = cfg.n_label_channels
-    if labels.numel() == 0:
-        return
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo >= 0 and hi < n:
-        return
-    allowed = cfg.allowed_label_ids
-    if lo < 0:
-        raise InputError(f"label id {lo} is out of range: this model takes ids {allowed}")
-    if cfg.accepts_dontcare_id:
-        rest = labels[labels != 255]
-        hi = int(rest.max()) if rest.numel() else -1
-        if hi < n:
-            return
-    raise InputError(f"label id {hi} is out of range: this model takes ids {allowed}")
+    """Raise InputError for ids the model does not take (the config's rule: no full-resolution
+    temporaries in the common case, two reductions)."""
+    cfg.check_label_ids(labels, at=None)
 
 
 def repack_params(params):
@@ -160,8 +61,7 @@ def spatial_mlp(labels, params, cfg: ModelConfig, *, out_dtype=None, out=None, e
         raise InputError(f"labels must be (N, H, W) integer ids, got {tuple(labels.shape)} {labels.dtype}")
     n, H, W = labels.shape  # noqa: N806
     S = cfg.S  # noqa: N806
-    if H % S or W % S or H == 0 or W == 0:
-        raise InputError(f"image size {H}x{W} (HxW) is not a positive multiple of S={S}")
+    cfg.check_size(H, W)
     n_extra = 0 if extra is None else int(extra.shape[1])
     # Dense extra inputs add rows to W1 between the label rows and the PE rows.
     expected = (n, cfg.num_params + n_extra * cfg.hr_width, H // S, W // S)

@@ -15,21 +15,24 @@ from __future__ import annotations
 import glob
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ..config import ModelConfig
-from ..errors import AsapError, BundleError, InputError, OutputError, UsageError, did_you_mean
+from ..config import ModelConfig, crop
+from ..config import pad_to_tiles as pad_to_multiple  # noqa: F401 - the name clients and tests know
+from ..errors import AsapError, BundleError, InputError, OutputError, UsageError
 from ..limits import glob_files, list_files
 from ..io import (DEFAULT_MAX_PIXELS, derived_name, file_identity, is_our_png, open_image, read_ids_or_rgb, read_instance_map,
                  remove_stale_temps, to_uint8, write_png)
 from ..palette import Palette, load_palette
 
+# backend names, availability, auto and opening: the registry (re-exported: infer's callers use them)
+from ..engines.registry import Choice, Source, choose_backend, open_engine  # noqa: F401
+
 IMAGE_SUFFIXES = (".png",)
-BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -73,12 +76,12 @@ def decode_label_map(path: str | os.PathLike, cfg: ModelConfig, palette: Palette
     8/16-bit gray: the values are the ids; palette (mode P) PNG: the indices are the ids; colour:
     looked up in `palette` (a colour image whose pixels are all gray, R = G = B, is read as ids).
     """
-    from .scale import channel_index
-
     a = read_ids_or_rgb(path, max_pixels)
     if a.ndim == 3:
         a = palette.decode(a, str(path))
-    channel_index(a, cfg, str(path))  # InputError naming the file and the first bad id
+    # The one id check of `asap infer` (the engine and the renderer are told ids_checked): here the
+    # error can name the file, and a bad file fails alone, not its whole batch.
+    cfg.check_label_ids(a, str(path))
     return a.astype(np.dtype(cfg.label_dtype))
 
 
@@ -98,22 +101,7 @@ def match_by_name(label: Path, where: Path, what: str) -> Path:
     raise InputError(f"{label}: no {what} in {where} (looked for {', '.join(dict.fromkeys(names))})")
 
 
-# ---- geometry ---------------------------------------------------------------------------------------
-def padded_size(h: int, w: int, S: int) -> tuple[int, int]:  # noqa: N803
-    return -(-h // S) * S, -(-w // S) * S
-
-
-def pad_to_multiple(a: np.ndarray, S: int) -> np.ndarray:  # noqa: N803
-    """(H, W) -> (H', W') with H', W' the next multiples of S: reflect padding at the bottom and
-    right (the top-left H x W is the input, so cropping back is [:H, :W])."""
-    h, w = a.shape[:2]
-    ph, pw = padded_size(h, w, S)
-    if (ph, pw) == (h, w):
-        return a
-    pad = [(0, ph - h), (0, pw - w)] + [(0, 0)] * (a.ndim - 2)
-    return np.pad(a, pad, mode="reflect" if min(h, w) > 1 else "edge")
-
-
+# ---- geometry (padding to whole tiles and cropping back: ModelConfig.pad_to_tiles / crop) ------------
 def upscale_nearest(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """Nearest-neighbour resize with the same rule as --scale: out (y', x') <- (floor(y'h/H'), ...)."""
     h, w = a.shape[:2]
@@ -122,147 +110,12 @@ def upscale_nearest(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return a[ys][:, xs]
 
 
-# ---- backend choice ------------------------------------------------------------------------------------
-@dataclass
-class Source:
-    """Where the model comes from: exactly one of a checkpoint, a bundle, an engine file."""
-
-    model: Path | None = None
-    bundle: Path | None = None
-    engine: Path | None = None
-
-    def check(self) -> None:
-        given = [n for n in ("model", "bundle", "engine") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise UsageError("give exactly one of --model, --bundle, --engine" + (f" (got {', '.join('--' + g for g in given)})"
-                                                                                    if given else ""))
-
-
-@dataclass
-class Choice:
-    backend: str
-    reason: str
-    skipped: list[str] = field(default_factory=list)
-
-
-def _torch_ok() -> tuple[bool, str]:
-    from ..engines.machine import importable
-
-    ok = importable("torch")
-    return ok, "" if ok else "PyTorch is not installed (pip install 'asap-deploy[torch]')"
-
-
-def _ort_providers() -> list[str]:
-    try:
-        import onnxruntime
-    except ImportError:
-        return []
-    return list(onnxruntime.get_available_providers())
-
-
-def tensorrt_usable(bundle_dir: Path, precision: str) -> tuple[bool, str]:
-    """Whether engines for `bundle_dir` exist and TensorRT + a GPU are here (never raises)."""
-    import importlib.util
-
-    engines = sorted(bundle_dir.glob(f"*.{precision}.*.engine"))
-    if not engines:
-        return False, f"no {precision} engine in {bundle_dir} (build one with: asap build-engine {bundle_dir})"
-    if not any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx")):
-        return False, "neither tensorrt nor tensorrt_rtx is installed"
-    from asap_deploy.plugins.trt_compat import cuda_device_count
-
-    n, why = cuda_device_count()
-    if n == 0:
-        return False, why
-    return True, f"{len(engines)} engine(s) in {bundle_dir}, GPU present"
-
-
-def choose_backend(requested: str, source: Source, precision: str = "fp32", scale: float | None = None) -> Choice:
-    """auto: TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU > torch, with the reason and what was skipped."""
-    if requested not in BACKEND_CHOICES:
-        raise UsageError(f"unknown backend {requested!r}{did_you_mean(requested, BACKEND_CHOICES)} "
-                         f"(choose from: {', '.join(BACKEND_CHOICES)})")
-    source.check()
-    scaled = scale is not None and scale != 1
-    if source.model is not None:
-        if requested not in ("auto", "torch"):
-            raise UsageError(f"--model runs on the torch backend only; for {requested} export a bundle first "
-                             f"(asap export {source.model} -o BUNDLE) and pass --bundle")
-        ok, why = _torch_ok()
-        if not ok:
-            raise UsageError(f"--model needs the torch backend: {why}")
-        return Choice("torch", "a checkpoint (--model) runs on the PyTorch backend")
-    if source.engine is not None:
-        if requested not in ("auto", "tensorrt"):
-            raise UsageError(f"--engine runs on the tensorrt backend; for {requested} pass --bundle "
-                             f"{source.engine.parent}")
-        if scaled:
-            raise UsageError("--scale runs on the torch and onnxruntime backends: pass --bundle "
-                             f"{source.engine.parent} instead of --engine")
-        return Choice("tensorrt", f"--engine {source.engine.name}")
-    if requested != "auto":
-        if requested == "tensorrt" and scaled:
-            raise UsageError("--scale runs on the torch and onnxruntime backends, not tensorrt")
-        return Choice(requested, "--backend " + requested)
-    skipped = []
-    if scaled:
-        skipped.append("tensorrt: --scale runs on torch/onnxruntime only")
-    else:
-        ok, why = tensorrt_usable(source.bundle, precision)
-        if ok:
-            return Choice("tensorrt", f"TensorRT is fastest and usable: {why}", skipped)
-        skipped.append(f"tensorrt: {why}")
-    providers = _ort_providers()
-    if "CUDAExecutionProvider" in providers:
-        return Choice("onnxruntime-cuda", "ONNX Runtime with the CUDA provider is available", skipped)
-    skipped.append("onnxruntime CUDA: CUDAExecutionProvider not available (pip install onnxruntime-gpu)")
-    if "CPUExecutionProvider" in providers:
-        return Choice("onnxruntime", "ONNX Runtime on the CPU (no TensorRT engine / GPU here)", skipped)
-    skipped.append("onnxruntime: not installed")
-    ok, why = _torch_ok()
-    if ok:
-        return Choice("torch", "PyTorch (no ONNX Runtime here)", skipped)
-    raise UsageError("no backend can run this bundle: " + "; ".join(skipped + [f"torch: {why}"]))
-
-
+# ---- options ---------------------------------------------------------------------------------------
 def check_threads(cpu_threads: int | None) -> None:
     """--threads: 1..4 x the cores here (limits.check_threads)."""
     from ..limits import check_threads as check
 
     check("--threads", cpu_threads)
-
-
-def open_engine(choice: Choice, source: Source, precision: str = "fp32", cpu_threads: int | None = None):
-    """(Engine, bundle or None) for a Choice. `cpu_threads` caps the CPU threads of a torch or ONNX
-    Runtime engine (a process sharing the machine with others, e.g. one of several Ray actors)."""
-    from asap_deploy.engines import create_engine
-    from asap_deploy.export.bundle import load_bundle
-
-    if cpu_threads and (source.model is not None or choice.backend == "torch"):
-        import torch
-
-        torch.set_num_threads(cpu_threads)
-    if source.model is not None:
-        from asap_deploy.engines.torch_engine import TorchEngine
-
-        return TorchEngine.from_checkpoint(source.model), None
-    if source.engine is not None:
-        eng_path = Path(source.engine)
-        if not eng_path.is_file():
-            raise InputError(f"{eng_path}: no such engine file")
-        parts = eng_path.name.split(".")  # graph.precision.flavor.engine (engines/build.py)
-        if len(parts) != 4 or parts[-1] != "engine":
-            raise UsageError(f"{eng_path}: not an engine written by asap build-engine (GRAPH.PRECISION.FLAVOR.engine)")
-        bundle = load_bundle(eng_path.parent)
-        return create_engine("tensorrt", bundle, parts[1], flavor=parts[2], graphs=(parts[0],) if parts[0] == "asap"
-                             else ("predictor", "pixelwise")), bundle
-    bundle = load_bundle(source.bundle)
-    if choice.backend == "onnxruntime-cuda":
-        return create_engine("onnxruntime", bundle, precision, intra_op_threads=cpu_threads,
-                             providers=["CUDAExecutionProvider", "CPUExecutionProvider"]), bundle
-    if choice.backend == "onnxruntime":
-        return create_engine("onnxruntime", bundle, precision, intra_op_threads=cpu_threads), bundle
-    return create_engine(choice.backend, bundle, precision), bundle
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -492,7 +345,7 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
             if stopped[0]:
                 break
             continue
-        groups.setdefault(padded_size(h, w, S), []).append(r)
+        groups.setdefault(cfg.padded_size(h, w), []).append(r)
 
     # pass 2: per batch of the same padded size: decode, run, crop, write
     for (ph, pw), members in groups.items():
@@ -530,8 +383,8 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
                     if stopped[0]:
                         break
                     continue
-                labels.append(pad_to_multiple(lab, S))
-                insts.append(pad_to_multiple(inst, S) if inst is not None else None)
+                labels.append(cfg.pad_to_tiles(lab))
+                insts.append(cfg.pad_to_tiles(inst) if inst is not None else None)
                 hires.append(hi)
                 ok.append(r)
             if not ok or stopped[0]:
@@ -540,15 +393,15 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
             inst_b = np.stack(insts) if cfg.instance_edges else None
             try:
                 if renderer is None:
-                    images = engine.run(lab_b, inst_b)
+                    images = engine.run(lab_b, inst_b, ids_checked=True)
                 else:
-                    params = engine.predict_params(lab_b, inst_b)
+                    params = engine.predict_params(lab_b, inst_b, ids_checked=True)
                     images = []
                     for j, r in enumerate(ok):  # sizes differ after cropping: one render per map
                         h, w = r.size
                         hj = hires[j][None] if hires[j] is not None else None
                         images.append(to_uint8(renderer.render(params[j:j + 1], lab_b[j:j + 1], scale, h, w, hj,
-                                                               str(r.input)))[0])
+                                                               str(r.input), ids_checked=True))[0])
             except BundleError:
                 raise  # the model itself is unusable (e.g. a graph ONNX Runtime refuses): not one input's fault
             except AsapError as exc:
@@ -563,7 +416,7 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
                     break
                 h, w = r.size
                 if renderer is None:
-                    img = images[j][:h, :w]
+                    img = crop(images[j], h, w)
                 else:
                     img = images[j]
                 notes = []
@@ -572,7 +425,7 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
                 if renderer is not None:
                     notes.append(f"rendered at scale {scale:g}: {img.shape[1]}x{img.shape[0]}")
                 if opts.side_by_side:
-                    src = hires[j] if hires[j] is not None else labels[j][:h, :w]
+                    src = hires[j] if hires[j] is not None else crop(labels[j], h, w)
                     left = palette.colourise(upscale_nearest(src, img.shape[0], img.shape[1]))
                     img = np.concatenate([left, img], axis=1)
                 try:

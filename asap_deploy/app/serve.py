@@ -23,7 +23,7 @@ The model `asap`:
   inputs   labels     uint8 (int32 when the model has > 255 labels), shape (-1, -1) per request
            instances  int32, shape (-1, -1)      only for models that use instance edges
   outputs  image      uint8 RGB, shape (-1, -1, 3)
-H and W must be multiples of S (the client pads: see `asap_deploy.app.infer.pad_to_multiple`).
+H and W must be multiples of S (the client pads: see `ModelConfig.pad_to_tiles`).
 
 Bad requests get an error response naming the problem and the server goes on; a bad request never
 fails another one batched with it. Triton itself rejects a wrong dtype or rank (HTTP 400);
@@ -171,22 +171,19 @@ def validate_request(request: dict[str, np.ndarray], cfg: ModelConfig,
     if labels.ndim != 3:
         raise InputError(f"'{LABELS}' must be (H, W) label ids per request, got shape {labels.shape[1:]}")
     n, h, w = labels.shape
-    S = cfg.S  # noqa: N806
+    # The rules are the model's (ModelConfig.fits_tiles / check_label_ids); the words are for a
+    # client: sizes as WxH, the pixel named.
     if n == 0:
         raise InputError("an empty request: its batch dimension is 0 (send one or more label maps)")
     if h == 0 or w == 0:
-        raise InputError(f"an empty {w}x{h} (WxH) label map: W and H must be positive multiples of S={S}")
+        raise InputError(f"an empty {w}x{h} (WxH) label map: W and H must be positive multiples of S={cfg.S}")
     if h * w > max_pixels:
         raise InputError(f"a {w}x{h} (WxH) label map is outside the served range: 1..{max_pixels} pixels per request")
-    if h % S or w % S:
-        raise InputError(f"a {w}x{h} (WxH) label map: W and H must be multiples of S={S}; pad it to "
-                         f"{-(-w // S) * S}x{-(-h // S) * S} (reflect, bottom/right) and crop the image back")
-    ids = labels.astype(np.int64, copy=False)
-    bad = cfg.invalid_label_ids(ids)
-    if bad.any():
-        y, x = (int(v) for v in np.argwhere(bad)[0][1:])
-        raise InputError(f"label id {int(ids[bad].flat[0])} at (x={x}, y={y}) is out of range: this model takes ids "
-                         f"{cfg.allowed_label_ids}")
+    if not cfg.fits_tiles(h, w):
+        ph, pw = cfg.padded_size(h, w)
+        raise InputError(f"a {w}x{h} (WxH) label map: W and H must be multiples of S={cfg.S}; pad it to "
+                         f"{pw}x{ph} (reflect, bottom/right) and crop the image back")
+    cfg.check_label_ids(labels, at="at (x={x}, y={y})")
     instances = None
     if cfg.instance_edges:
         if INSTANCES not in request:
