@@ -53,7 +53,7 @@ except ImportError:
 
 from asap_deploy.config import ModelConfig  # noqa: E402
 from asap_deploy.plugins import aot, plugin_core  # noqa: E402
-from asap_deploy.plugins.torch_op import kernel_spec  # noqa: E402
+from asap_deploy.plugins.spec import kernel_spec, node_attributes  # noqa: E402
 
 PSNR_MIN_DB = {"fp32": 40.0, "fp16": 40.0}
 MAX_ABS_MAX = {"fp32": 2e-2, "fp16": 2.5e-2}
@@ -89,11 +89,9 @@ def make_ids(torch, cfg, n, H, W, seed):  # noqa: N803
 
 def plugin_state(cfg, cc: int, pairs, workdir: Path) -> plugin_core.SpatialMLPCore:
     """Compile, pack, serialize as the plugin's fields, and read back as TensorRT would."""
-    from asap_deploy.export.graphs import spatial_mlp_attributes
-
     metas = [aot.compile_variant(aot.Variant(kernel_spec(cfg), pd, od), cc, workdir) for pd, od in pairs]
     pack = plugin_core.pack_from_metadata(metas, workdir)
-    fields = plugin_core.field_arrays(plugin_core.normalize_attributes(spatial_mlp_attributes(cfg)), pack)
+    fields = plugin_core.field_arrays(plugin_core.normalize_attributes(node_attributes(cfg)), pack)
     blob = fields.pop("kernels").view("uint8").tobytes()
     return plugin_core.SpatialMLPCore(fields, pack_bytes=blob)
 
@@ -119,10 +117,10 @@ def main() -> int:
 
     from cuda.bindings import driver as drv
 
-    from asap_deploy.plugins.launcher import _check
+    from asap_deploy.plugins.cuda_driver import check
 
     def ck(res, what):
-        return _check(drv, res, what)
+        return check(drv, res, what)
 
     ck(drv.cuInit(0), "cuInit")
     dev = ck(drv.cuDeviceGet(0), "cuDeviceGet")

@@ -84,6 +84,8 @@ class AuthorsForward:
             wgt = params[:, w0:w0 + cin * cout].permute(0, 2, 3, 1).view(n, h, w, cin, cout)
             bias = params[:, b0:b0 + cout].permute(0, 2, 3, 1).view(n, h, w, 1, cout)
             x = torch.matmul(x, wgt) + bias
+            # 0.01 written out, not config.LEAKY_SLOPE: the baseline restates the authors' code, whose
+            # slope is this literal (ASAPNET.md), whatever our contract says
             x = torch.tanh(x) if li == len(offsets) - 1 else F.leaky_relu(x, 0.01, inplace=True)
         x = x.view(n, h, w, S, S, -1).permute(0, 5, 1, 3, 2, 4)
         return x.contiguous().view(n, -1, H, W)

@@ -41,7 +41,7 @@ def cpu_model() -> str:
 
 def gpu_info() -> dict:
     """{'devices': [{'name', 'sm', 'memory_mib'}], 'driver': 'x.y', 'cuda_driver_api': int} or {'error': why}."""
-    from asap_deploy.plugins.trt_compat import cuda_device_count
+    from asap_deploy.plugins.cuda_driver import cuda_device_count
 
     n, why = cuda_device_count()
     if n == 0:
@@ -53,7 +53,7 @@ def gpu_info() -> dict:
     if int(err) == 0:
         out["cuda_driver_api"] = f"{int(v) // 1000}.{int(v) % 1000 // 10}"
     for i in range(n):
-        from asap_deploy.plugins.trt_compat import device_sm
+        from asap_deploy.plugins.cuda_driver import device_sm
 
         sm, name = device_sm(i)
         _, dev = driver.cuDeviceGet(i)

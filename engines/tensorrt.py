@@ -71,16 +71,16 @@ PHASES = ("h2d_ms", "gpu_compute_ms", "d2h_ms")  # what `last_phases` reports, a
 
 
 def _drv():
-    """cuda-python's driver module, imported as the plugin's launcher does (MissingDependencyError without it)."""
-    from asap_deploy.plugins.launcher import _driver
+    """cuda-python's driver module, as the plugin's launcher has it (MissingDependencyError without it)."""
+    from asap_deploy.plugins.cuda_driver import driver
 
-    return _driver()
+    return driver()
 
 
 def _ck(result, what: str):
-    from asap_deploy.plugins.launcher import _check
+    from asap_deploy.plugins.cuda_driver import check
 
-    return _check(_drv(), result, what)
+    return check(_drv(), result, what)
 
 
 @dataclass
@@ -198,7 +198,7 @@ class TensorRTEngine(Engine):
     def __init__(self, bundle, precision: str = "fp32", flavor: str | None = None, engine_dir: str | Path | None = None,
                  device: int = 0, cuda_graph: bool = False, graphs: tuple[str, ...] | None = None):
         super().__init__(bundle.config, precision)
-        from asap_deploy.plugins import trt_compat
+        from asap_deploy.plugins import cuda_driver, trt_compat
 
         self.bundle, self.device, self.cuda_graph = bundle, device, cuda_graph
         self.flavor = trt_compat.check_flavor(flavor or trt_compat.default_flavor())
@@ -219,13 +219,13 @@ class TensorRTEngine(Engine):
             self._files[g] = (path, sc, blob)
         # 2. driver + device before any TensorRT object
         trt_compat.require_gpu("running a TensorRT engine")
-        self.sm, self.gpu = trt_compat.device_sm(device)
+        self.sm, self.gpu = cuda_driver.device_sm(device)
         for g, (_, sc, blob) in self._files.items():
             check_sidecar(sc, sm=self.sm)
         # 3. plugin, runtime, stream
         from asap_deploy.plugins import tensorrt as trt_plugin
 
-        trt_plugin.register(trt)
+        trt_plugin.register(trt)  # before deserializing: the engine's plugin layers need the creator
         self.trt = trt
         drv = _drv()
         dev = _ck(drv.cuDeviceGet(device), "cuDeviceGet")

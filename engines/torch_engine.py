@@ -100,7 +100,7 @@ class TorchEngine(Engine):
 
 def _kernel_supports(cfg) -> bool:
     from asap_deploy.errors import ConfigError
-    from asap_deploy.plugins.torch_op import kernel_spec
+    from asap_deploy.plugins.spec import kernel_spec
 
     try:
         kernel_spec(cfg)

@@ -36,6 +36,7 @@ from onnx import helper
 from asap_deploy.config import DONTCARE_ID, ModelConfig
 from asap_deploy.errors import BundleError, ConfigError, OutputError
 from asap_deploy.io import check_replaceable, staged_dir
+from asap_deploy.plugins import spec as plugin_spec
 
 from . import graphs
 from asap_deploy.palette import DONTCARE_COLOUR, label_palette
@@ -239,12 +240,12 @@ def build_manifest(cfg: ModelConfig, files: dict[str, dict[str, Any]], source: d
         "dynamic_shapes": {"N": "batch, any >= 1", "H": f"any positive multiple of S={cfg.S}",
                            "W": f"any positive multiple of S={cfg.S}", "H/S, W/S": "parameter grid size"},
         "graphs": graphs_info,
-        "custom_op": {"domain": graphs.CUSTOM_DOMAIN, "op_type": graphs.CUSTOM_OP,
-                      "attributes": graphs.spatial_mlp_attributes(cfg),
+        "custom_op": {"domain": plugin_spec.DOMAIN, "op_type": plugin_spec.OP_NAME,
+                      "attributes": plugin_spec.node_attributes(cfg),
                       "inputs": ["ids int32 (N,H,W) label channel index", "params (N,P,H/S,W/S)"],
                       "outputs": ["rgb float (N,H,W,3) in [-1,1]"],
                       "body": "model-local ONNX function of the same name (standard ops)"},
-        "opset": {"ai.onnx": graphs.OPSET, graphs.CUSTOM_DOMAIN: 1},
+        "opset": {"ai.onnx": graphs.OPSET, plugin_spec.DOMAIN: 1},
         "ir_version": graphs.IR_VERSION,
         "precisions": list(precisions),
         "files": files,
@@ -572,15 +573,17 @@ def check_graph_matches_config(f: Path, cfg: ModelConfig, model=None) -> None:
     if model is None:  # a regular file inside its folder, parsed without following anything it names
         model = parse_graph(read_member(f.parent, f.name, MAX_FILE_BYTES), f)
         check_no_external_data(model, f)
-    nodes = [n for n in model.graph.node if n.op_type == graphs.CUSTOM_OP and n.domain == graphs.CUSTOM_DOMAIN]
+    nodes = [n for n in model.graph.node
+             if n.op_type == plugin_spec.OP_NAME and n.domain == plugin_spec.DOMAIN]
     if len(nodes) != 1:
-        raise BundleError(f"{f}: expected one {graphs.CUSTOM_DOMAIN}::{graphs.CUSTOM_OP} node, found {len(nodes)}")
+        raise BundleError(f"{f}: expected one {plugin_spec.DOMAIN}::{plugin_spec.OP_NAME} node, "
+                          f"found {len(nodes)}")
     try:
         got = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
     except Exception as exc:  # noqa: BLE001 - onnx raises ValueError/TypeError for odd attribute protos
-        raise BundleError(f"{f}: the {graphs.CUSTOM_OP} node has an unreadable attribute ({exc})") from exc
+        raise BundleError(f"{f}: the {plugin_spec.OP_NAME} node has an unreadable attribute ({exc})") from exc
     diffs = []
-    for key, want in graphs.spatial_mlp_attributes(cfg).items():
+    for key, want in plugin_spec.node_attributes(cfg).items():
         have = got.get(key)
         have = have.decode("utf-8", "replace") if isinstance(have, bytes) else have
         if isinstance(want, float):

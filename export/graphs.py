@@ -29,14 +29,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from asap_deploy.config import DONTCARE_ID, ModelConfig
 from asap_deploy.errors import AsapError
+from asap_deploy.plugins import spec as plugin_spec
 
 OPSET = 18
 IR_VERSION = 9
-CUSTOM_DOMAIN = "asap"
-CUSTOM_OP = "SpatialMLP"
-PLUGIN_NAMESPACE = "asap"
-PLUGIN_VERSION = "1"
-LEAKY_SLOPE = 0.01
 PRODUCER = "asap-deploy"
 
 # Public tensor names of the graphs (the manifest lists them with dtypes and shapes).
@@ -187,21 +183,6 @@ def _predictor(b: _Builder, model, ch: str, instances: str | None) -> str:
 
 
 # ---- pixelwise: the SpatialMLP node and its function ------------------------------------------
-def spatial_mlp_attributes(cfg: ModelConfig) -> dict[str, Any]:
-    """Attributes of the SpatialMLP node: everything a kernel needs to run it."""
-    return {
-        "plugin_namespace": PLUGIN_NAMESPACE,
-        "plugin_version": PLUGIN_VERSION,
-        "tile_size": cfg.S,
-        "label_count": cfg.n_label_channels,
-        "pe_channels": cfg.pe_channels,
-        "channels": list(cfg.mlp_channels),  # [c0, hidden..., 3]; depth = len(channels) - 1
-        "depth": len(cfg.mlp_channels) - 1,
-        "num_params": cfg.num_params,
-        "leaky_slope": LEAKY_SLOPE,
-    }
-
-
 def spatial_mlp_function(cfg: ModelConfig) -> onnx.FunctionProto:
     """Standard-op body of SpatialMLP(ids INT32 (N,H,W), params T (N,P,H/S,W/S)) -> rgb T (N,H,W,3).
 
@@ -269,7 +250,7 @@ def spatial_mlp_function(cfg: ModelConfig) -> onnx.FunctionProto:
             lab = b.op("Gather", [w_lab, gidx], name="layer0_label_rows", axis=0)
             x = b.op("Add", [lab, b.op("MatMul", [pe, w_pe], name="layer0_pe")], name="layer0")
         else:
-            x = b.op("LeakyRelu", [x], name=f"act{li - 1}", alpha=LEAKY_SLOPE)
+            x = b.op("LeakyRelu", [x], name=f"act{li - 1}", alpha=plugin_spec.LEAKY_SLOPE)
             wl = piece(f"w{li}", w0, w0 + cin * cout, (-1, cin, cout))
             if li < last:
                 wl = b.op("Concat", [wl, filled(f"zeros{li}", 0.0, cin)], name=f"w{li}_right", axis=2)
@@ -283,15 +264,16 @@ def spatial_mlp_function(cfg: ModelConfig) -> onnx.FunctionProto:
     out_shape = b.op("Concat", [n_, h_full, w_full, c("c_out2", _i64(n_out))], name="rgb_shape", axis=0)
     b.op("Reshape", [x, out_shape], name="rgb", outputs=["rgb"])
     return helper.make_function(
-        CUSTOM_DOMAIN, CUSTOM_OP, ["ids", "params"], ["rgb"], b.nodes,
-        [helper.make_opsetid("", OPSET)], attributes=sorted(spatial_mlp_attributes(cfg)),
+        plugin_spec.DOMAIN, plugin_spec.OP_NAME, ["ids", "params"], ["rgb"], b.nodes,
+        [helper.make_opsetid("", OPSET)], attributes=sorted(plugin_spec.node_attributes(cfg)),
         doc_string="Spatially-adaptive per-pixel MLP of ASAP-Net, per tile (standard ops; TensorRT maps the node "
                    "to the asap::SpatialMLP plugin).",
     )
 
 
 def _pixelwise(b: _Builder, cfg: ModelConfig, ch: str, params: str) -> None:
-    rgb = b.op(CUSTOM_OP, [ch, params], name="spatial_mlp", domain=CUSTOM_DOMAIN, **spatial_mlp_attributes(cfg))
+    rgb = b.op(plugin_spec.OP_NAME, [ch, params], name="spatial_mlp", domain=plugin_spec.DOMAIN,
+               **plugin_spec.node_attributes(cfg))
     b.op("Identity", [rgb], name="image_float_out", outputs=[IMAGE_FLOAT])
     # uint8 = round((x + 1) * 127.5), clipped: the same formula as asap_deploy.io.to_uint8
     y = b.op("Mul", [b.op("Add", [rgb, b.init("one_f", np.array(1.0, np.float32))], name="to_u8_add"),
@@ -349,7 +331,7 @@ def build_graph(model, graph: str) -> onnx.ModelProto:
     opsets = [helper.make_opsetid("", OPSET)]
     functions = []
     if graph in ("pixelwise", "asap"):
-        opsets.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
+        opsets.append(helper.make_opsetid(plugin_spec.DOMAIN, 1))
         functions.append(spatial_mlp_function(cfg))
     m = helper.make_model(g, opset_imports=opsets, functions=functions, producer_name=PRODUCER,
                           ir_version=IR_VERSION, doc_string=doc)

@@ -31,7 +31,7 @@ from asap_deploy.config import ModelConfig
 from asap_deploy.errors import KernelError, MissingDependencyError, OutputError, UsageError
 from asap_deploy.io import MARKER, atomic_path, check_file_replaceable, claim_files, read_marker
 
-from .torch_op import KernelSpec, kernel_spec
+from .spec import KernelSpec, kernel_spec
 
 SCHEMA_VERSION = 1
 DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")

@@ -1,26 +1,26 @@
-"""The `asap::SpatialMLP` TensorRT plugin (IPluginV3, version 1) and its creator, for full
-TensorRT (`tensorrt` 10.x/11.x) and TensorRT-RTX (`tensorrt_rtx`): the same class body is built
-for whichever module is given (`plugin_classes(trt)`).
+"""The `asap::SpatialMLP` TensorRT plugin (IPluginV3; name, namespace and version from
+plugins/spec.py) and its creator, for full TensorRT (`tensorrt` 10.x/11.x) and TensorRT-RTX
+(`tensorrt_rtx`): the same class body is built for whichever module is given (`plugin_classes(trt)`).
 
-Importing this module registers the creator for the default flavour (plugins/trt_compat.py
-`default_flavor`, $ASAP_TRT_FLAVOR) when that one is installed; `register(trt)` registers it for
-a given module (idempotent). Every engine runner calls `register` before deserializing.
+Importing this module changes nothing: `register(trt)` registers the creator with `trt`'s plugin
+registry (idempotent, thread-safe); whoever parses or deserializes an engine calls it first (the
+engine builder, the TensorRT runner, tests).
 
 What the plugin does is in plugins/plugin_core.py (no TensorRT there): this file maps TensorRT's
 types and descriptors onto it. Three methods must never raise (TensorRT segfaults, aborts, or
 silently drops the fields otherwise): `clone`, `get_capability_interface` and
 `get_fields_to_serialize` only copy or return prepared objects.
 
-Kernels: the ONNX parser passes only the node's attributes. The engine builder
-(engines/build.py) compiles the kernels for the bundle's config and target architectures and puts
-the pack on the creator (`pending_kernels(trt, pack)`) for the duration of the parse; a plugin
-created in the BUILD phase without a `kernels` field takes that pack, and serializes it with its
-fields, so the engine carries its kernels.
+Kernels: the ONNX parser passes only the node's attributes, so a parsed plugin has no kernels.
+The engine builder (engines/build.py) compiles the kernels for the bundle's config and target
+architectures and hands the pack to the plugins of the network it just parsed
+(`attach_kernels(trt, network, pack)`); each plugin serializes it with its fields, so the engine
+carries its kernels. The pack travels with the plugin instance, never through the creator or a
+module global: two builds in one process cannot see each other's packs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Any
 
@@ -29,11 +29,14 @@ import numpy as np
 from asap_deploy.errors import KernelError
 
 from . import plugin_core as core
-from .plugin_core import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, KernelPack, SpatialMLPCore
+from .plugin_core import KernelPack, SpatialMLPCore
+from .spec import KERNELS_FIELD, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
+# Per TensorRT module: the classes built for it, and its registered creator (kept alive: the
+# registry holds a raw pointer). Registration records, no hand-off between callers.
 _CLASSES: dict[str, tuple[type, type]] = {}
-_CREATORS: dict[str, Any] = {}  # module name -> registered creator (kept alive: the registry holds a pointer)
-_LOCK = threading.Lock()
+_CREATORS: dict[str, Any] = {}
+_LOCK = threading.RLock()  # reentrant: register() builds the classes while holding it
 
 
 def _dtype_maps(trt):
@@ -59,7 +62,7 @@ def plugin_classes(trt) -> tuple[type, type]:
                                               for n in core.FIELD_NAMES])
 
         class SpatialMLPPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
-            """asap::SpatialMLP v1: ids INT32 (N,H,W) + params (N,P,H/S,W/S) -> rgb (N,H,W,C), C = channels[-1]."""
+            """asap::SpatialMLP: ids INT32 (N,H,W) + params (N,P,H/S,W/S) -> rgb (N,H,W,C), C = channels[-1]."""
 
             def __init__(self, state: SpatialMLPCore):
                 trt.IPluginV3.__init__(self)
@@ -70,11 +73,22 @@ def plugin_classes(trt) -> tuple[type, type]:
                 self.plugin_name = PLUGIN_NAME
                 self.plugin_namespace = PLUGIN_NAMESPACE
                 self.plugin_version = PLUGIN_VERSION
+                self._prepare(state)
+                self._dims: tuple[int, int, int] | None = None
+                self._types: tuple[str, str] | None = None
+
+            def _prepare(self, state: SpatialMLPCore) -> None:
                 self.state = state
                 self._arrays = state.field_arrays()  # referenced by the fields' raw pointers: keep alive
                 self._fields = make_fields(self._arrays)  # prepared: serialization cannot fail
-                self._dims: tuple[int, int, int] | None = None
-                self._types: tuple[str, str] | None = None
+
+            def set_kernels(self, pack: KernelPack | bytes) -> None:
+                """This instance (and its clones) will carry and serialize `pack` (the engine builder
+                calls it, through `attach_kernels`, before building)."""
+                if isinstance(pack, KernelPack):
+                    self._prepare(SpatialMLPCore(self.state.attrs, pack=pack))
+                else:
+                    self._prepare(SpatialMLPCore(self.state.attrs, pack_bytes=bytes(pack)))
 
             # -- never raise ------------------------------------------------------------------------
             def get_capability_interface(self, type):  # noqa: A002 - TensorRT's argument name
@@ -139,14 +153,12 @@ def plugin_classes(trt) -> tuple[type, type]:
                 self.plugin_version = PLUGIN_VERSION
                 self._empty = {n: np.zeros(0, dtype=core.FIELDS[n][1]) for n in core.FIELD_NAMES}  # kept alive
                 self.field_names = make_fields(self._empty)
-                self.pending: bytes = b""  # kernel pack for plugins created while an engine is built
 
             def create_plugin(self, name, field_collection, phase):
+                # a plugin parsed from ONNX has no `kernels` field: attach_kernels gives it its pack
                 values = {f.name: np.asarray(f.data) for f in field_collection if f.name in core.FIELDS}
-                blob = values.pop("kernels", np.zeros(0, np.int8))
+                blob = values.pop(KERNELS_FIELD, np.zeros(0, np.int8))
                 blob = np.ascontiguousarray(blob).view(np.uint8).tobytes() if blob.size else b""
-                if not blob and phase == trt.TensorRTPhase.BUILD:
-                    blob = self.pending
                 return SpatialMLPPlugin(SpatialMLPCore(values, pack_bytes=blob))
 
         _CLASSES[key] = (SpatialMLPPlugin, SpatialMLPCreator)
@@ -154,48 +166,41 @@ def plugin_classes(trt) -> tuple[type, type]:
 
 
 def register(trt):
-    """Register the SpatialMLP creator with `trt`'s plugin registry (once per module); returns it."""
+    """Register the SpatialMLP creator with `trt`'s plugin registry; returns it. Idempotent and
+    thread-safe: one creator per TensorRT module, however many callers and threads ask."""
     key = trt.__name__
-    with _LOCK:
+    with _LOCK:  # held throughout: two threads must not both register (and one creator be freed)
         if key in _CREATORS:
             return _CREATORS[key]
-    _, creator_cls = plugin_classes(trt)
-    creator = creator_cls()
-    registry = trt.get_plugin_registry()
-    ok = registry.register_creator(creator, PLUGIN_NAMESPACE)
-    if ok is False and registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
-        raise KernelError(f"{trt.__name__}: the plugin registry refused the {PLUGIN_NAMESPACE}::{PLUGIN_NAME} creator")
-    with _LOCK:
+        _, creator_cls = plugin_classes(trt)
+        creator = creator_cls()
+        registry = trt.get_plugin_registry()
+        ok = registry.register_creator(creator, PLUGIN_NAMESPACE)
+        if ok is False and registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+            raise KernelError(f"{trt.__name__}: the plugin registry refused the {PLUGIN_NAMESPACE}::{PLUGIN_NAME} "
+                              f"creator")
         _CREATORS[key] = creator
-    return creator
+        return creator
 
 
-@contextlib.contextmanager
-def pending_kernels(trt, pack: KernelPack | bytes):
-    """While parsing/building: plugins created in the BUILD phase without kernels take `pack`."""
-    creator = register(trt)
-    creator.pending = pack.to_bytes() if isinstance(pack, KernelPack) else bytes(pack)
-    try:
-        yield creator
-    finally:
-        creator.pending = b""
+def attach_kernels(trt, network, pack: KernelPack | bytes) -> list[str]:
+    """Give `pack` to every SpatialMLP plugin of a parsed `network` that has no kernels yet; each
+    serializes it with its fields. Returns the names of those layers."""
+    plugin_cls, _ = plugin_classes(trt)
+    blob = pack.to_bytes() if isinstance(pack, KernelPack) else bytes(pack)
+    names = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type != trt.LayerType.PLUGIN_V3:
+            continue
+        layer.__class__ = trt.IPluginV3Layer  # get_layer hands out the base ILayer: downcast to reach .plugin
+        plugin = layer.plugin
+        if isinstance(plugin, plugin_cls) and not plugin.state.pack_bytes:
+            plugin.set_kernels(blob)
+            names.append(layer.name)
+    return names
 
 
 def fields_of(plugin) -> dict[str, np.ndarray]:
     """Serialized fields of a plugin as name -> numpy array (what the engine stores)."""
     return {f.name: np.array(f.data) for f in plugin.get_fields_to_serialize()}
-
-
-def _register_default() -> None:
-    from .trt_compat import MODULES, default_flavor
-
-    try:
-        import importlib
-
-        trt = importlib.import_module(MODULES[default_flavor()])
-    except ImportError:
-        return  # neither installed: nothing to register; runners say what to install
-    register(trt)
-
-
-_register_default()

@@ -12,8 +12,8 @@
        process with LD_LIBRARY_PATH including that folder (`asap` re-executes itself that way;
        dlopen reads LD_LIBRARY_PATH only at process start, and ctypes preloading does not help).
   Never parse with TensorRT-RTX without calling it (build.py does).
-* `cuda_device_count()` checks for a CUDA driver + device with cuda-python BEFORE any TensorRT
-  object exists (a runtime without a driver logs error 35 and then segfaults on deserialize).
+* `require_gpu(what)` checks for a CUDA driver + device (plugins/cuda_driver.py) BEFORE any
+  TensorRT object exists (a runtime without a driver logs error 35 and then segfaults on deserialize).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asap_deploy.errors import AsapError, MissingDependencyError
+from asap_deploy.io import cache_root
+
+from .cuda_driver import cuda_device_count
 
 FLAVORS = ("tensorrt", "rtx")
 MODULES = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx"}
@@ -106,16 +109,12 @@ class RtxLibFix:
     path: Path
 
 
-def _rtx_libs_dir() -> Path:
+def rtx_libs_dir() -> Path:
+    """The folder of the installed tensorrt_rtx_libs package (TrtUnavailable when absent)."""
     spec = importlib.util.find_spec(RTX_LIBS_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise TrtUnavailable(f"{RTX_LIBS_PACKAGE} is not installed. Install TensorRT-RTX with: {INSTALL['rtx']}")
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def cache_root() -> Path:
-    """asap-deploy's folder in the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "asap-deploy"
 
 
 def default_cache_dir() -> Path:
@@ -135,7 +134,7 @@ def ensure_rtx_parser_lib(libs_dir: Path | None = None, cache_dir: Path | None =
                           ld_library_path: str | None = None) -> RtxLibFix:
     """Make `libtensorrt_rtx.so` resolvable for the TensorRT-RTX ONNX parser (see the module doc).
     Raises RtxLibraryPathError when only a restart with LD_LIBRARY_PATH can fix it."""
-    libs_dir = Path(libs_dir) if libs_dir is not None else _rtx_libs_dir()
+    libs_dir = Path(libs_dir) if libs_dir is not None else rtx_libs_dir()
     real = libs_dir / RTX_LIB_VERSIONED
     link = libs_dir / RTX_LIB
     if link.exists():
@@ -185,43 +184,7 @@ def reexec_with_library_path(folder: Path) -> None:  # pragma: no cover - replac
     os.execve(sys.executable, [sys.executable, *argv[1:]], reexec_env(folder))
 
 
-# ---- CUDA driver / device, checked before any TensorRT object ---------------------------------
-def cuda_device_count() -> tuple[int, str]:
-    """(number of CUDA devices, reason when 0) via the driver API only; never raises."""
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        try:
-            from cuda import cuda as driver  # older cuda-python
-        except ImportError:
-            return 0, "cuda-python is not installed (pip install cuda-python)"
-    try:
-        (err,) = driver.cuInit(0)
-    except Exception as exc:  # noqa: BLE001 - cuda-python raises loader errors of several types without a driver
-        return 0, f"no CUDA driver ({type(exc).__name__}: {exc})"
-    if int(err) != 0:
-        return 0, f"no usable CUDA driver (cuInit: {err})"
-    err, n = driver.cuDeviceGetCount()
-    if int(err) != 0 or int(n) == 0:
-        return 0, "no CUDA device"
-    return int(n), ""
-
-
-def device_sm(device: int = 0) -> tuple[int, str]:
-    """(compute capability as 86 etc., device name) of a CUDA device via the driver API."""
-    from .launcher import _driver
-
-    driver = _driver()
-
-    attr = driver.CUdevice_attribute
-    err, dev = driver.cuDeviceGet(device)
-    _, major = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
-    _, minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
-    _, name = driver.cuDeviceGetName(64, dev)
-    name = name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)
-    return int(major) * 10 + int(minor), name
-
-
+# ---- a GPU, checked before any TensorRT object ------------------------------------------------
 def require_gpu(what: str) -> int:
     n, why = cuda_device_count()
     if n == 0:

@@ -49,7 +49,7 @@ def test_rtx_workaround_reported_without_touching_disk(tmp_path, monkeypatch):
     libs = tmp_path / "tensorrt_rtx_libs"
     libs.mkdir()
     (libs / trt_compat.RTX_LIB_VERSIONED).write_bytes(b"\x7fELF fake")
-    monkeypatch.setattr(trt_compat, "_rtx_libs_dir", lambda: libs)
+    monkeypatch.setattr(trt_compat, "rtx_libs_dir", lambda: libs)
     monkeypatch.setenv("LD_LIBRARY_PATH", "")
     before = _listing(libs)
 
@@ -74,7 +74,7 @@ def test_rtx_workaround_reported_without_touching_disk(tmp_path, monkeypatch):
     def not_installed():
         raise trt_compat.TrtUnavailable("tensorrt_rtx_libs is not installed")
 
-    monkeypatch.setattr(trt_compat, "_rtx_libs_dir", not_installed)
+    monkeypatch.setattr(trt_compat, "rtx_libs_dir", not_installed)
     c = rtx_parser_check()
     assert c.status == "warn" and "not installed" in c.detail and c.fix == trt_compat.INSTALL["rtx"]
 
@@ -83,7 +83,7 @@ def test_rtx_check_leaves_the_real_package_folder_alone():
     from asap_deploy.plugins import trt_compat
 
     try:
-        libs = trt_compat._rtx_libs_dir()
+        libs = trt_compat.rtx_libs_dir()
     except trt_compat.TrtUnavailable:
         libs = None
     before = _listing(libs) if libs else None

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 from asap_deploy.config import ModelConfig
 from asap_deploy.export import graphs
 from asap_deploy.model import pixelwise
+from asap_deploy.plugins import spec
 from oracles import pixelwise_oracle
 
 CONFIGS = [
@@ -25,15 +26,15 @@ CONFIGS = [
 
 def function_only_model(cfg: ModelConfig, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
     """A graph that is just the SpatialMLP node over its two inputs (ids INT32, params)."""
-    node = helper.make_node(graphs.CUSTOM_OP, ["ids", "params"], ["rgb"], domain=graphs.CUSTOM_DOMAIN,
-                            **graphs.spatial_mlp_attributes(cfg))
+    node = helper.make_node(spec.OP_NAME, ["ids", "params"], ["rgb"], domain=spec.DOMAIN,
+                            **spec.node_attributes(cfg))
     g = helper.make_graph(
         [node], "spatial_mlp_only",
         [helper.make_tensor_value_info("ids", TensorProto.INT32, ["N", "H", "W"]),
          helper.make_tensor_value_info("params", dtype, ["N", cfg.num_params, "h", "w"])],
         [helper.make_tensor_value_info("rgb", dtype, ["N", "H", "W", cfg.output_nc])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", graphs.OPSET),
-                                            helper.make_opsetid(graphs.CUSTOM_DOMAIN, 1)],
+                                            helper.make_opsetid(spec.DOMAIN, 1)],
                           functions=[graphs.spatial_mlp_function(cfg)], ir_version=graphs.IR_VERSION)
     onnx.checker.check_model(m, full_check=True)
     return m

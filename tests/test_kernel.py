@@ -21,7 +21,8 @@ from asap_deploy.errors import ConfigError, InputError  # noqa: E402
 from asap_deploy.model import label_channels, pixelwise  # noqa: E402
 from oracles import pe_oracle, pixelwise_oracle  # noqa: E402
 from asap_deploy.plugins import torch_op  # noqa: E402
-from asap_deploy.plugins.torch_op import kernel_spec, spatial_mlp, to_uint8  # noqa: E402
+from asap_deploy.plugins.spec import kernel_spec  # noqa: E402
+from asap_deploy.plugins.torch_op import spatial_mlp, to_uint8  # noqa: E402
 
 MAX_ABS, MEAN_ABS = 1.5e-2, 1.5e-3
 

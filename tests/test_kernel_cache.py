@@ -316,7 +316,7 @@ def test_damaged_entry_holding_a_foreign_file_is_refused_and_kept(cache):
 @pytest.fixture(scope="module")
 def kfolder(tmp_path_factory):
     d = tmp_path_factory.mktemp("kernels") / "k"
-    v = aot.Variant(__import__("asap_deploy.plugins.torch_op", fromlist=["kernel_spec"]).kernel_spec(CFG), "fp16",
+    v = aot.Variant(__import__("asap_deploy.plugins.spec", fromlist=["kernel_spec"]).kernel_spec(CFG), "fp16",
                     "fp32")
     aot.compile_kernels([86], d, [v], repack_dtypes=[])
     return d

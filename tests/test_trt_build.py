@@ -24,7 +24,7 @@ from asap_deploy.errors import EngineError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
 from asap_deploy.random_model import random_generator
 from asap_deploy.io import MARKER
-from asap_deploy.plugins import trt_compat
+from asap_deploy.plugins import cuda_driver, trt_compat
 from asap_deploy.plugins.plugin_core import KernelPack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def test_sidecar_gpu_check_names_the_arch(built):
 
 
 def test_runner_checks_the_gpu_before_any_tensorrt_object(built):
-    n, why = trt_compat.cuda_device_count()
+    n, why = cuda_driver.cuda_device_count()
     if n:
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(trt_compat.TrtUnavailable, match="needs an NVIDIA GPU with its driver"):
@@ -368,10 +368,10 @@ def test_parser_bug_reproduced_and_fixed_in_subprocess(trt, built, tmp_path):
 
 # ---- GPU -------------------------------------------------------------------------------------------------
 def _gpu_or_skip():
-    n, why = trt_compat.cuda_device_count()
+    n, why = cuda_driver.cuda_device_count()
     if not n:
         pytest.skip(f"needs a CUDA GPU: {why}")
-    sm, _ = trt_compat.device_sm(0)
+    sm, _ = cuda_driver.device_sm(0)
     if sm not in eb.RTX_ARCHS:
         pytest.skip(f"TensorRT-RTX engines do not run on sm_{sm}")
     return sm
@@ -386,8 +386,8 @@ def test_gpu_engine_matches_pytorch_and_cuda_graph_replay(tmp_path, kernel_cache
     if flavor == "tensorrt" and importlib_missing("tensorrt"):
         pytest.skip("full TensorRT is not installed (pip install 'asap-deploy[tensorrt]')")
     sm = _gpu_or_skip() if flavor == "rtx" else None
-    if flavor == "tensorrt" and not trt_compat.cuda_device_count()[0]:
-        pytest.skip(f"needs a CUDA GPU: {trt_compat.cuda_device_count()[1]}")
+    if flavor == "tensorrt" and not cuda_driver.cuda_device_count()[0]:
+        pytest.skip(f"needs a CUDA GPU: {cuda_driver.cuda_device_count()[1]}")
     from asap_deploy.engines import create_engine
     from asap_deploy.engines.validate import THRESHOLDS
     from asap_deploy.random_model import random_label_maps

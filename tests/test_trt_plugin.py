@@ -150,16 +150,53 @@ def test_fields_round_trip_through_the_creator(trt, pack):
     assert [k.cubin for k in p2.state.pack.kernels] == [k.cubin for k in pack.kernels]
 
 
-def test_build_phase_takes_pending_kernels_and_runtime_does_not(trt, pack):
-    from asap_deploy.plugins.tensorrt import fields_of, pending_kernels
+def test_each_plugin_carries_its_own_kernels(trt, pack):
+    """No hand-off through the creator: a plugin made from the node's attributes alone has no kernels
+    in either phase; two instances given different packs (two builds in one process) each serialize
+    their own, and so do their clones."""
+    from asap_deploy.plugins.tensorrt import fields_of, register
 
+    creator = register(trt)
     arrays = core.field_arrays(ATTRS, None)  # the ONNX node: attributes, no kernels
-    with pending_kernels(trt, pack) as creator:
-        built = creator.create_plugin("n", _fields(trt, arrays), trt.TensorRTPhase.BUILD)
-        rt = creator.create_plugin("n", _fields(trt, arrays), trt.TensorRTPhase.RUNTIME)
-    assert fields_of(built)["kernels"].view(np.uint8).tobytes() == pack.to_bytes()
+    a = creator.create_plugin("a", _fields(trt, arrays), trt.TensorRTPhase.BUILD)
+    b = creator.create_plugin("b", _fields(trt, arrays), trt.TensorRTPhase.BUILD)
+    rt = creator.create_plugin("n", _fields(trt, arrays), trt.TensorRTPhase.RUNTIME)
+    assert fields_of(a)["kernels"].size == 0 and fields_of(rt)["kernels"].size == 0
+    assert not hasattr(creator, "pending")
+    other = KernelPack([pack.kernels[0]])
+    a.set_kernels(pack)
+    b.set_kernels(other.to_bytes())
+    for plugin, want in ((a, pack), (b, other), (a.clone(), pack), (b.clone().clone(), other)):
+        assert fields_of(plugin)["kernels"].view(np.uint8).tobytes() == want.to_bytes()
+        assert plugin.state.pack.to_bytes() == want.to_bytes()
+        assert fields_of(plugin)["tile_size"].tolist() == [ATTRS["tile_size"]]
     assert fields_of(rt)["kernels"].size == 0
-    assert creator.pending == b""
+
+
+def test_register_is_explicit_idempotent_and_thread_safe(trt):
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import threading
+        import tensorrt_rtx as trt
+        import asap_deploy.plugins.tensorrt as tp
+        reg = trt.get_plugin_registry()
+        assert reg.get_creator("SpatialMLP", "1", "asap") is None, "importing the module registered the plugin"
+        got, start = [], threading.Barrier(8)
+        def go():
+            start.wait()
+            got.append(tp.register(trt))
+        threads = [threading.Thread(target=go) for _ in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(got) == 8 and all(c is got[0] for c in got)
+        assert reg.get_creator("SpatialMLP", "1", "asap") is not None
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
 def test_clone_is_independent_and_complete(trt, pack):

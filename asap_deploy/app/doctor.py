@@ -96,7 +96,7 @@ def rtx_parser_check() -> Check:
 
     name = "TensorRT-RTX parser library workaround"
     try:
-        libs = trt_compat._rtx_libs_dir()
+        libs = trt_compat.rtx_libs_dir()
     except trt_compat.TrtUnavailable as exc:
         return Check(name, "warn", detail=exc.message, fix=trt_compat.INSTALL["rtx"])
     if (libs / trt_compat.RTX_LIB).exists():
