@@ -895,8 +895,8 @@ def bench(
 
     from rich.markup import escape
 
-    from asap_deploy.engines.bench import COLUMNS, BenchOptions, parse_size, random_bundle, run_bench, table_rows, \
-        write_reports
+    from asap_deploy.engines.bench import COLUMNS, DEFAULT_BACKENDS, BenchOptions, parse_size, random_bundle, run_bench, \
+        table_rows, write_reports
     from asap_deploy.errors import UsageError
     from asap_deploy.export.bundle import load_bundle
 
@@ -908,7 +908,7 @@ def bench(
     from asap_deploy.limits import check_max_pixels
 
     check_max_pixels("--max-pixels", max_pixels)
-    opts = BenchOptions(backends=names or ["torch", "onnxruntime"], sizes=[parse_size(s) for s in size], batches=batch,
+    opts = BenchOptions(backends=names or list(DEFAULT_BACKENDS), sizes=[parse_size(s) for s in size], batches=batch,
                         precisions=precisions, warmup_s=warmup, min_iters=iterations, min_seconds=duration,
                         memory=memory, seed=seed, max_pixels=max_pixels)
     opts.check()
@@ -939,12 +939,9 @@ def bench(
             info = {"description": "randomly initialised facades-preset model (13 labels, S=64, published widths)"}
         info.update({"S": bundle.config.S, "config": bundle.config.to_dict()})
         if not names:
-            from asap_deploy.app.infer import _ort_providers, tensorrt_usable
+            from asap_deploy.engines.bench import default_backends
 
-            if "CUDAExecutionProvider" in _ort_providers():
-                opts.backends.append("onnxruntime-cuda")
-            if tensorrt_usable(bundle.path, precisions[0])[0] or engine_file is not None:
-                opts.backends.append("tensorrt")
+            opts.backends = default_backends(bundle.path, precisions[0], engine_given=engine_file is not None)
         with console.status("benchmarking") as status:
             rep = run_bench(bundle, opts, progress=lambda msg: status.update(f"benchmarking {msg}"), model_info=info)
     finally:
@@ -1072,6 +1069,7 @@ def loadtest(
                                    "maps, which are held in memory (1..1073741824; default 64 Mpx)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON to this file (its "
                                              "folder must exist)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --json file if an earlier loadtest wrote it."),
 ) -> None:
     """Load a served `asap` model: throughput, latency min/median/p90/p99, errors (bounded in count and time)."""
     from asap_deploy.io import claim_files, write_text
@@ -1086,10 +1084,10 @@ def loadtest(
         from asap_deploy.limits import check_output_file
 
         check_output_file("--json", json_file)
-    with console.status(f"load test on {url}"):
         from asap_deploy.io import check_file_replaceable
 
         check_file_replaceable(json_file, "load-test report", overwrite)  # before connecting
+    with console.status(f"load test on {url}"):
         rep = run_loadtest(opts).to_dict()
     table = Table(title=f"asap loadtest {url} (model {model}, concurrency {concurrency}, sizes {', '.join(rep['sizes'])})")
     for col in ("requests ok", "errors", "wall s", "req/s", "Mpx/s", "min ms", "median ms", "p90 ms", "p99 ms"):
@@ -1102,8 +1100,8 @@ def loadtest(
     for msg, n in rep["error_messages"].items():
         err_console.print(f"[red]{n} x[/] {msg}", highlight=False, markup=False)
     if json_file is not None:
-        write_text(json_file, json.dumps(rep, indent=2) + "\n")
         claim_files(json_file.parent, "load-test report", [json_file.name])  # ours to replace next time
+        write_text(json_file, json.dumps(rep, indent=2) + "\n")
         console.print(f"report: {json_file}")
 
 

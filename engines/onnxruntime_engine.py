@@ -10,6 +10,7 @@ import numpy as np
 from asap_deploy.errors import BundleError, InputError, MissingDependencyError, UsageError
 
 from .base import IMAGE, IMAGE_FLOAT, Engine
+from .scaled import SCALED_GRAPH
 
 # Pixels (batch x H x W) per run of the pixelwise graph. ONNX Runtime keeps every MLP layer's
 # activation for a whole run (64 channels fp32: 0.9 GiB at 1024x1024, 3.5 GiB at 2048x2048), so
@@ -77,6 +78,19 @@ class OnnxRuntimeEngine(Engine):
                 raise BundleError(f"{path}: ONNX Runtime cannot load this graph (an operator it does not know, or "
                                   f"an invalid graph; re-export the bundle with `asap export`): {first}") from exc
         return self._sessions[graph]
+
+    def scaled_mlp(self, ids, params, u_y, u_x):
+        """The scaled pixelwise stage (asap infer --scale): the `pixelwise_scaled` graph, built from
+        the bundle's config on first use (bundles carry no file for it), on this engine's providers."""
+        if SCALED_GRAPH not in self._sessions:
+            from .scaled import scaled_pixelwise_graph
+
+            opts = _ort().SessionOptions()
+            opts.graph_optimization_level = _ort().GraphOptimizationLevel.ORT_ENABLE_ALL
+            self._sessions[SCALED_GRAPH] = _ort().InferenceSession(
+                scaled_pixelwise_graph(self.config).SerializeToString(), opts, providers=list(self.providers))
+        return self._sessions[SCALED_GRAPH].run(["rgb"], {"ids": ids, "params": np.ascontiguousarray(params, np.float32),
+                                                          "u_y": u_y, "u_x": u_x})[0]
 
     def describe(self) -> dict:
         return {**super().describe(), "providers": self.providers, "onnxruntime": _ort().__version__,

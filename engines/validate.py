@@ -22,6 +22,7 @@ import numpy as np
 
 from asap_deploy.config import ModelConfig
 from asap_deploy.errors import InputError, OutputError, UsageError
+from asap_deploy.export.stages import KEYS, Stage
 
 from .base import IMAGE, IMAGE_FLOAT, Engine
 
@@ -52,7 +53,7 @@ THRESHOLDS = {
                        params_cosine=0.999),
 }
 
-STAGES = ("predictor", "pixelwise", "end_to_end")
+STAGES = KEYS  # report keys: predictor, pixelwise, end_to_end (export/stages.py)
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def params_metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
 def failures(stage: str, m: dict[str, Any], t: Thresholds) -> list[str]:
     """Human-readable reasons this stage's metrics fail the thresholds (empty = pass)."""
     out = [] if m["finite"] else ["non-finite output (NaN/Inf)"]
-    if stage == "predictor":
+    if stage == Stage.PREDICTOR.key:
         if m["cosine"] < t.params_cosine:
             out.append(f"cosine {m['cosine']:.7f} < {t.params_cosine}")
         return out
@@ -207,7 +208,7 @@ class ValidationReport:
 
 
 def _worst(stage: str, ms: list[dict[str, Any]]) -> dict[str, Any]:
-    if stage == "predictor":
+    if stage == Stage.PREDICTOR.key:
         return {"finite": all(m["finite"] for m in ms), "cosine": min(m["cosine"] for m in ms),
                 "max_abs": max(m["max_abs"] for m in ms), "mean_abs": max(m["mean_abs"] for m in ms)}
     return {"finite": all(m["finite"] for m in ms), "max_abs": max(m["max_abs"] for m in ms),
@@ -235,9 +236,9 @@ def validate(bundle, reference: Engine, engines: list[Engine], samples: list[Sam
         row = {"name": smp.name, "shape": list(smp.labels.shape), "source": smp.source, "results": {}}
         for e in engines:
             got_e2e = e.generate(smp.labels, smp.instances)
-            res = {"predictor": params_metrics(ref_params, e.predict_params(smp.labels, smp.instances)),
-                   "pixelwise": image_metrics(ref_pix, e.pixelwise(smp.labels, ref_params)),
-                   "end_to_end": image_metrics(ref_e2e, got_e2e)}
+            res = {Stage.PREDICTOR.key: params_metrics(ref_params, e.predict_params(smp.labels, smp.instances)),
+                   Stage.PIXELWISE.key: image_metrics(ref_pix, e.pixelwise(smp.labels, ref_params)),
+                   Stage.END_TO_END.key: image_metrics(ref_e2e, got_e2e)}
             for stage, m in res.items():
                 m["failures"] = failures(stage, m, t)
                 per_backend[e.name][stage].append(m)

@@ -130,7 +130,10 @@ def ray_infer(inputs: Sequence[str | os.PathLike], source: Source, options: Infe
             progress(i + 1, total, r)
     if todo:
         ray = init_ray(ropts)
-        gpu = choice.backend in ("tensorrt", "onnxruntime-cuda") or (choice.backend == "torch" and _cuda_here())
+        from ..engines import registry
+
+        gpu = registry.backend(choice.backend).gpu  # None: torch, on the GPU where one is here
+        gpu = _cuda_here() if gpu is None else gpu
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=min(len(todo), 4 * ropts.actors))
         from dataclasses import replace
 

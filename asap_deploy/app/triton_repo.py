@@ -31,6 +31,7 @@ import numpy as np
 from asap_deploy.app.serve import check_batching
 from asap_deploy.errors import BundleError, MissingDependencyError, OutputError, UsageError
 from asap_deploy.export.bundle import MANIFEST, sha256_file
+from asap_deploy.export.stages import Stage
 from asap_deploy.io import check_replaceable, staged_dir
 
 ONNX_MODEL, TRT_MODEL = "asap", "asap_tensorrt"
@@ -181,11 +182,11 @@ class TritonPythonModel:
 
 def _trt_engine(bundle, precision: str) -> tuple[str, Path] | None:
     """(flavor, path) of the bundle's end-to-end engine at `precision`, if any."""
-    from asap_deploy.engines.build import engine_name
+    from asap_deploy.engines.engine_file import engine_name
     from asap_deploy.plugins.trt_compat import FLAVORS
 
     for flavor in FLAVORS:
-        p = bundle.path / engine_name("asap", precision, flavor)
+        p = bundle.path / engine_name(Stage.END_TO_END.graph, precision, flavor)
         if p.is_file():
             return flavor, p
     return None
@@ -202,17 +203,17 @@ def write_triton_repo(bundle, out_dir: str | Path, opts: RepoOptions | None = No
     # only an earlier repository of ours holding nothing else, never the bundle it is made from
     check_replaceable(out_dir, REPO_KIND, REPO_KIND, [bundle.path])
     cfg = bundle.config
-    onnx_src = bundle.file("asap", opts.precision)
+    onnx_src = bundle.file(Stage.END_TO_END.graph, opts.precision)
     trt = _trt_engine(bundle, opts.precision)
     if opts.tensorrt and trt is None:
         raise BundleError(f"{bundle.path}: no end-to-end {opts.precision} TensorRT engine to put in the repository; "
-                          f"build one with: asap build-engine {bundle.path} --stage end-to-end"
+                          f"build one with: asap build-engine {bundle.path} --stage {Stage.END_TO_END.cli}"
                           + (" --fp16" if opts.precision == "fp16" else ""))
     with_trt = trt is not None and opts.tensorrt is not False
     notes: list[str] = []
     if trt is None and opts.tensorrt is None:
         notes.append(f"no {opts.precision} end-to-end TensorRT engine in {bundle.path}: only the ONNX Runtime model "
-                     f"was written (asap build-engine {bundle.path} --stage end-to-end adds one)")
+                     f"was written (asap build-engine {bundle.path} --stage {Stage.END_TO_END.cli} adds one)")
     with staged_dir(out_dir, REPO_KIND, inputs=[bundle.path]) as tmp:
         models: dict[str, dict[str, Any]] = {}
         configs = {ONNX_MODEL: config_text(ONNX_MODEL, "onnxruntime", cfg, opts, opts.kind)}
