@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 
 from asap_deploy.errors import EngineError
+from asap_deploy.export.stages import Stage
 
 from .base import IMAGE, IMAGE_FLOAT, Engine
-from .build import STAGES, check_sidecar, engine_name, read_sidecar, stage_graphs
+from .build import check_sidecar, read_sidecar, stage_graphs
+from .engine_file import engine_name
 
 ALIGN = 256  # bytes: device buffers are rounded up to this
 
@@ -35,7 +37,7 @@ def find_engine(bundle, graph: str, precision: str, flavor: str, engine_dir: Pat
     folder = Path(engine_dir) if engine_dir else bundle.path
     path = folder / engine_name(graph, precision, flavor)
     if not path.is_file():
-        stage = next(s for s, gs in STAGES.items() if gs == (graph,))
+        stage = Stage.from_graph(graph).cli
         raise EngineError(f"{path}: no {precision} {flavor} engine for the {graph} graph; build it with: asap build-engine "
                           f"{bundle.path} --flavor {flavor} --stage {stage}{' --fp16' if precision == 'fp16' else ''}")
     return path

@@ -97,6 +97,14 @@ class TorchEngine(Engine):
         with self._torch.inference_mode():
             return self._out(self._rgb(self._t(labels), self._t(params)))
 
+    def scaled_mlp(self, ids, params, u_y, u_x):
+        """The scaled pixelwise stage (asap infer --scale): batched matmuls over tiles (engines/scaled.py)."""
+        from .scaled import tiled_mlp_torch
+
+        with self._torch.inference_mode():
+            p = self._torch.from_numpy(np.ascontiguousarray(params, np.float32)).to(self.device)
+            return tiled_mlp_torch(ids, p, u_y, u_x, self.config).float().cpu().numpy()
+
 
 def _kernel_supports(cfg) -> bool:
     from asap_deploy.errors import ConfigError

@@ -31,6 +31,8 @@ from asap_deploy.config import DONTCARE_ID, ModelConfig
 from asap_deploy.errors import AsapError
 from asap_deploy.plugins import spec as plugin_spec
 
+from .stages import GRAPHS, Stage
+
 OPSET = 18
 IR_VERSION = 9
 PRODUCER = "asap-deploy"
@@ -284,7 +286,7 @@ def _pixelwise(b: _Builder, cfg: ModelConfig, ch: str, params: str) -> None:
 
 
 # ---- public ------------------------------------------------------------------------------------
-GRAPH_NAMES = ("predictor", "pixelwise", "asap")
+GRAPH_NAMES = GRAPHS  # one per stage: predictor, pixelwise, asap (= end-to-end); export/stages.py
 FP32_NODES_FOR_FP16 = ("to_u8_add", "to_u8_scale", "to_u8_round", "to_u8_clip", "to_u8_cast")
 
 
@@ -297,9 +299,9 @@ def io_spec(cfg: ModelConfig, graph: str) -> dict[str, list[dict[str, Any]]]:
     imgf = {"name": IMAGE_FLOAT, "dtype": "float32", "shape": ["N", "H", "W", cfg.output_nc]}
     front = [lab] + ([inst] if cfg.instance_edges else [])
     return {
-        "predictor": {"inputs": front, "outputs": [par]},
-        "pixelwise": {"inputs": [lab, par], "outputs": [img, imgf]},
-        "asap": {"inputs": front, "outputs": [img, imgf]},
+        Stage.PREDICTOR.graph: {"inputs": front, "outputs": [par]},
+        Stage.PIXELWISE.graph: {"inputs": [lab, par], "outputs": [img, imgf]},
+        Stage.END_TO_END.graph: {"inputs": front, "outputs": [img, imgf]},
     }[graph]
 
 
@@ -315,11 +317,11 @@ def build_graph(model, graph: str) -> onnx.ModelProto:
     cfg: ModelConfig = model.cfg
     b = _Builder()
     ch = _channel_ids(b, cfg, LABELS)
-    if graph in ("predictor", "asap"):
+    if graph in (Stage.PREDICTOR.graph, Stage.END_TO_END.graph):
         params = _predictor(b, model, ch, INSTANCES if cfg.instance_edges else None)
     else:
         params = PARAMS
-    if graph in ("pixelwise", "asap"):
+    if graph in (Stage.PIXELWISE.graph, Stage.END_TO_END.graph):
         _pixelwise(b, cfg, ch, params)
     spec = io_spec(cfg, graph)
     S = cfg.S  # noqa: N806
@@ -330,7 +332,7 @@ def build_graph(model, graph: str) -> onnx.ModelProto:
                           [_value_info(s, S) for s in spec["outputs"]], initializer=b.inits, doc_string=doc)
     opsets = [helper.make_opsetid("", OPSET)]
     functions = []
-    if graph in ("pixelwise", "asap"):
+    if graph in (Stage.PIXELWISE.graph, Stage.END_TO_END.graph):
         opsets.append(helper.make_opsetid(plugin_spec.DOMAIN, 1))
         functions.append(spatial_mlp_function(cfg))
     m = helper.make_model(g, opset_imports=opsets, functions=functions, producer_name=PRODUCER,

@@ -47,9 +47,10 @@ def check_onnxruntime() -> Check:
         return Check("onnxruntime", "missing", fix="pip install onnxruntime (or onnxruntime-gpu for CUDA)")
     import onnxruntime
 
-    prov = onnxruntime.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in prov
-    return Check("onnxruntime", "ok", onnxruntime.__version__, "providers: " + ", ".join(prov),
+    from asap_deploy.engines import registry
+
+    has_cuda, _ = registry.BY_NAME["onnxruntime-cuda"].available()
+    return Check("onnxruntime", "ok", onnxruntime.__version__, "providers: " + ", ".join(registry.ort_providers()),
                  "" if has_cuda else "for the CUDA provider: pip uninstall onnxruntime && pip install onnxruntime-gpu")
 
 
