@@ -55,7 +55,7 @@ def tensorrt_runtime() -> tuple[bool, str]:
     """Whether TensorRT (or TensorRT-RTX) and a GPU are here (never raises)."""
     if not any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx")):
         return False, "neither tensorrt nor tensorrt_rtx is installed"
-    from asap_deploy.plugins.trt_compat import cuda_device_count
+    from asap_deploy.plugins.cuda_driver import cuda_device_count
 
     n, why = cuda_device_count()
     if n == 0:
