@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Sequence
 
 from asap_deploy.config import ModelConfig
 from asap_deploy.errors import KernelError, MissingDependencyError, OutputError, UsageError
-from asap_deploy.io import MARKER, atomic_path, check_file_replaceable, claim_files, read_marker
+from asap_deploy.io import atomic_path, check_file_replaceable, claim_files, owned_folder
 
 from .spec import KernelSpec, kernel_spec
 
