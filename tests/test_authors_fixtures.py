@@ -1,4 +1,4 @@
-"""The authors' own generators (../shared/fixtures/authors): load with NO config, reproduce their outputs."""
+"""The authors' own generators (tests/fixtures/authors): load with NO config, reproduce their outputs."""
 
 from __future__ import annotations
 
