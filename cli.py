@@ -79,26 +79,9 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 
 
 def _load_config(preset: Optional[str], config: Optional[Path]):
-    from asap_deploy.config import ModelConfig, preset as make_preset
-    from asap_deploy.errors import ConfigError
+    from asap_deploy.config import config_from
 
-    if preset and config:
-        raise ConfigError("give either --preset or --config, not both")
-    if config:
-        from asap_deploy.io import read_regular_file
-        from asap_deploy.limits import MAX_JSON_BYTES
-
-        # a regular file of bounded size: /dev/zero, a FIFO or a folder is refused before reading
-        data = read_regular_file(config, "--config file", MAX_JSON_BYTES, error=ConfigError)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{config}: the config file is not UTF-8 text (byte {exc.start})") from exc
-        try:
-            return ModelConfig.from_json(text)
-        except ConfigError as exc:
-            raise ConfigError(f"{config}: {exc.message}") from exc
-    return make_preset(preset) if preset else None
+    return config_from(preset, config)
 
 
 PRESET_HELP = "Model preset: facades, cityscapes, ade20k or coco."
@@ -247,49 +230,19 @@ def validate(
     """Compare a bundle's backends with the PyTorch reference (fp32, CPU); exit non-zero on failure."""
     import time
 
-    from asap_deploy.engines import check_backend, create_engine
-    from asap_deploy.engines.validate import THRESHOLDS, folder_samples, random_samples, validate as run_validation
-    from asap_deploy.errors import UsageError, ValidationFailed
-    from asap_deploy.export.bundle import load_bundle
-
-    from asap_deploy.engines.validate import MAX_LABEL_MAPS
-    from asap_deploy.limits import check_optional, check_seed
+    from asap_deploy.app.validate import run_validate
+    from asap_deploy.errors import ValidationFailed
 
     t0 = time.perf_counter()
-    if precision not in THRESHOLDS:
-        raise UsageError(f"unknown precision {precision!r} (choose from: {', '.join(THRESHOLDS)})")
-    check_optional("--random", random, 1, MAX_LABEL_MAPS)
-    check_seed("--seed", seed)
-    _checkpoint_arg("--checkpoint", checkpoint)
-    names = [check_backend(b) for b in backend]
-    if labels is not None and random is not None:
-        raise UsageError("give either --labels or --random, not both")
-    bundle = load_bundle(bundle_dir)
-    cfg = bundle.config
-    samples = folder_samples(cfg, labels) if labels is not None else random_samples(cfg, random or 4, seed)
-    if checkpoint is not None:
-        from asap_deploy.engines.torch_engine import TorchEngine
-        from asap_deploy.errors import BundleError
-        from asap_deploy.export.bundle import weights_digest
-
-        reference = TorchEngine.from_checkpoint(checkpoint, config=cfg)
-        digest = weights_digest({k: v.detach().numpy() for k, v in reference.model.state_dict().items()})
-        if digest != bundle.manifest["source"].get("weights_sha256"):
-            raise BundleError(f"{checkpoint}: its weights are not the ones {bundle_dir} was exported from")
-    else:
-        reference = create_engine("torch", bundle)
-    engines = [create_engine(n, bundle, precision) for n in names]
-    from asap_deploy.io import derived_name
-
-    report_dir = report or bundle_dir.with_name(derived_name(bundle_dir.name, "-validation"))
     with console.status("validating") as status:
-        rep = run_validation(bundle, reference, engines, samples, precision, report_dir,
-                             progress=lambda msg: status.update(msg))
+        rep, names, n_samples = run_validate(bundle_dir, backend, labels=labels, random=random, precision=precision,
+                                             checkpoint=checkpoint, report=report, seed=seed,
+                                             progress=lambda msg: status.update(msg))
     if as_json:
         console.print_json(json.dumps(rep.to_dict()))
     else:
         t = rep.thresholds
-        table = Table(title=f"{bundle_dir} vs PyTorch fp32 CPU reference, {precision}, {len(samples)} sample batch(es)")
+        table = Table(title=f"{bundle_dir} vs PyTorch fp32 CPU reference, {precision}, {n_samples} sample batch(es)")
         for col in ("backend", "stage", "max abs", "mean abs", "PSNR dB", "differing", "max levels", "cosine", "ok"):
             table.add_column(col)
         lim = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
@@ -891,18 +844,13 @@ def bench(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace report.json/report.md/latency.png (and --json) if they exist (checked before measuring)."),
 ) -> None:
     """Latency per backend, size and stage (min/mean/median/p90/p95/p99, throughput, memory) vs the authors' forward."""
-    import tempfile
-
     from rich.markup import escape
 
-    from asap_deploy.engines.bench import COLUMNS, DEFAULT_BACKENDS, BenchOptions, parse_size, random_bundle, run_bench, \
-        table_rows, write_reports
-    from asap_deploy.errors import UsageError
-    from asap_deploy.export.bundle import load_bundle
+    from asap_deploy.app.bench import bench_bundle, check_source
+    from asap_deploy.engines.bench import COLUMNS, DEFAULT_BACKENDS, BenchOptions, default_backends, parse_size, \
+        run_bench, table_rows, write_reports
 
-    given = [n for n, v in (("--model", model), ("--bundle", bundle_dir), ("--engine", engine_file)) if v is not None]
-    if len(given) > 1:
-        raise UsageError(f"give at most one of --model, --bundle, --engine (got {', '.join(given)})")
+    check_source(model, bundle_dir, engine_file)
     names = [b.strip() for item in backends for b in item.split(",") if b.strip()]
     precisions = list(dict.fromkeys(p for item in precision for p in item.split(",") if p))
     from asap_deploy.limits import check_max_pixels
@@ -921,31 +869,11 @@ def bench(
     from asap_deploy.engines.bench import check_report_outputs
 
     check_report_outputs(out, json_file, overwrite, [v for v in (bundle_dir, model, engine_file) if v is not None])
-    tmp = tempfile.TemporaryDirectory(prefix="asap_bench_")
-    try:
-        if bundle_dir is not None or engine_file is not None:
-            bundle = load_bundle(bundle_dir if bundle_dir is not None else engine_file.parent)
-            info = {"description": f"bundle {bundle.path}"}
-        elif model is not None:
-            from asap_deploy.export.bundle import export_checkpoint
-
-            with console.status("exporting the checkpoint to a temporary bundle"):
-                res = export_checkpoint(model, Path(tmp.name) / "bundle", fp16="fp16" in precisions)
-            bundle = load_bundle(res.path)
-            info = {"description": f"checkpoint {model}"}
-        else:
-            with console.status("making a random facades-preset model and exporting it"):
-                bundle = random_bundle(Path(tmp.name) / "bundle", "facades", seed=seed, fp16="fp16" in precisions)
-            info = {"description": "randomly initialised facades-preset model (13 labels, S=64, published widths)"}
-        info.update({"S": bundle.config.S, "config": bundle.config.to_dict()})
+    with console.status("benchmarking") as status, \
+            bench_bundle(model, bundle_dir, engine_file, "fp16" in precisions, seed, status.update) as (bundle, info):
         if not names:
-            from asap_deploy.engines.bench import default_backends
-
             opts.backends = default_backends(bundle.path, precisions[0], engine_given=engine_file is not None)
-        with console.status("benchmarking") as status:
-            rep = run_bench(bundle, opts, progress=lambda msg: status.update(f"benchmarking {msg}"), model_info=info)
-    finally:
-        tmp.cleanup()
+        rep = run_bench(bundle, opts, progress=lambda msg: status.update(f"benchmarking {msg}"), model_info=info)
     from asap_deploy.engines.bench import machine_text
 
     table = Table(title=f"asap bench: {info['description']}")

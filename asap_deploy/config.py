@@ -449,6 +449,32 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 _LR_KEY = re.compile(r"^lowres_stream\.model\.(\d+)\.(.+)$")
 
 
+def read_config_file(path) -> ModelConfig:
+    """A ModelConfig from a JSON file argument: a regular UTF-8 file of at most limits.MAX_JSON_BYTES
+    (a FIFO, device or folder is refused before reading); ConfigError (exit 3) naming the file."""
+    from .io import read_regular_file
+    from .limits import MAX_JSON_BYTES
+
+    data = read_regular_file(path, "--config file", MAX_JSON_BYTES, error=ConfigError)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text (byte {exc.start})") from exc
+    try:
+        return ModelConfig.from_json(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}") from exc
+
+
+def config_from(preset_name: str | None = None, path=None) -> ModelConfig | None:
+    """The model config a command was given: `--preset NAME` or `--config FILE` (not both), or None."""
+    if preset_name and path:
+        raise ConfigError("give either --preset or --config, not both")
+    if path:
+        return read_config_file(path)
+    return preset(preset_name) if preset_name else None
+
+
 def infer_config(shapes: Mapping[str, Sequence[int]], *, hr_width: int | None = None,
                  hr_depth: int | None = None) -> ModelConfig:
     """Infer the whole config from the key names and shapes of an authors' generator state dict.

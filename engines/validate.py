@@ -216,6 +216,24 @@ def _worst(stage: str, ms: list[dict[str, Any]]) -> dict[str, Any]:
             "differing_share": max(m["differing_share"] for m in ms), "max_levels": max(m["max_levels"] for m in ms)}
 
 
+def reference_engine(bundle, checkpoint: str | os.PathLike | None = None) -> Engine:
+    """The PyTorch fp32 reference: rebuilt from the bundle's own weights, or from `checkpoint`, which
+    must hold the very weights the bundle was exported from (BundleError otherwise)."""
+    from asap_deploy.errors import BundleError
+    from asap_deploy.export.bundle import weights_digest
+
+    from . import create_engine
+    from .torch_engine import TorchEngine
+
+    if checkpoint is None:
+        return create_engine("torch", bundle)
+    reference = TorchEngine.from_checkpoint(checkpoint, config=bundle.config)
+    digest = weights_digest({k: v.detach().numpy() for k, v in reference.model.state_dict().items()})
+    if digest != bundle.manifest["source"].get("weights_sha256"):
+        raise BundleError(f"{checkpoint}: its weights are not the ones {bundle.path} was exported from")
+    return reference
+
+
 def validate(bundle, reference: Engine, engines: list[Engine], samples: list[Sample], precision: str,
              report_dir: str | os.PathLike | None = None,
              progress: Callable[[str], None] | None = None) -> ValidationReport:

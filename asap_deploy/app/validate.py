@@ -1,0 +1,48 @@
+"""`asap validate`: compare a bundle's backends with the PyTorch reference (engines/validate.py
+does the comparing; this is the use case: what to compare, on what, against which reference)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import UsageError
+from ..io import derived_name
+from ..limits import check_file_arg, check_optional, check_seed
+
+
+def default_report_dir(bundle_dir: Path) -> Path:
+    """BUNDLE-validation next to the bundle (its name shortened to fit if need be)."""
+    return bundle_dir.with_name(derived_name(bundle_dir.name, "-validation"))
+
+
+def run_validate(bundle_dir: str | os.PathLike, backends: Sequence[str], *, labels: Path | None = None,
+                 random: int | None = None, precision: str = "fp32", checkpoint: Path | None = None,
+                 report: Path | None = None, seed: int = 0, progress: Callable[[str], None] | None = None):
+    """Check every argument before any work, then compare; returns (ValidationReport, backend
+    names, number of sample batches)."""
+    from ..engines import check_backend, create_engine
+    from ..engines.validate import (MAX_LABEL_MAPS, THRESHOLDS, folder_samples, random_samples, reference_engine,
+                                    validate)
+    from ..errors import CheckpointError
+    from ..export.bundle import load_bundle
+
+    bundle_dir = Path(bundle_dir)
+    if precision not in THRESHOLDS:
+        raise UsageError(f"unknown precision {precision!r} (choose from: {', '.join(THRESHOLDS)})")
+    check_optional("--random", random, 1, MAX_LABEL_MAPS)
+    check_seed("--seed", seed)
+    if checkpoint is not None:
+        check_file_arg("--checkpoint", checkpoint, "checkpoint", error=CheckpointError)
+    names = [check_backend(b) for b in backends]
+    if labels is not None and random is not None:
+        raise UsageError("give either --labels or --random, not both")
+    bundle = load_bundle(bundle_dir)
+    cfg = bundle.config
+    samples = folder_samples(cfg, labels) if labels is not None else random_samples(cfg, random or 4, seed)
+    reference = reference_engine(bundle, checkpoint)
+    engines = [create_engine(n, bundle, precision) for n in names]
+    rep = validate(bundle, reference, engines, samples, precision, report or default_report_dir(bundle_dir),
+                   progress=progress)
+    return rep, names, len(samples)
