@@ -89,6 +89,25 @@ CONFIG_HELP = "Model config JSON file (fields of ModelConfig; a regular file of 
 SEED_HELP_RANGE = " (0..4294967295)"
 
 
+# ---- options several commands share: declared once ------------------------------------------------
+def preset_option():
+    return typer.Option(None, "--preset", help=PRESET_HELP)
+
+
+def config_option(extra: str = ""):
+    return typer.Option(None, "--config", help=CONFIG_HELP + extra)
+
+
+def seed_option(what: str):
+    return typer.Option(0, "--seed", help=f"{what}{SEED_HELP_RANGE}.")
+
+
+def engine_threads_option(extra: str = ""):
+    """--threads of the commands that open an engine (infer, serve)."""
+    return typer.Option(None, "--threads", help="CPU threads of the torch / ONNX Runtime engine (1..4 x the cores "
+                        f"here; default: all cores{extra}).")
+
+
 def _checkpoint_arg(option: str, path: Optional[Path], folder_ok: bool = False, engine: bool = False) -> None:
     """A checkpoint (exit 4) or engine (exit 5) file argument must be a regular file: a FIFO or
     device would block. A missing file is left to its loader to report."""
@@ -104,8 +123,8 @@ def _checkpoint_arg(option: str, path: Optional[Path], folder_ok: bool = False, 
 @cli_errors
 def inspect(
     checkpoint: Path = typer.Argument(..., help="Our checkpoint (.pt) or the authors' latest_net_G.pth."),
-    preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    preset: Optional[str] = preset_option(),
+    config: Optional[Path] = config_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Print a checkpoint's (inferred) config, parameter counts per stream and label set."""
@@ -147,8 +166,8 @@ def export(
     checkpoint: Path = typer.Argument(..., help="Our checkpoint (.pt) or the authors' latest_net_G.pth."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Bundle folder to write (written atomically); "
                                        "not needed when CHECKPOINT is a bundle folder and --triton-repo is given."),
-    preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    preset: Optional[str] = preset_option(),
+    config: Optional[Path] = config_option(),
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write the *.fp16.onnx variants."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle folder (and --triton-repo)."),
     triton_repo: Optional[Path] = typer.Option(None, "--triton-repo", help="Also write a Triton Inference Server model "
@@ -224,7 +243,7 @@ def validate(
         None, "--checkpoint", help="Reference from this checkpoint (must be the exported one) instead of the "
         "bundle's own weights."),
     report: Optional[Path] = typer.Option(None, "--report", help="Report folder (default: BUNDLE_DIR-validation)."),
-    seed: int = typer.Option(0, help="Seed of the random label maps" + SEED_HELP_RANGE + "."),
+    seed: int = seed_option("Seed of the random label maps"),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of tables."),
 ) -> None:
     """Compare a bundle's backends with the PyTorch reference (fp32, CPU); exit non-zero on failure."""
@@ -280,7 +299,7 @@ def compile_kernels(
     arch: str = typer.Option("sm_80,sm_86,sm_89,sm_90", "--arch", help="Comma-separated CUDA architectures."),
     preset: list[str] = typer.Option(["facades", "cityscapes"], "--preset",
                                      help="Preset(s) whose kernel shapes (S, widths) to compile."),
-    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP + " Replaces --preset."),
+    config: Optional[Path] = config_option(" Replaces --preset."),
     params_dtype: str = typer.Option("fp16", "--params-dtype",
                                      help="Parameter-grid dtypes: fp16, fp32 (the re-pack pre-pass gives fp16)."),
     out_dtype: str = typer.Option("fp32,fp16", "--out-dtype", help="Output dtypes: fp32, fp16, u8."),
@@ -412,7 +431,7 @@ def make_data(
     n_val: Optional[int] = typer.Option(None, "--n-val", help="Held-out pairs (1..100000; default: n/4)."),
     size: int = typer.Option(64, help="Image side in pixels (a multiple of 16 in 32..4096)."),
     classes: int = typer.Option(6, help="Number of label classes (2..255)."),
-    seed: int = typer.Option(0, help="Random seed: the same seed writes the same files" + SEED_HELP_RANGE + "."),
+    seed: int = seed_option("Random seed: the same seed writes the same files"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the data set in a folder that is not empty."),
 ) -> None:
     """Write a synthetic paired data set whose textures depend on class AND pixel position."""
@@ -493,15 +512,14 @@ def train(
     label_dir: Optional[Path] = typer.Option(None, "--label-dir", help="Custom layout: folder of label maps."),
     image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="Custom layout: folder of target photos."),
     instance_dir: Optional[Path] = typer.Option(None, "--instance-dir", help="Custom layout: folder of instance maps."),
-    preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
-    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    preset: Optional[str] = preset_option(),
+    config: Optional[Path] = config_option(),
     set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set label_nc=6 (repeatable)."),
     steps: Optional[int] = typer.Option(None, help="Total steps of the run (resumes included; 1..1000000000)."),
     minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of this invocation (with --steps: whichever "
                                             "ends first; (0, 525600], a year)."),
     batch_size: int = typer.Option(1, "--batch-size", help="GLOBAL batch size (split across torchrun processes; 1..256)."),
-    seed: int = typer.Option(0, help="Seed: init, sample order and crops are functions of (seed, step)"
-                             + SEED_HELP_RANGE + "."),
+    seed: int = seed_option("Seed: init, sample order and crops are functions of (seed, step)"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its train_state.pt."),
     lr_g: float = typer.Option(1e-4, "--lr-g", help="Generator learning rate (TTUR; (0, 1])."),
     lr_d: float = typer.Option(4e-4, "--lr-d", help="Discriminator learning rate (TTUR; (0, 1])."),
@@ -612,7 +630,7 @@ def demo(
     minutes: float = typer.Option(2.0, help="Training time budget ((0, 1440] minutes)."),
     steps: Optional[int] = typer.Option(None, help="Stop after this many steps instead (or earlier, at --minutes; "
                                         "1..1000000)."),
-    seed: int = typer.Option(0, help="Seed of the data set and the training run" + SEED_HELP_RANGE + "."),
+    seed: int = seed_option("Seed of the data set and the training run"),
     threads: int = typer.Option(1, help="CPU threads (1..4 x the cores here; 1: the small model gains little from "
                                 "more, and suffers badly when the cores are shared)."),
     bench_size: int = typer.Option(1024, "--bench-size", help="Side of the square label map the bench step times "
@@ -754,9 +772,7 @@ def infer(
     ray_address: Optional[str] = typer.Option(None, "--ray", help="Run on Ray Data: local (a Ray instance on this "
                                               "machine), auto (this machine's cluster) or ray://HOST:PORT."),
     ray_actors: int = typer.Option(2, "--ray-actors", help="With --ray: actors in the pool, one engine each (1..1024)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the torch / ONNX Runtime engine "
-                                          "(1..4 x the cores here; default: all cores; with --ray: per actor, default "
-                                          "the 1 CPU Ray reserves for each)."),
+    threads: Optional[int] = engine_threads_option("; with --ray: per actor, default the 1 CPU Ray reserves for each"),
 ) -> None:
     """Translate label maps to photos: one PNG per input (written atomically); non-zero exit if any input failed."""
     import signal
@@ -839,8 +855,7 @@ def bench(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON report here (its folder must "
                                              "exist)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory per row."),
-    seed: int = typer.Option(0, help="Seed of the random model (no model given) and the label maps"
-                             + SEED_HELP_RANGE + "."),
+    seed: int = seed_option("Seed of the random model (no model given) and the label maps"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace report.json/report.md/latency.png (and --json) if they exist (checked before measuring)."),
 ) -> None:
     """Latency per backend, size and stage (min/mean/median/p90/p95/p99, throughput, memory) vs the authors' forward."""
@@ -937,8 +952,7 @@ def serve(
     max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="How long a request may wait for others of its "
                                        "size (0..10000 ms)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs/engines."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of the torch / ONNX Runtime engine "
-                                          "(1..4 x the cores here; default: all cores)."),
+    threads: Optional[int] = engine_threads_option(),
     max_pixels: int = typer.Option(64 * 1024 * 1024, "--max-pixels", help="Refuse requests whose label maps hold "
                                    "more pixels than this (1..1073741824; default 64 Mpx)."),
 ) -> None:
