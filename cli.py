@@ -41,6 +41,10 @@ console = _console()
 err_console = _console(stderr=True)
 
 
+def _command_name(fn) -> str:
+    return fn.__name__.replace("_", "-")
+
+
 def cli_errors(fn):
     """Turn library errors into one red line and the error's exit code (traceback with --debug)."""
 
@@ -65,6 +69,16 @@ def cli_errors(fn):
             err_console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))} "
                               "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except ImportError as exc:  # a safety net: an optional module missing where no check named its extra
+            from asap_deploy.errors import missing_dependency
+
+            err = missing_dependency(exc, f"asap {_command_name(fn)}")
+            if err is None or os.environ.get("ASAP_DEBUG"):
+                raise
+            from rich.markup import escape
+
+            err_console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
@@ -549,7 +563,7 @@ def train(
     the whole set once: about 1 ms per 256x256 pair and 30 ms per 2048x1024 pair on one core, on up to 8
     threads (Cityscapes' 2,975 pairs: under a minute); sets of 200+ pairs show a progress bar.
     """
-    from asap_deploy.errors import require_torch
+    from asap_deploy.errors import require_module, require_torch
     from asap_deploy.limits import check_optional, check_range, check_seed, check_threads
 
     big = 1_000_000_000
@@ -574,6 +588,7 @@ def train(
 
         check_file_arg("--vgg-weights", vgg_weights, "VGG19 weights file")
     require_torch("asap train")
+    require_module("matplotlib", "asap train (its loss_curve.png)")  # checked before training, not at the first save
     from asap_deploy.config import ModelConfig
     from asap_deploy.train import default_config_for, train_run
     from asap_deploy.train.trainer import TrainOptions
@@ -638,7 +653,7 @@ def demo(
 ) -> None:
     """The whole pipeline on a CPU in a few minutes: synthetic data, train a small ASAP-Net, export, validate ONNX
     Runtime against PyTorch, infer (also at --scale 2 and 4), a short bench at 1024x1024; one folder + index.html."""
-    from asap_deploy.errors import UsageError, require_torch
+    from asap_deploy.errors import UsageError, require_module, require_torch
     from asap_deploy.limits import check_optional, check_range, check_seed, check_threads
 
     check_range("--minutes", minutes, 0.0, 1440.0, lo_open=True)
@@ -649,6 +664,7 @@ def demo(
     if bench_size % 16:  # the demo model's S divides 16: checked now, not after minutes of training
         raise UsageError(f"--bench-size must be a multiple of 16 in 16..4096 (got {bench_size})")
     require_torch("asap demo")
+    require_module("matplotlib", "asap demo (its loss curve and latency plot)")
     from asap_deploy.app.demo import run_demo
 
     bar = _progress_bar(steps, minutes)

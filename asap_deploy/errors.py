@@ -92,6 +92,38 @@ def require_torch(feature: str):
     return torch
 
 
+# Optional modules -> the extra of asap-deploy that installs them (pyproject.toml's optional-dependencies).
+EXTRAS = {
+    "torch": "torch", "matplotlib": "torch", "onnxconverter_common": "torch",
+    "triton": "gpu", "cuda": "gpu",
+    "tensorrt": "tensorrt", "tensorrt_rtx": "rtx",
+    "pytriton": "serve", "tritonclient": "serve",
+    "ray": "ray",
+}
+
+
+def require_module(name: str, feature: str, extra: str | None = None):
+    """Import `name` or raise a MissingDependencyError naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        err = missing_dependency(exc, feature, extra, name)
+        raise err or MissingDependencyError(f"{feature} needs {name}, which is not installed") from exc
+
+
+def missing_dependency(exc: ImportError, feature: str, extra: str | None = None,
+                       name: str | None = None) -> MissingDependencyError | None:
+    """The MissingDependencyError for an ImportError of one of EXTRAS' modules (None for any other
+    module: that is a broken install or a bug, not a missing extra)."""
+    top = (name or getattr(exc, "name", None) or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    extra = extra or EXTRAS[top]
+    return MissingDependencyError(f"{feature} needs {top}, which is not installed: pip install 'asap-deploy[{extra}]'")
+
+
 def did_you_mean(value: str, choices) -> str:
     """"; did you mean 'x'?" naming the nearest of `choices`, or "" (a hint for an error message:
     the guess is suggested, never run)."""

@@ -129,7 +129,13 @@ def plugin_kernels(cfg, archs: Sequence[int], dtype_pairs: Sequence[tuple[str, s
     and was compiled for exactly this variant, architecture and Triton; otherwise it is recompiled
     and replaced, or, when the entry is not one asap wrote (a symbolic link, a special file, a
     folder of other files), refused with a KernelError naming it and the cause."""
-    import triton
+    try:
+        import triton
+    except ImportError as exc:  # the [rtx] and [tensorrt] extras install it
+        from asap_deploy.errors import MissingDependencyError
+
+        raise MissingDependencyError("the asap TensorRT plugin's kernels are compiled with Triton, which is not "
+                                     "installed: pip install 'asap-deploy[rtx]' (or 'asap-deploy[tensorrt]')") from exc
 
     from asap_deploy.plugins import aot
     from asap_deploy.plugins import kernel as kernel_mod

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from asap_deploy.errors import InputError, UsageError, did_you_mean
+from asap_deploy.errors import InputError, MissingDependencyError, UsageError, did_you_mean
 from asap_deploy.export.stages import Stage
 
 from .engine_file import EngineFile, engine_glob
@@ -241,7 +241,7 @@ def choose_backend(requested: str, source: Source, precision: str = "fp32", scal
                              f"(asap export {source.model} -o BUNDLE) and pass --bundle")
         ok, why = TORCH.available()
         if not ok:
-            raise UsageError(f"--model needs the {torch} backend: {why}")
+            raise MissingDependencyError(f"--model needs the {torch} backend: {why}")
         return Choice(torch, "a checkpoint (--model) runs on the PyTorch backend")
     if source.engine is not None:
         if requested not in (AUTO, trt):

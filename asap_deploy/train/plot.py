@@ -9,8 +9,9 @@ from ..io import atomic_path
 
 def plot_losses(history: list[dict[str, float]], path: str | Path) -> Path:
     """Generator losses on the left, discriminator losses on the right, against the step."""
-    import matplotlib
+    from ..errors import require_module
 
+    matplotlib = require_module("matplotlib", "the loss curve (loss_curve.png)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
