@@ -136,42 +136,177 @@ def _checkpoint_arg(option: str, path: Optional[Path], folder_ok: bool = False, 
 @app.command()
 @cli_errors
 def inspect(
-    checkpoint: Path = typer.Argument(..., help="Our checkpoint (.pt) or the authors' latest_net_G.pth."),
+    path: Path = typer.Argument(..., metavar="PATH", help="A checkpoint (our .pt or the authors' latest_net_G.pth), "
+                                "a bundle folder (manifest.json), any ONNX file, a TensorRT engine (with its .json "
+                                "sidecar) or a compiled kernel folder (index.json)."),
     preset: Optional[str] = preset_option(),
-    config: Optional[Path] = config_option(),
+    config: Optional[Path] = config_option(" Checkpoints only."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Engines: the bundle folder they were built from, "
+                                          "when it is not the engine's folder (to check the source ONNX)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Print a checkpoint's (inferred) config, parameter counts per stream and label set."""
-    from asap_deploy.checkpoints import load_generator
+    """Show what an artifact holds (like polygraphy inspect model): a checkpoint's config and parameters; a bundle's
+    manifest and each file verified (ok / mismatch / missing); an ONNX file's opset, I/O, custom nodes, op histogram
+    and weights; an engine's sidecar (TensorRT, SMs, precision, profile, plugin) and whether its source ONNX still
+    matches; a kernel folder's kernels, each verified. Reports damage instead of refusing; runs no code from a file
+    and never deserializes an engine (no TensorRT needed)."""
+    from asap_deploy.app.inspect import inspect_path
 
-    _checkpoint_arg("CHECKPOINT", checkpoint)
     given = _load_config(preset, config)  # also refuses --preset with --config
-    model, ck = load_generator(checkpoint, None if preset else given, preset=preset)
-    cfg = ck.config
-    n_lr = sum(v.numel() for v in model.lowres_stream.state_dict().values())
-    dontcare = {True: "yes (id 255 -> last channel)", False: "no",
-                None: "unknown: the checkpoint cannot tell; id 255 maps to the last channel"}[cfg.contain_dontcare_label]
-    info = {
-        "file": str(ck.path), "format": ck.kind, "config_source": ck.config_source,
-        "config": cfg.to_dict(), "derived": cfg.describe(),
-        "parameters": {"lowres_stream": n_lr, "pixelwise_stream": 0,
-                       "predicted_per_tile": cfg.num_params},
-        "labels": {"ids": f"0..{cfg.n_label_channels - 1}", "dontcare": dontcare,
-                   "instance_edges": cfg.instance_edges},
-    }
+    info = inspect_path(path, config=None if preset else given, preset=preset, bundle=bundle)
     if as_json:
         console.print_json(json.dumps(info))
         return
-    table = Table(title=f"{checkpoint.name} ({ck.kind}, config {ck.config_source})", show_header=False)
-    for k, v in cfg.to_dict().items():
+    {"checkpoint": _print_checkpoint, "bundle": _print_bundle, "onnx": _print_onnx, "engine": _print_engine,
+     "kernels": _print_kernels}[info["kind"]](path, info)
+
+
+# ---- asap inspect: one printer per artifact kind (values from files are shown as text, never as markup) ----
+_STATUS_COLOUR = {"ok": "green", "unknown": "yellow", "unlisted": "yellow", "missing": "red", "mismatch": "red",
+                  "refused": "red", "invalid": "red", "damaged": "red"}
+
+
+def _text(value, style: str = ""):
+    from rich.text import Text
+
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(str(v) for v in value)
+    elif isinstance(value, dict):
+        value = ", ".join(f"{k} {v}" for k, v in value.items())
+    return Text("-" if value is None else str(value), style=style)
+
+
+def _status(value):
+    return _text(value, f"bold {_STATUS_COLOUR.get(str(value), 'red')}")
+
+
+def _kv_table(title: str, rows) -> Table:
+    table = Table(title=_text(title), show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")
+    for k, v in rows:
+        table.add_row(_text(k), _text(v) if not hasattr(v, "__rich_console__") else v)
+    return table
+
+
+def _shape(shape) -> str:
+    return "?" if shape is None else "x".join(str(d) for d in shape) or "scalar"
+
+
+def _print_checkpoint(path: Path, info: dict) -> None:
+    table = Table(title=f"{path.name} ({info['format']}, config {info['config_source']})", show_header=False)
+    for k, v in info["config"].items():
         table.add_row(k, str(v))
-    for k, v in cfg.describe().items():
+    for k, v in info["derived"].items():
         table.add_row(f"[dim]{k}[/]", str(v))
+    n_lr = info["parameters"]["lowres_stream"]
     table.add_row("low-res stream parameters", f"{n_lr:,} ({n_lr * 4 / 2**20:.1f} MiB fp32)")
     table.add_row("pixelwise stream parameters", "0 (all predicted per tile)")
     table.add_row("label ids", info["labels"]["ids"])
-    table.add_row("don't care", dontcare)
+    table.add_row("don't care", info["labels"]["dontcare"])
     console.print(table)
+
+
+def _print_bundle(path: Path, info: dict) -> None:
+    labels, op = info["labels"], info["custom_op"]
+    rows = [("schema", info["schema"]), *info["config"].items(), ("S (tile size)", info["S"]),
+            ("label ids", f"{labels.get('ids')} ({labels.get('dtype')}), don't care id {labels.get('dontcare_id')}"),
+            ("precisions", info["precisions"]),
+            ("custom op", f"{op.get('domain')}::{op.get('op_type')}"), ("opset", info["opset"]),
+            ("source", info["source"]), ("versions", info["versions"])]
+    rows += [(f"graph {g}", "; ".join(f"{'in' if k == 'inputs' else 'out'} {t.get('name')} {t.get('dtype')} "
+                                      f"{_shape(t.get('shape'))}" for k in ("inputs", "outputs") for t in io.get(k, [])))
+             for g, io in info["graphs"].items()]
+    console.print(_kv_table(f"{info['path']} (bundle)", rows))
+    files = Table(title="files against manifest.json")
+    for col in ("file", "bytes", "sha256", "status", "detail"):
+        files.add_column(col, overflow="fold")
+    for r in info["files"]:
+        files.add_row(_text(r["file"]), _text(r["bytes"]), _text(str(r["sha256"])[:16] + "..."), _status(r["status"]),
+                      _text(r.get("detail", "")))
+    console.print(files)
+    if info["other_files"]:
+        console.print(_text("not in the manifest: " + ", ".join(info["other_files"])))
+    bad = {k: v for k, v in info["status_counts"].items() if k != "ok"}
+    console.print(_text("VERIFIED: every file matches the manifest" if info["verified"] else
+                        "NOT VERIFIED: " + ", ".join(f"{v} {k}" for k, v in bad.items()),
+                        "bold green" if info["verified"] else "bold red"))
+
+
+def _print_onnx(path: Path, info: dict) -> None:
+    inits = info["initializers"]
+    rows = [("bytes", f"{info['bytes']:,}"), ("sha256", info["sha256"]), ("ir_version", info["ir_version"]),
+            ("producer", info["producer"] or "-"), ("opset", ", ".join(f"{d} {v}" for d, v in info["opset"].items())),
+            ("nodes", f"{info['nodes']} ({info['subgraphs']} subgraphs)"),
+            ("initializers", f"{inits['count']}, {inits['bytes']:,} bytes ("
+             + ", ".join(f"{d} {b:,}" for d, b in inits["bytes_by_dtype"].items()) + ")"),
+            ("external data", f"{len(info['external_data'])} tensor(s) (not read)" if info["external_data"] else "none")]
+    if "bundle" in info:
+        rows.append(("in bundle", _status(info["bundle"]["status"])))
+    rows += [(f"metadata {k}", v) for k, v in info["metadata"].items()]
+    console.print(_kv_table(f"{info['file']} (ONNX)", rows))
+    io = Table(title="inputs and outputs")
+    for col in ("", "name", "dtype", "shape"):
+        io.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            io.add_row(kind[:-1], _text(t["name"]), _text(t["dtype"]), _text(_shape(t["shape"])))
+    console.print(io)
+    if info["custom_nodes"]:
+        custom = Table(title="custom nodes")
+        for col in ("op", "count", "function body", "attributes"):
+            custom.add_column(col, overflow="fold")
+        for c in info["custom_nodes"]:
+            custom.add_row(_text(f"{c['domain']}::{c['op_type']}"), _text(c["count"]),
+                           _text("yes" if c["function_body"] else "no"),
+                           _text(", ".join(f"{k}={v}" for k, v in c["attributes"].items())))
+        console.print(custom)
+    for f in info["functions"]:
+        console.print(_text(f"function {f['domain']}::{f['name']}: {f['nodes']} nodes"))
+    console.print(_text("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items())))
+
+
+def _print_engine(path: Path, info: dict) -> None:
+    rows = [("bytes", f"{info['bytes']:,}"), ("sha256", info["sha256"]), ("sidecar", _status(info["sidecar"]))]
+    if info["sidecar"] != "ok":
+        rows.append(("detail", info.get("detail")))
+        console.print(_kv_table(f"{info['file']} (engine)", rows))
+        return
+    t, pl, src = info["tensorrt"], info["plugin"], info["source_onnx"]
+    prof = info["profile"].get("labels_NHW", {}) if isinstance(info["profile"], dict) else {}
+    rows += [("engine vs sidecar", _status(info["engine_matches_sidecar"])),
+             ("graph / precision", f"{info['graph']} / {info['precision']}"
+              + (f" ({info['fp16_method']})" if info.get("fp16_method") else "")),
+             ("TensorRT", f"{t['module']} {t['version']} ({t['flavor']})"),
+             ("targets", ", ".join(f"sm_{s}" for s in info["targets"]["sm"] or [])
+              + (f" ({info['targets']['gpu']})" if info["targets"].get("gpu") else "")),
+             ("profile labels NxHxW", "; ".join(f"{k} {_shape(prof.get(k))}" for k in ("min", "opt", "max")) if prof else "-"),
+             ("plugin", "none" if pl is None else f"{pl['name']} v{pl['version']}"
+              + ("" if pl["current"] else f" (this asap-deploy has v{pl['this_asap_version']}: rebuild)")
+              + f", kernels for {pl['kernel_archs']}, Triton {pl['triton_version']}"),
+             ("source ONNX", f"{src.get('file')} sha256 {str(src.get('sha256'))[:16]}..."),
+             ("source still matches", _status(src["status"])),
+             ("", src.get("detail")),
+             ("built from bundle", info["built_from"]["bundle_path"])]
+    console.print(_kv_table(f"{info['file']} (engine)", [r for r in rows if r[0] or r[1]]))
+
+
+def _print_kernels(path: Path, info: dict) -> None:
+    if info["index"] != "ok":
+        console.print(_text(f"{info['path']}: {info['detail']}", "bold yellow"))
+        return
+    table = Table(title=_text(f"{info['path']} (kernels, Triton {info['triton_version']}; here {info['triton_here']})"))
+    for col in ("arch", "kernel", "variant", "shared B", "warps", "cubin B", "status", "detail"):
+        table.add_column(col, overflow="fold")
+    for k in info["kernels"]:
+        what = (f"S={k.get('S')} params {k.get('params_dtype')} out {k.get('out_dtype')}" if k["kind"] == "spatial_mlp"
+                else f"{k.get('src_dtype')} -> {k.get('dst_dtype')}")
+        table.add_row(_text(k["arch"]), _text(k.get("kernel_name", k["kind"])), _text(what), _text(k.get("shared")),
+                      _text(k.get("num_warps")), _text(k.get("cubin_bytes")), _status(k["status"]),
+                      _text(k.get("detail", "")))
+    console.print(table)
+    console.print(_text("VERIFIED: every kernel matches its hashes" if info["verified"] else "NOT VERIFIED",
+                        "bold green" if info["verified"] else "bold red"))
 
 
 @app.command()

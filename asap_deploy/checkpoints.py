@@ -14,6 +14,7 @@ import io
 import os
 import pickle
 import pickletools
+import re
 import struct
 import warnings
 import zipfile
@@ -82,16 +83,34 @@ class LoadedCheckpoint:
     path: Path
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# torch's load errors advise re-running torch.load with weights_only=False or allow-listing the
+# global the file names: both would run code from an untrusted file, so no sentence of that advice
+# (nor the pointers to it) is ever passed on; torch's finding itself is.
+_TORCH_ADVICE = re.compile(r"weights.only|safe_globals|allowlist|trust|file an issue|documentation of torch\.load|"
+                           r"two options|PyTorch 2\.6", re.IGNORECASE)
+
+
+def torch_message(exc: BaseException, limit: int = 300) -> str:
+    """What torch found in a file, from its exception text, without torch's advice to load the
+    file unsafely (`weights_only=False`, add_safe_globals); one line of at most `limit` characters."""
+    text = _ANSI.sub("", str(exc))
+    parts = (p.strip() for p in re.split(r"(?<=[.:])\s+|\n+", text))
+    kept = " ".join(p for p in parts if p and not _TORCH_ADVICE.search(p))
+    kept = " ".join(kept.split())
+    return (kept[:limit - 3] + "..." if len(kept) > limit else kept) or type(exc).__name__
+
+
 def _refused_unpickling(path: Path, exc: BaseException) -> CheckpointError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return CheckpointError(
         f"{path}: refused to load: the file is not a plain weights file (it would need to run code "
-        f"or is corrupt). Only tensors and plain containers are accepted. Details: {first}"
+        f"or is corrupt). Only tensors and plain containers are accepted. Details: {torch_message(exc)}"
     )
 
 
-def _corrupt(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {what}")
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                           f"{type(exc).__name__}: {torch_message(exc)}")
 
 
 def read_state(path: str | os.PathLike) -> Any:
@@ -108,7 +127,7 @@ def read_state(path: str | os.PathLike) -> Any:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
             # damaged bytes reach torch's weights-only unpickler as broken opcodes/arguments:
             LookupError, TypeError, AttributeError, OverflowError, struct.error) as exc:
-        raise _corrupt(path, f"{type(exc).__name__}: {exc}") from exc
+        raise _corrupt(path, exc) from exc
     check_tensors(obj, path, loaded=True)  # the same rules on what torch built (and no view beyond its storage)
     return obj
 
@@ -146,7 +165,7 @@ def prescan(path: str | os.PathLike) -> None:
     except pickle.UnpicklingError as exc:
         raise _refused_unpickling(path, exc) from exc
     except Exception as exc:  # noqa: BLE001 - damaged bytes fail in many ways; only torch's restricted unpickler ran
-        raise _corrupt(path, f"{type(exc).__name__}: {exc}") from exc
+        raise _corrupt(path, exc) from exc
     check_tensors(obj, path)
 
 

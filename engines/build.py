@@ -364,6 +364,17 @@ def _targets(trt, flavor: str, archs: Sequence[int] | None) -> dict[str, Any]:
     return {"kind": "gpu", "sm": [cc], "gpu": name, "built_on_gpu": True}
 
 
+def check_targets(flavor: str, archs: Sequence[int] | None = None) -> dict[str, Any]:
+    """The targets a build of `flavor` for `archs` gets, checked before there is a bundle to build
+    from (`asap export --engine`): TrtUnavailable naming the extra to install (or the GPU full
+    TensorRT needs), UsageError for an architecture the flavour cannot target. Creates no TensorRT
+    object."""
+    from asap_deploy.plugins import trt_compat
+
+    flavor = trt_compat.check_flavor(flavor)
+    return _targets(trt_compat.import_trt(flavor), flavor, archs)
+
+
 def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None] | None = None) -> list[BuiltEngine]:
     """Build the engines of `options.stage` for a loaded (hash-checked) bundle."""
     import time

@@ -523,7 +523,7 @@ def parse_graph(data: bytes, f: Path):
         raise BundleError(f"{f}: not a readable ONNX file ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 
-def _all_tensors(model):
+def all_tensors(model):
     """(where, TensorProto) of every tensor a model holds: initializers, sparse initializers and
     tensor attributes of every node, in subgraphs and model-local functions too."""
     pending_graphs, pending_nodes = [model.graph], [(f"function {fn.name}", n) for fn in model.functions
@@ -558,7 +558,7 @@ def check_no_external_data(model, f: Path) -> None:
     """BundleError if any tensor of `model` keeps its data in another file: asap export writes every
     weight inside the graph file, and a location written in the file (resolved against the model's
     folder or the current directory by onnx and ONNX Runtime) could name any file on the machine."""
-    for where, t in _all_tensors(model):
+    for where, t in all_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
             loc = {e.key: e.value for e in t.external_data}.get("location", "?")
             raise BundleError(f"{f}: {where} keeps its data in an external file ({loc[:120]!r}); a bundle "

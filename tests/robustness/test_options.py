@@ -296,7 +296,7 @@ def test_config_fifo_is_refused_not_waited_on(tmp_path, checkpoint, fifo):
 
 def test_checkpoint_fifo_is_refused_not_waited_on(tmp_path, fifo):
     r = run_sub(["inspect", fifo])
-    sub_error(r, CheckpointError.exit_code, "CHECKPOINT", str(fifo), "not a regular file")
+    sub_error(r, CheckpointError.exit_code, "PATH", str(fifo), "not a regular file")
 
 
 def test_infer_model_fifo_is_refused_not_waited_on(tmp_path, good_map, fifo):
