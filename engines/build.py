@@ -217,13 +217,21 @@ def sidecar_path(engine_path: Path) -> Path:
     return Path(str(engine_path) + ".json")
 
 
+MAX_SIDECAR_BYTES = 16 << 20  # a sidecar is a few kB
+
+
 def read_sidecar(engine_path: Path) -> dict:
+    """The sidecar of `engine_path`, checked for schema and field types (EngineError naming it
+    otherwise). Untrusted: read only from a regular file of at most MAX_SIDECAR_BYTES (a FIFO or
+    device is refused, never waited on)."""
+    engine_path = Path(engine_path)
     p = sidecar_path(engine_path)
+    if not os.path.lexists(p):
+        raise EngineError(f"{p}: missing: {engine_path.name} has no sidecar; rebuild it with `asap build-engine`")
+    raw = read_regular_file(p, "engine sidecar", MAX_SIDECAR_BYTES, error=EngineError)
     try:
-        sc = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise EngineError(f"{p}: missing: {engine_path.name} has no sidecar; rebuild it with `asap build-engine`") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        sc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise EngineError(f"{p}: unreadable sidecar ({exc}); rebuild the engine with `asap build-engine`") from exc
     if not isinstance(sc, dict) or sc.get("schema") != SIDECAR_SCHEMA or sc.get("schema_version") != SIDECAR_VERSION:
         raise EngineError(f"{p}: not an asap-deploy engine sidecar of version {SIDECAR_VERSION}; "
