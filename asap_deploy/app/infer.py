@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -132,6 +132,7 @@ class InferOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     precision: str = "fp32"
     overwrite: bool = False  # False: an existing output file fails that input (the others go on)
+    skip_existing: bool = False  # an output asap wrote is kept and its input skipped (resume a batch)
     cpu_threads: int | None = None  # torch / ONNX Runtime threads (None: all cores; on Ray: per actor)
 
 
@@ -143,6 +144,7 @@ class FileResult:
     note: str | None = None
     size: tuple[int, int] | None = None  # (H, W) of the input
     out_size: tuple[int, int] | None = None
+    skipped: bool = False  # --skip-existing: its output, written by asap, was already there
 
     @property
     def ok(self) -> bool:
@@ -164,7 +166,11 @@ class InferSummary:
 
     @property
     def written(self) -> list[FileResult]:
-        return [r for r in self.results if r.ok]
+        return [r for r in self.results if r.ok and not r.skipped]
+
+    @property
+    def skipped_files(self) -> list[FileResult]:
+        return [r for r in self.results if r.ok and r.skipped]
 
     @property
     def images_per_s(self) -> float:
@@ -173,13 +179,19 @@ class InferSummary:
     def to_dict(self) -> dict:
         return {"backend": self.backend, "reason": self.reason, "skipped": self.skipped, "seconds": self.seconds,
                 "images_per_s": self.images_per_s, "stopped_early": self.stopped_early,
+                "written": len(self.written), "skipped_existing": len(self.skipped_files), "failed": len(self.failed),
                 "files": [{"input": str(r.input), "output": str(r.output) if r.output else None, "error": r.error,
-                           "note": r.note} for r in self.results]}
+                           "note": r.note, "skipped": r.skipped} for r in self.results]}
 
 
-def check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path) -> list[Path]:
     """Create the output folder, or OutputError (the whole run stops before any work) if it cannot
-    be created or written."""
+    be created or written. The folders this call created, deepest first (see `remove_if_empty`)."""
+    created = []
+    for p in (out_dir, *out_dir.parents):
+        if os.path.lexists(p):
+            break
+        created.append(p)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -188,6 +200,17 @@ def check_out_dir(out_dir: Path) -> None:
         raise OutputError(f"{out_dir}: exists and is not a folder")
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise OutputError(f"{out_dir}: the output folder is not writable")
+    return created
+
+
+def remove_if_empty(created: Sequence[Path]) -> None:
+    """A run that wrote nothing leaves no output folder behind: remove the folders `check_out_dir`
+    created while they are empty (rmdir refuses a folder that is not, so nothing else is lost)."""
+    for p in created:
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 def output_path(out_dir: Path, label: Path) -> Path:
@@ -245,20 +268,26 @@ def check_outputs_are_not_inputs(paths: Sequence[Path], out_dir: Path, protected
                           "choose another output folder (-o): an output never replaces an input, even with --overwrite")
 
 
-def check_output_file(out: Path, label: Path, overwrite: bool, protected: dict[tuple[int, int], Path]) -> None:
+def check_output_file(out: Path, label: Path, overwrite: bool, protected: dict[tuple[int, int], Path],
+                      skip_existing: bool = False) -> bool:
     """InputError (this input fails, the others go on) unless writing `out` loses nothing: absent,
-    or --overwrite and a PNG asap wrote (is_our_png); never an input."""
+    or --overwrite and a PNG asap wrote (is_our_png); never an input. True (nothing to do) when
+    `skip_existing` and `out` is a PNG asap wrote: a finished output of an earlier run."""
     if not os.path.lexists(out):
-        return
+        return False
     ident = file_identity(out)
     if ident in protected:
         raise InputError(f"{label}: its output {out} would replace the input {protected[ident]}; choose another "
                          "output folder (-o)")
-    if not overwrite:
-        raise InputError(f"{label}: its output {out} already exists; pass --overwrite to replace it")
+    if not overwrite and not skip_existing:
+        raise InputError(f"{label}: its output {out} already exists; pass --skip-existing to keep it (resume) or "
+                         "--overwrite to replace it")
+    if is_our_png(out) and skip_existing:
+        return True
     if not is_our_png(out):
         raise InputError(f"{label}: its output {out} exists and was not written by asap (a symlink, a folder or "
                          "a file without asap's PNG signature); refusing to replace it: move it or choose another -o")
+    return False
 
 
 def _write(path: Path, img: np.ndarray) -> None:
@@ -269,59 +298,88 @@ def _write(path: Path, img: np.ndarray) -> None:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
 
-def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOptions, backend: str = "auto",
-          progress: Callable[[int, int, FileResult], None] | None = None, engine=None,
-          choice: Choice | None = None) -> InferSummary:
-    """Run `asap infer`. `engine` (with `choice`) reuses an open Engine (the demo calls this in a loop)."""
-    from .scale import ScaledRenderer, check_scale, check_scaled_output, scaled_size
+def check_skip_existing(opts: InferOptions) -> None:
+    if opts.skip_existing and opts.overwrite:
+        raise UsageError("--skip-existing keeps existing outputs and --overwrite replaces them: give one of them")
 
-    opts = options
+
+def _check_options(opts: InferOptions) -> float | None:
+    """UsageError for a bad option, before any input is looked at; the --scale factor (or None)."""
+    from .scale import check_scale
+
     if opts.batch_size < 1:
         raise UsageError(f"--batch must be >= 1 (got {opts.batch_size})")
     if opts.max_pixels < 1:
         raise UsageError(f"--max-pixels must be >= 1 (got {opts.max_pixels})")
+    check_skip_existing(opts)
     check_threads(opts.cpu_threads)
     scale = check_scale(opts.scale, opts.max_pixels) if opts.scale is not None else None
     if opts.hires_labels is not None and scale is None:
         raise UsageError("--hires-labels needs --scale K (the high-resolution maps are K times the input size)")
-    paths, problems = discover_inputs(inputs)
-    if not paths and not problems:
-        raise UsageError("no inputs given")
-    out_dir = Path(opts.out_dir)
-    protected = input_identities(paths, source, opts)
-    check_outputs_are_not_inputs(paths, out_dir, protected)
-    check_out_dir(out_dir)
-    if engine is None:
-        choice = choose_backend(backend, source, opts.precision, scale)
-        engine, bundle = open_engine(choice, source, opts.precision, opts.cpu_threads)
-    else:
-        bundle = getattr(engine, "bundle", None)
-        choice = choice or Choice(engine.name, "engine given by the caller")
-    cfg: ModelConfig = engine.config
-    S = cfg.S  # noqa: N806
-    palette = load_palette(opts.palette, cfg, bundle.manifest if bundle is not None else None)
-    renderer = ScaledRenderer(engine) if scale is not None and scale != 1 else None
+    return scale
 
-    t0 = time.perf_counter()
-    results: list[FileResult] = []
-    total = len(paths) + len(problems)
-    done = [0]
-    stopped = [False]
 
-    def finish(r: FileResult) -> None:
-        results.append(r)
-        done[0] += 1
-        if progress:
-            progress(done[0], total, r)
-        if not r.ok and opts.fail_fast:
-            stopped[0] = True
+@dataclass
+class _Run:
+    """What every step of one run reads: the options, the open engine and what follows from it."""
 
-    for spec, msg in problems:
-        finish(FileResult(Path(spec), error=msg))
-        if stopped[0]:
-            return InferSummary(results, choice.backend, choice.reason, choice.skipped, time.perf_counter() - t0, True)
+    opts: InferOptions
+    out_dir: Path
+    protected: dict[tuple[int, int], Path]
+    engine: object
+    choice: Choice
+    palette: Palette
+    scale: float | None
+    renderer: object | None  # a ScaledRenderer when --scale is not 1
 
-    # pass 1: headers -> groups of the same padded size; output names
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.engine.config
+
+
+@dataclass
+class _Tally:
+    """Results in the order they were settled, the progress callback, and --fail-fast's stop."""
+
+    total: int
+    fail_fast: bool
+    progress: Callable[[int, int, FileResult], None] | None
+    results: list[FileResult] = field(default_factory=list)
+    stopped: bool = False
+    t0: float = field(default_factory=time.perf_counter)
+
+    def finish(self, r: FileResult) -> None:
+        self.results.append(r)
+        if self.progress:
+            self.progress(len(self.results), self.total, r)
+        if not r.ok and self.fail_fast:
+            self.stopped = True
+
+    def fail(self, r: FileResult, message: str) -> None:
+        r.error, r.output = message, None
+        self.finish(r)
+
+    def summary(self, choice: Choice) -> InferSummary:
+        return InferSummary(self.results, choice.backend, choice.reason, choice.skipped,
+                            time.perf_counter() - self.t0, self.stopped)
+
+
+@dataclass
+class _Decoded:
+    """One input of a batch, decoded and validated: ids and instances padded to whole tiles."""
+
+    result: FileResult
+    labels: np.ndarray
+    instances: np.ndarray | None
+    hires: np.ndarray | None
+
+
+def _plan_outputs(paths: Sequence[Path], run: _Run, tally: _Tally) -> dict[tuple[int, int], list[FileResult]]:
+    """Pass 1, headers only: each input's size and output file (one owner per output, never an input);
+    the inputs that pass, grouped by padded size. A failing input is settled here."""
+    from .scale import check_scaled_output
+
+    opts = run.opts
     groups: dict[tuple[int, int], list[FileResult]] = {}
     owners: dict[Path, Path] = {}
     for p in paths:
@@ -331,109 +389,183 @@ def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOpt
             w, h = im.size
             im.close()
             r.size = (h, w)
-            if scale is not None:  # the output's size, from the header, before anything is decoded
-                check_scaled_output(p, h, w, scale, opts.max_pixels, opts.side_by_side)
-            r.output = output_path(out_dir, p)
+            if run.scale is not None:  # the output's size, from the header, before anything is decoded
+                check_scaled_output(p, h, w, run.scale, opts.max_pixels, opts.side_by_side)
+            r.output = output_path(run.out_dir, p)
             if r.output in owners:
                 raise InputError(f"{p}: its output {r.output} would overwrite the output of {owners[r.output]} "
                                  "(same file name); rename one of them")
-            check_output_file(r.output, p, opts.overwrite, protected)
+            done = check_output_file(r.output, p, opts.overwrite, run.protected, opts.skip_existing)
             owners[r.output] = p
         except AsapError as exc:
-            r.error, r.output = exc.message, None
-            finish(r)
-            if stopped[0]:
+            tally.fail(r, exc.message)
+            if tally.stopped:
                 break
             continue
-        groups.setdefault(cfg.padded_size(h, w), []).append(r)
+        if done:
+            r.skipped, r.note = True, "skipped: its output exists (written by asap; --skip-existing)"
+            tally.finish(r)
+            continue
+        groups.setdefault(run.cfg.padded_size(h, w), []).append(r)
+    return groups
 
-    # pass 2: per batch of the same padded size: decode, run, crop, write
-    for (ph, pw), members in groups.items():
-        if stopped[0]:
-            break
-        for i in range(0, len(members), opts.batch_size):
-            if stopped[0]:
+
+def _decode(r: FileResult, run: _Run) -> _Decoded:
+    """The label map of `r` with its instance map and high-resolution map (when the run takes them),
+    each checked against the label map's size; AsapError naming the file otherwise."""
+    from .scale import scaled_size
+
+    opts, cfg, scale = run.opts, run.cfg, run.scale
+    lab = decode_label_map(r.input, cfg, run.palette, opts.max_pixels)
+    inst = None
+    if cfg.instance_edges:
+        if opts.instances is None:
+            raise InputError(f"{r.input}: this model uses instance maps: pass --instances FOLDER")
+        ipath = match_by_name(r.input, Path(opts.instances), "instance map")
+        inst = read_instance_map(ipath, opts.max_pixels)
+        if inst.shape != lab.shape:
+            raise InputError(f"{r.input}: its instance map {ipath} is {inst.shape[1]}x{inst.shape[0]}, "
+                             f"the label map {lab.shape[1]}x{lab.shape[0]}")
+    hi = None
+    if opts.hires_labels is not None:
+        hpath = match_by_name(r.input, Path(opts.hires_labels), "high-resolution label map")
+        hi = decode_label_map(hpath, cfg, run.palette, opts.max_pixels)
+        want = (scaled_size(lab.shape[0], scale), scaled_size(lab.shape[1], scale))
+        if hi.shape != want:
+            raise InputError(f"{r.input}: its high-resolution label map {hpath} is {hi.shape[1]}x"
+                             f"{hi.shape[0]}; --scale {scale:g} of {lab.shape[1]}x{lab.shape[0]} "
+                             f"needs {want[1]}x{want[0]}")
+    return _Decoded(r, cfg.pad_to_tiles(lab), cfg.pad_to_tiles(inst) if inst is not None else None, hi)
+
+
+def _decode_batch(batch: Sequence[FileResult], run: _Run, tally: _Tally) -> list[_Decoded]:
+    """The inputs of `batch` that decode; each one that does not is settled with its message."""
+    decoded = []
+    for r in batch:
+        try:
+            decoded.append(_decode(r, run))
+        except AsapError as exc:
+            tally.fail(r, exc.message)
+            if tally.stopped:
                 break
-            batch = members[i:i + opts.batch_size]
-            labels, insts, hires, ok = [], [], [], []
-            for r in batch:
-                try:
-                    lab = decode_label_map(r.input, cfg, palette, opts.max_pixels)
-                    inst = None
-                    if cfg.instance_edges:
-                        if opts.instances is None:
-                            raise InputError(f"{r.input}: this model uses instance maps: pass --instances FOLDER")
-                        ipath = match_by_name(r.input, Path(opts.instances), "instance map")
-                        inst = read_instance_map(ipath, opts.max_pixels)
-                        if inst.shape != lab.shape:
-                            raise InputError(f"{r.input}: its instance map {ipath} is {inst.shape[1]}x{inst.shape[0]}, "
-                                             f"the label map {lab.shape[1]}x{lab.shape[0]}")
-                    hi = None
-                    if opts.hires_labels is not None:
-                        hpath = match_by_name(r.input, Path(opts.hires_labels), "high-resolution label map")
-                        hi = decode_label_map(hpath, cfg, palette, opts.max_pixels)
-                        want = (scaled_size(lab.shape[0], scale), scaled_size(lab.shape[1], scale))
-                        if hi.shape != want:
-                            raise InputError(f"{r.input}: its high-resolution label map {hpath} is {hi.shape[1]}x"
-                                             f"{hi.shape[0]}; --scale {scale:g} of {lab.shape[1]}x{lab.shape[0]} "
-                                             f"needs {want[1]}x{want[0]}")
-                except AsapError as exc:
-                    r.error, r.output = exc.message, None
-                    finish(r)
-                    if stopped[0]:
-                        break
-                    continue
-                labels.append(cfg.pad_to_tiles(lab))
-                insts.append(cfg.pad_to_tiles(inst) if inst is not None else None)
-                hires.append(hi)
-                ok.append(r)
-            if not ok or stopped[0]:
+    return decoded
+
+
+def _run_batch(decoded: Sequence[_Decoded], run: _Run, tally: _Tally) -> list[np.ndarray] | None:
+    """One Engine call for the batch -> an RGB image per input (cropped to its size when rendered at
+    a scale); None when the call failed for these inputs (each settled with the message)."""
+    engine, scale, renderer = run.engine, run.scale, run.renderer
+    lab_b = np.stack([d.labels for d in decoded])
+    inst_b = np.stack([d.instances for d in decoded]) if run.cfg.instance_edges else None
+    try:
+        if renderer is None:
+            return engine.run(lab_b, inst_b, ids_checked=True)
+        params = engine.predict_params(lab_b, inst_b, ids_checked=True)
+        images = []
+        for j, d in enumerate(decoded):  # sizes differ after cropping: one render per map
+            h, w = d.result.size
+            hj = d.hires[None] if d.hires is not None else None
+            images.append(to_uint8(renderer.render(params[j:j + 1], lab_b[j:j + 1], scale, h, w, hj,
+                                                   str(d.result.input), ids_checked=True))[0])
+        return images
+    except BundleError:
+        raise  # the model itself is unusable (e.g. a graph ONNX Runtime refuses): not one input's fault
+    except AsapError as exc:
+        for d in decoded:
+            tally.fail(d.result, f"{d.result.input}: {exc.message}")
+            if tally.stopped:
+                break
+        return None
+
+
+def _write_batch(decoded: Sequence[_Decoded], images, padded: tuple[int, int], run: _Run, tally: _Tally) -> None:
+    """Crop (or take the rendered image), add the side-by-side map, write each output; settle each input."""
+    opts, renderer = run.opts, run.renderer
+    ph, pw = padded
+    for j, d in enumerate(decoded):
+        if tally.stopped:
+            break
+        r = d.result
+        h, w = r.size
+        img = crop(images[j], h, w) if renderer is None else images[j]
+        notes = []
+        if (ph, pw) != (h, w):
+            notes.append(f"padded {w}x{h} -> {pw}x{ph} (reflect, multiples of S={run.cfg.S}), output cropped back")
+        if renderer is not None:
+            notes.append(f"rendered at scale {run.scale:g}: {img.shape[1]}x{img.shape[0]}")
+        if opts.side_by_side:
+            src = d.hires if d.hires is not None else crop(d.labels, h, w)
+            left = run.palette.colourise(upscale_nearest(src, img.shape[0], img.shape[1]))
+            img = np.concatenate([left, img], axis=1)
+        try:
+            # it may have appeared meanwhile
+            if check_output_file(r.output, r.input, opts.overwrite, run.protected, opts.skip_existing):
+                r.skipped, r.note = True, "skipped: its output appeared meanwhile (written by asap; --skip-existing)"
+                tally.finish(r)
                 continue
-            lab_b = np.stack(labels)
-            inst_b = np.stack(insts) if cfg.instance_edges else None
-            try:
-                if renderer is None:
-                    images = engine.run(lab_b, inst_b, ids_checked=True)
-                else:
-                    params = engine.predict_params(lab_b, inst_b, ids_checked=True)
-                    images = []
-                    for j, r in enumerate(ok):  # sizes differ after cropping: one render per map
-                        h, w = r.size
-                        hj = hires[j][None] if hires[j] is not None else None
-                        images.append(to_uint8(renderer.render(params[j:j + 1], lab_b[j:j + 1], scale, h, w, hj,
-                                                               str(r.input), ids_checked=True))[0])
-            except BundleError:
-                raise  # the model itself is unusable (e.g. a graph ONNX Runtime refuses): not one input's fault
-            except AsapError as exc:
-                for r in ok:
-                    r.error, r.output = f"{r.input}: {exc.message}", None
-                    finish(r)
-                    if stopped[0]:
-                        break
-                continue
-            for j, r in enumerate(ok):
-                if stopped[0]:
-                    break
-                h, w = r.size
-                if renderer is None:
-                    img = crop(images[j], h, w)
-                else:
-                    img = images[j]
-                notes = []
-                if (ph, pw) != (h, w):
-                    notes.append(f"padded {w}x{h} -> {pw}x{ph} (reflect, multiples of S={S}), output cropped back")
-                if renderer is not None:
-                    notes.append(f"rendered at scale {scale:g}: {img.shape[1]}x{img.shape[0]}")
-                if opts.side_by_side:
-                    src = hires[j] if hires[j] is not None else crop(labels[j], h, w)
-                    left = palette.colourise(upscale_nearest(src, img.shape[0], img.shape[1]))
-                    img = np.concatenate([left, img], axis=1)
-                try:
-                    check_output_file(r.output, r.input, opts.overwrite, protected)  # it may have appeared meanwhile
-                    _write(r.output, img)
-                    r.out_size = img.shape[:2]
-                except AsapError as exc:
-                    r.error, r.output = exc.message, None
-                r.note = "; ".join(notes) or None
-                finish(r)
-    return InferSummary(results, choice.backend, choice.reason, choice.skipped, time.perf_counter() - t0, stopped[0])
+            _write(r.output, img)
+            r.out_size = img.shape[:2]
+        except AsapError as exc:
+            r.error, r.output = exc.message, None
+        r.note = "; ".join(notes) or None
+        tally.finish(r)
+
+
+def _batches(groups: dict[tuple[int, int], list[FileResult]], size: int):
+    """(padded size, up to `size` inputs of that padded size), group by group."""
+    for padded, members in groups.items():
+        for i in range(0, len(members), size):
+            yield padded, members[i:i + size]
+
+
+def infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOptions, backend: str = "auto",
+          progress: Callable[[int, int, FileResult], None] | None = None, engine=None,
+          choice: Choice | None = None) -> InferSummary:
+    """Run `asap infer`. `engine` (with `choice`) reuses an open Engine (the demo calls this in a loop)."""
+    opts = options
+    scale = _check_options(opts)
+    paths, problems = discover_inputs(inputs)
+    if not paths and not problems:
+        raise UsageError("no inputs given")
+    out_dir = Path(opts.out_dir)
+    protected = input_identities(paths, source, opts)
+    check_outputs_are_not_inputs(paths, out_dir, protected)
+    created = check_out_dir(out_dir)
+    try:
+        return _infer(paths, problems, source, opts, backend, engine, choice, scale, out_dir, protected, progress)
+    finally:
+        remove_if_empty(created)
+
+
+def _infer(paths, problems, source: Source, opts: InferOptions, backend: str, engine, choice: Choice | None,
+           scale: float | None, out_dir: Path, protected, progress) -> InferSummary:
+    """`infer` once its output folder exists: open the engine (unless given), then the two passes."""
+    from .scale import ScaledRenderer
+
+    if engine is None:
+        choice = choose_backend(backend, source, opts.precision, scale)
+        engine, bundle = open_engine(choice, source, opts.precision, opts.cpu_threads)
+    else:
+        bundle = getattr(engine, "bundle", None)
+        choice = choice or Choice(engine.name, "engine given by the caller")
+    palette = load_palette(opts.palette, engine.config, bundle.manifest if bundle is not None else None)
+    renderer = ScaledRenderer(engine) if scale is not None and scale != 1 else None
+    run = _Run(opts, out_dir, protected, engine, choice, palette, scale, renderer)
+
+    tally = _Tally(len(paths) + len(problems), opts.fail_fast, progress)
+    for spec, msg in problems:
+        tally.finish(FileResult(Path(spec), error=msg))
+        if tally.stopped:
+            return tally.summary(choice)
+    groups = _plan_outputs(paths, run, tally)
+    # pass 2: per batch of the same padded size: decode, run, crop, write
+    for padded, batch in _batches(groups, opts.batch_size):
+        if tally.stopped:
+            break
+        decoded = _decode_batch(batch, run, tally)
+        if not decoded or tally.stopped:
+            continue
+        images = _run_batch(decoded, run, tally)
+        if images is not None:
+            _write_batch(decoded, images, padded, run, tally)
+    return tally.summary(choice)
