@@ -877,8 +877,8 @@ def _infer_verdict(summary, out_dir: Path, as_json: bool, where: str = "") -> No
 
     if as_json:
         console.print_json(json.dumps(summary.to_dict()))
-    n_ok, n_bad = len(summary.written), len(summary.failed)
-    line = (f"{n_ok} image(s) written to {out_dir}, {n_bad} failed | {summary.seconds:.2f} s | "
+    n_ok, n_skip, n_bad = len(summary.written), len(summary.skipped_files), len(summary.failed)
+    line = (f"{n_ok} image(s) written to {out_dir}, {n_skip} skipped, {n_bad} failed | {summary.seconds:.2f} s | "
             f"{summary.images_per_s:.2f} images/s | backend {summary.backend}{where}")
     if not as_json:
         console.print(f"[bold {'green' if not n_bad else 'red'}]{'PASSED' if not n_bad else 'FAILED'}[/] | {escape(line)}",
@@ -886,7 +886,7 @@ def _infer_verdict(summary, out_dir: Path, as_json: bool, where: str = "") -> No
     if summary.stopped_early:
         err_console.print("[yellow]stopped at the first failure (--fail-fast)[/]")
     if n_bad:
-        raise InputError(f"{n_bad} of {n_bad + n_ok} input(s) failed: "
+        raise InputError(f"{n_bad} of {n_bad + n_ok + n_skip} input(s) failed: "
                          + "; ".join(str(r.input) for r in summary.failed[:5]) + (" ..." if n_bad > 5 else ""))
 
 
@@ -916,6 +916,8 @@ def infer(
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first bad input."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (default: such an "
                                    "input fails and the others go on)."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Resume: skip inputs whose output asap already "
+                                       "wrote (reported as skipped; a file asap did not write still fails)."),
     max_pixels: int = typer.Option(64 * 1024 * 1024, "--max-pixels", help="Refuse label maps whose header declares "
                                    "more pixels than this, before decoding them, and outputs (--scale, "
                                    "--side-by-side) larger than this (1..1073741824; default 64 Mpx)."),
@@ -931,7 +933,8 @@ def infer(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from asap_deploy.app.infer import InferOptions, Source, check_threads, choose_backend, infer as run_infer, open_engine
+    from asap_deploy.app.infer import (InferOptions, Source, check_skip_existing, check_threads, choose_backend,
+                                       infer as run_infer, open_engine)
 
     from asap_deploy.io import sigterm_as_interrupt
 
@@ -950,7 +953,8 @@ def infer(
     source = Source(model=model, bundle=bundle_dir, engine=engine_file)
     opts = InferOptions(out_dir=out, palette=palette, instances=instances, hires_labels=hires_labels, scale=scale,
                         side_by_side=side_by_side, batch_size=batch, fail_fast=fail_fast, precision=precision,
-                        overwrite=overwrite, max_pixels=max_pixels, cpu_threads=threads)
+                        overwrite=overwrite, skip_existing=skip_existing, max_pixels=max_pixels, cpu_threads=threads)
+    check_skip_existing(opts)  # a usage error before the backend is chosen
     check_threads(threads)
     choice = choose_backend(backend, source, precision, scale)
     if not as_json:

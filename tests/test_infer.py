@@ -366,3 +366,47 @@ def test_model_checkpoint_runs_on_torch(tmp_path, bundle_dir):
     assert r.exit_code == UsageError.exit_code and "export a bundle first" in " ".join(r.output.split())
     r = runner.invoke(app, ["infer", str(src), "--engine", str(tmp_path / "nope.engine"), "-o", str(tmp_path / "o2")])
     assert r.exit_code == InputError.exit_code and "no such engine file" in " ".join(r.output.split())
+
+
+def test_skip_existing_resumes_an_interrupted_folder_run(tmp_path, bundle_dir):
+    """Issue 14, item 4: re-running a folder run keeps what asap finished (skipped, exit 0); a file
+    of the same name that asap did not write still fails its input; --overwrite with it is refused."""
+    labels, _ = random_label_maps(CFG, 4, 16, 16, seed=11)
+    for i in range(4):
+        save(tmp_path / "in" / f"m{i}.png", labels[i])
+    out = tmp_path / "out"
+    base = ["infer", str(tmp_path / "in"), "--bundle", str(bundle_dir), "-b", "onnxruntime", "-o", str(out)]
+    r = runner.invoke(app, base)
+    assert r.exit_code == 0, r.output
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "m2.png").unlink()  # the run was interrupted before m2 and m3
+    (out / "m3.png").unlink()
+    r = runner.invoke(app, base + ["--skip-existing", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = __import__("json").loads(r.output)
+    assert (summary["written"], summary["skipped_existing"], summary["failed"]) == (2, 2, 0)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # the same images, none redone twice
+    r = runner.invoke(app, base + ["--skip-existing"])
+    assert r.exit_code == 0, r.output
+    assert "0 image(s) written" in r.output and "4 skipped, 0 failed" in " ".join(r.output.split())
+    save(out / "m1.png", labels[1])  # not asap's: a label map of the same name
+    res = infer([str(tmp_path / "in")], Source(bundle=bundle_dir), InferOptions(out_dir=out, skip_existing=True),
+                "onnxruntime")
+    assert [r.input.name for r in res.failed] == ["m1.png"] and len(res.skipped_files) == 3 and not res.written
+    assert "not written by asap" in res.failed[0].error
+    r = runner.invoke(app, base + ["--skip-existing", "--overwrite"])
+    assert r.exit_code == 2 and "--skip-existing" in r.output
+
+
+def test_run_that_writes_nothing_leaves_no_output_folder(tmp_path, bundle_dir):
+    """Issue 14, item 4: a run in which no input succeeded removes the output folder it created
+    (and never one that was there before)."""
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "new" / "out"
+    r = runner.invoke(app, ["infer", str(tmp_path / "bad.png"), "--bundle", str(bundle_dir), "-o", str(out)])
+    assert r.exit_code == 5, r.output
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "there").mkdir()
+    r = runner.invoke(app, ["infer", str(tmp_path / "bad.png"), "--bundle", str(bundle_dir), "-o",
+                            str(tmp_path / "there")])
+    assert r.exit_code == 5 and (tmp_path / "there").is_dir()

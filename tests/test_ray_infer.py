@@ -113,3 +113,18 @@ def test_actor_engines_use_the_cpus_ray_reserved_for_them(bundle_dir, monkeypatc
                                                                              None))
     ri._Translator(Source(bundle=bundle_dir), InferOptions(), "onnxruntime", Choice("onnxruntime", "test"), 3)
     assert seen["threads"] == 3
+
+
+def test_ray_skip_existing(ray_local, bundle_dir, tmp_path):
+    """Issue 14, item 4 on Ray: finished outputs (asap's) are skipped and reported so; the rest written."""
+    (tmp_path / "in").mkdir()
+    for name, v in (("a", 1), ("b", 2)):
+        Image.fromarray(np.full((16, 16), v, np.uint8)).save(tmp_path / "in" / f"{name}.png")
+    opts = InferOptions(out_dir=tmp_path / "o", skip_existing=True)
+    infer([str(tmp_path / "in" / "a.png")], Source(bundle=bundle_dir), opts, "onnxruntime")
+    s = ray_infer([str(tmp_path / "in")], Source(bundle=bundle_dir), opts, "onnxruntime", RayOptions(actors=1))
+    assert [r.input.name for r in s.skipped_files] == ["a.png"] and [r.input.name for r in s.written] == ["b.png"]
+    assert not s.failed and (tmp_path / "o" / "b.png").is_file()
+    with pytest.raises(UsageError, match="--skip-existing"):
+        ray_infer([str(tmp_path / "in")], Source(bundle=bundle_dir), InferOptions(out_dir=tmp_path / "p",
+                  skip_existing=True, overwrite=True), "onnxruntime", RayOptions(actors=1))

@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 
 from ..errors import AsapError, InputError, MissingDependencyError, UsageError
 from .infer import (Choice, FileResult, InferOptions, InferSummary, Source, check_out_dir, check_outputs_are_not_inputs,
-                    choose_backend, discover_inputs, input_identities, output_path)
+                    check_skip_existing, choose_backend, discover_inputs, input_identities, output_path,
+                    remove_if_empty)
 
 
 @dataclass
@@ -89,7 +90,8 @@ class _Translator:
         except AsapError as exc:  # a failure of the whole call (e.g. output folder): every file of the batch
             rows = [FileResult(Path(p), error=f"{p}: {exc.message}") for p in paths]
         return {"input": [str(r.input) for r in rows], "output": [str(r.output) if r.output else "" for r in rows],
-                "error": [r.error or "" for r in rows], "note": [r.note or "" for r in rows]}
+                "error": [r.error or "" for r in rows], "note": [r.note or "" for r in rows],
+                "skipped": [bool(r.skipped) for r in rows]}
 
 
 def ray_infer(inputs: Sequence[str | os.PathLike], source: Source, options: InferOptions, backend: str = "auto",
@@ -102,13 +104,23 @@ def ray_infer(inputs: Sequence[str | os.PathLike], source: Source, options: Infe
         raise UsageError(f"--batch must be >= 1 (got {options.batch_size})")
     if options.fail_fast:
         raise UsageError("--fail-fast is not available with --ray (files run in parallel on many actors)")
+    check_skip_existing(options)
     choice = choose_backend(backend, source, options.precision, options.scale)
     paths, problems = discover_inputs(inputs)
     if not paths and not problems:
         raise UsageError("no inputs given")
     out_dir = Path(options.out_dir)
     check_outputs_are_not_inputs(paths, out_dir, input_identities(paths, source, options))
-    check_out_dir(out_dir)
+    created = check_out_dir(out_dir)
+    try:
+        return _ray_infer(paths, problems, source, options, backend, ropts, progress, choice, out_dir)
+    finally:
+        remove_if_empty(created)
+
+
+def _ray_infer(paths, problems, source: Source, options: InferOptions, backend: str, ropts: RayOptions, progress,
+               choice: Choice, out_dir: Path) -> InferSummary:
+    """`ray_infer` once its output folder exists."""
     t0 = time.perf_counter()
     results: list[FileResult] = [FileResult(Path(spec), error=msg) for spec, msg in problems]
     # outputs are named after the input's stem: same-name inputs would overwrite each other across actors
@@ -150,7 +162,7 @@ def ray_infer(inputs: Sequence[str | os.PathLike], source: Source, options: Infe
                 error = row["error"].replace(row["input"], str(given.get(row["input"], row["input"]))) or None
                 r = FileResult(given.get(row["input"], Path(row["input"])),
                                output=out_dir / Path(row["output"]).name if row["output"] else None,
-                               error=error, note=row["note"] or None)
+                               error=error, note=row["note"] or None, skipped=bool(row["skipped"]))
                 results.append(r)
                 if progress:
                     progress(len(results), total, r)
