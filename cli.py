@@ -317,7 +317,15 @@ def export(
                                        "not needed when CHECKPOINT is a bundle folder and --triton-repo is given."),
     preset: Optional[str] = preset_option(),
     config: Optional[Path] = config_option(),
-    fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write the *.fp16.onnx variants."),
+    fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help="Also write the *.fp16.onnx variants (the "
+                                        "default); with --engine, --fp16 also builds fp16 engines from them."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Then build TensorRT engines into the bundle and "
+                                         "validate: rtx (TensorRT-RTX, builds without a GPU) or tensorrt (full "
+                                         "TensorRT, on the GPU it targets). Prints the commands to run next."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="With --engine rtx: target architectures, e.g. "
+                                       "sm_86,sm_89 (default sm_75,sm_80,sm_86,sm_89,sm_120)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="With --engine: predictor, pixelwise, end-to-end or "
+                                        "all (default)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle folder (and --triton-repo)."),
     triton_repo: Optional[Path] = typer.Option(None, "--triton-repo", help="Also write a Triton Inference Server model "
                                                "repository here (start: tritonserver --model-repository DIR)."),
@@ -334,7 +342,9 @@ def export(
     from asap_deploy.errors import UsageError
     from asap_deploy.export.bundle import MANIFEST, export_checkpoint
     from asap_deploy.limits import MAX_BATCH, check_range
+    from asap_deploy.app.pipeline import engine_request
 
+    req = engine_request(engine, fp16=fp16 is True, arch=arch, stage=stage)  # before any work
     if triton_repo is not None:  # checked before the export, not after it
         check_range("--triton-max-batch", triton_max_batch, 1, MAX_BATCH)
         check_range("--triton-max-delay-ms", triton_delay_ms, 0.0, 10_000.0, unit="ms")
@@ -353,7 +363,7 @@ def export(
         console.print(f"Triton model repository {rep.path}: models {', '.join(rep.models)} (configs checked against "
                       f"Triton's ModelConfig); start it with: tritonserver --model-repository {rep.path}", highlight=False)
 
-    if triton_repo is not None and (checkpoint / MANIFEST).is_file():
+    if triton_repo is not None and req is None and (checkpoint / MANIFEST).is_file():
         if out is not None:
             raise UsageError(f"{checkpoint} is already a bundle: drop -o/--out (only --triton-repo is written)")
         write_repo(checkpoint)
@@ -362,8 +372,14 @@ def export(
         raise UsageError("give -o/--out BUNDLE (the folder to export to)")
     t0 = time.perf_counter()
     with console.status("exporting") as status:
-        res = export_checkpoint(checkpoint, out, config=_load_config(preset, config), preset=None, fp16=fp16,
-                                overwrite=overwrite, progress=lambda msg: status.update(msg))
+        if req is None:
+            res = export_checkpoint(checkpoint, out, config=_load_config(preset, config), preset=None,
+                                    fp16=fp16 is not False, overwrite=overwrite, progress=lambda msg: status.update(msg))
+        else:
+            pipe = _export_and_build(checkpoint, out, req, config=_load_config(preset, config),
+                                     fp16_export=fp16 is not False, overwrite=overwrite,
+                                     progress=lambda msg: status.update(msg))
+            res = pipe.export
     m = res.manifest
     table = Table(title=f"bundle {res.path} (S={m['S']}, opset {m['opset']['ai.onnx']})")
     for col in ("file", "precision", "MiB", "sha256"):
@@ -373,9 +389,63 @@ def export(
     console.print(table)
     console.print(f"config: {m['source'].get('config_source', 'given')}; labels {m['labels']['ids']}"
                   + (" + 255 (don't care)" if m["labels"]["dontcare_id"] is not None else "")
-                  + f"; exported in {time.perf_counter() - t0:.1f} s")
+                  + (f"; exported in {time.perf_counter() - t0:.1f} s" if req is None else ""))
+    if req is not None:
+        _print_pipeline(pipe, checkpoint, res.path, t0)
     if triton_repo is not None:
         write_repo(res.path)
+    if req is not None and not pipe.passed:
+        from asap_deploy.errors import ValidationFailed
+
+        raise ValidationFailed(f"{', '.join(n for n, b in pipe.validation.backends.items() if not b['passed'])} "
+                               f"outside the {req.precision} thresholds (see {pipe.validation.report_dir}/report.json); "
+                               f"the bundle and engine(s) are written")
+
+
+def _export_and_build(checkpoint: Path, out: Path, req, **kw):
+    """`asap export --engine` (asap_deploy/app/pipeline.py); TensorRT-RTX's parser library fix may
+    need a restart, which happens before any work."""
+    from asap_deploy.app.pipeline import export_and_build
+    from asap_deploy.plugins import trt_compat
+
+    try:
+        return export_and_build(checkpoint, out, req, **kw)
+    except trt_compat.RtxLibraryPathError as exc:
+        err_console.print(f"[yellow]note:[/] {exc.message}; restarting with it", highlight=False)
+        trt_compat.reexec_with_library_path(exc.folder)
+
+
+def _print_pipeline(pipe, checkpoint: Path, bundle: Path, t0: float) -> None:
+    """The engines, whether they run here, the validation verdict per backend and the next commands."""
+    import time
+
+    from rich.markup import escape
+
+    for b in pipe.engines:
+        sc = b.sidecar
+        t = sc["tensorrt"]
+        console.print(f"engine {b.path} ({sc['engine']['bytes'] / 2**20:.1f} MiB, {t['module']} {t['version']}, "
+                      f"{sc['precision']}, targets {','.join(f'sm_{s}' for s in sc['targets']['sm'])}; sidecar "
+                      f"{b.path.name}.json) built in {b.seconds:.1f} s", highlight=False)
+    console.print(f"[{'green' if pipe.engine_runnable else 'yellow'}]engine: {escape(pipe.engine_note)}[/]",
+                  highlight=False)
+    rep = pipe.validation
+    th = rep.thresholds
+    for name, b in rep.backends.items():
+        e2e, pred = b["stages"]["end_to_end"], b["stages"]["predictor"]
+        console.print(f"validation {name} vs the PyTorch fp32 reference ({rep.precision}, {pipe.samples} sample "
+                      f"batch(es)): {'[green]PASSED[/]' if b['passed'] else '[red]FAILED[/]'} | end-to-end PSNR "
+                      f"{e2e['psnr_db']:.1f} dB (>= {th['psnr_db']:g}), max {e2e['max_levels']} 8-bit level(s); "
+                      f"parameter cosine {pred['cosine']:.6f} (>= {th['params_cosine']:g})", highlight=False)
+        for f in b["failures"]:
+            err_console.print(f"[red]{name}: {escape(f)}[/]", highlight=False)
+    console.print(f"report: {rep.report_dir}", highlight=False)
+    console.print("next:", highlight=False)
+    for cmd in pipe.next_commands:
+        console.print(f"  {escape(cmd)}", highlight=False, soft_wrap=True)
+    verdict = "[bold green]PASSED[/]" if pipe.passed else "[bold red]FAILED[/]"
+    console.print(f"{verdict} | {len(pipe.engines)} engine(s) | {time.perf_counter() - t0:.1f} s | asap export "
+                  f"{checkpoint} -o {bundle} {pipe.request.options()}", highlight=False)
 
 
 @app.command()
@@ -533,6 +603,10 @@ def build_engine(
     from asap_deploy.plugins import trt_compat
     from asap_deploy.plugins.aot import parse_archs
 
+    from asap_deploy.app.pipeline import checkpoint_for_bundle
+
+    # a checkpoint where the bundle goes: say which one command exports, builds and validates it
+    checkpoint_for_bundle(bundle_dir, flavor=flavor or trt_compat.default_flavor(), fp16=fp16, arch=arch, stage=stage)
     for option, text in (("--min", min_shape), ("--opt", opt_shape), ("--max", max_shape)):
         _check_shape(option, text)
     if timing_cache is not None:

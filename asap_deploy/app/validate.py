@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import UsageError
 from ..io import derived_name
@@ -19,9 +19,11 @@ def default_report_dir(bundle_dir: Path) -> Path:
 
 def run_validate(bundle_dir: str | os.PathLike, backends: Sequence[str], *, labels: Path | None = None,
                  random: int | None = None, precision: str = "fp32", checkpoint: Path | None = None,
-                 report: Path | None = None, seed: int = 0, progress: Callable[[str], None] | None = None):
+                 report: Path | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
+                 engine_options: Mapping[str, Mapping[str, Any]] | None = None):
     """Check every argument before any work, then compare; returns (ValidationReport, backend
-    names, number of sample batches)."""
+    names, number of sample batches). `engine_options`: per backend name, the keyword arguments
+    its Engine is opened with (e.g. {"tensorrt": {"flavor": "rtx"}})."""
     from ..engines import check_backend, create_engine
     from ..engines.validate import (MAX_LABEL_MAPS, THRESHOLDS, folder_samples, random_samples, reference_engine,
                                     validate)
@@ -42,7 +44,7 @@ def run_validate(bundle_dir: str | os.PathLike, backends: Sequence[str], *, labe
     cfg = bundle.config
     samples = folder_samples(cfg, labels) if labels is not None else random_samples(cfg, random or 4, seed)
     reference = reference_engine(bundle, checkpoint)
-    engines = [create_engine(n, bundle, precision) for n in names]
+    engines = [create_engine(n, bundle, precision, **dict((engine_options or {}).get(n, {}))) for n in names]
     rep = validate(bundle, reference, engines, samples, precision, report or default_report_dir(bundle_dir),
                    progress=progress)
     return rep, names, len(samples)
