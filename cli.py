@@ -1091,8 +1091,8 @@ def bench(
     from rich.markup import escape
 
     from asap_deploy.app.bench import bench_bundle, check_source
-    from asap_deploy.engines.bench import COLUMNS, DEFAULT_BACKENDS, BenchOptions, default_backends, parse_size, \
-        run_bench, table_rows, write_reports
+    from asap_deploy.engines.bench import DEFAULT_BACKENDS, BenchOptions, default_backends, parse_size, run_bench
+    from asap_deploy.engines.bench_report import COLUMNS, table_rows, write_reports
 
     check_source(model, bundle_dir, engine_file)
     names = [b.strip() for item in backends for b in item.split(",") if b.strip()]
@@ -1110,7 +1110,7 @@ def bench(
         from asap_deploy.limits import check_output_file
 
         check_output_file("--json", json_file)
-    from asap_deploy.engines.bench import check_report_outputs
+    from asap_deploy.engines.bench_report import check_report_outputs
 
     check_report_outputs(out, json_file, overwrite, [v for v in (bundle_dir, model, engine_file) if v is not None])
     with console.status("benchmarking") as status, \
@@ -1118,7 +1118,7 @@ def bench(
         if not names:
             opts.backends = default_backends(bundle.path, precisions[0], engine_given=engine_file is not None)
         rep = run_bench(bundle, opts, progress=lambda msg: status.update(f"benchmarking {msg}"), model_info=info)
-    from asap_deploy.engines.bench import machine_text
+    from asap_deploy.engines.bench_report import machine_text
 
     table = Table(title=f"asap bench: {info['description']}")
     for col in COLUMNS:

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from asap_deploy.cli import app
 from asap_deploy.config import ModelConfig
-from asap_deploy.engines.bench import (BenchOptions, measure, parse_size, percentile, run_bench, summarize,
-                                       to_markdown, validate_report, write_reports)
+from asap_deploy.engines.bench import BenchOptions, measure, parse_size, percentile, run_bench, summarize
+from asap_deploy.engines.bench_report import to_markdown, validate_report, write_reports
 from asap_deploy.errors import UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
 from asap_deploy.random_model import random_generator

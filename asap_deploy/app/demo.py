@@ -148,7 +148,8 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
 
     # 8. bench
     emit("stage", text=f"8/{STAGES} asap bench at {bench_size}x{bench_size} (authors' forward as baseline)")
-    from ..engines.bench import BenchOptions, run_bench, write_reports
+    from ..engines.bench import BenchOptions, run_bench
+    from ..engines.bench_report import write_reports
 
     bench = run_bench(bundle, BenchOptions(sizes=[(bench_size, bench_size)], min_iters=3, min_seconds=bench_seconds, warmup_s=0.0),
                       progress=lambda msg: emit("note", text=msg))
