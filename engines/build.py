@@ -383,10 +383,47 @@ def check_targets(flavor: str, archs: Sequence[int] | None = None) -> dict[str, 
     return _targets(trt_compat.import_trt(flavor), flavor, archs)
 
 
-def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None] | None = None) -> list[BuiltEngine]:
-    """Build the engines of `options.stage` for a loaded (hash-checked) bundle."""
-    import time
+@dataclass
+class _Plan:
+    """What one `build_engines` call builds and where, settled before any TensorRT work."""
 
+    bundle: Any
+    options: BuildOptions
+    flavor: str
+    graphs: tuple[str, ...]
+    profile: Profile
+    precision: str
+    out_dir: Path
+    inputs: list[Path]  # the bundle's files: no output replaces one
+    cache_path: Path  # the timing cache (full TensorRT only)
+
+
+@dataclass
+class _Job:
+    """The plan plus what TensorRT and the bundle settle: the module, the targets, how fp16 is
+    built, and the plugin's kernels (None when no graph has the plugin)."""
+
+    plan: _Plan
+    trt: Any
+    targets: dict[str, Any]
+    src_precision: str
+    fp16_method: str | None
+    strongly_typed: bool
+    pack: Any
+
+
+@dataclass
+class _Serialized:
+    """One engine as TensorRT built it, with the facts the sidecar records."""
+
+    engine: bytes
+    plugin_layers: list[str]
+    profile_io: dict[str, dict[str, list[int]]]
+    timing_cache: bool  # a timing cache was used (and saved, when asap owns it)
+
+
+def _plan(bundle, options: BuildOptions) -> _Plan:
+    """The flavor, graphs, profile and outputs; OutputError for an output that may not be written."""
     from asap_deploy.plugins import trt_compat
 
     flavor = trt_compat.check_flavor(options.flavor)
@@ -401,12 +438,20 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
     cache_path = Path(options.timing_cache) if options.timing_cache else bundle.path / f"timing.{flavor}.cache"
     if flavor == "tensorrt":
         check_not_input(cache_path, inputs, "timing cache")
+    return _Plan(bundle, options, flavor, graphs, profile, precision, out_dir, inputs, cache_path)
+
+
+def _prepare(plan: _Plan, progress: Callable[[str], None] | None) -> _Job:
+    """Import TensorRT, check the targets, register the plugin, settle how fp16 is built and take
+    the plugin's kernels (compiled or from the kernel cache)."""
+    from asap_deploy.plugins import trt_compat
+
+    bundle, options, flavor = plan.bundle, plan.options, plan.flavor
     trt = trt_compat.import_trt(flavor)  # TrtUnavailable: what to install
     targets = _targets(trt, flavor, options.archs)  # tensorrt: GPU checked before any TensorRT object
     if flavor == "rtx":
         trt_compat.ensure_rtx_parser_lib()  # before any parse: the parser would abort the process
     from asap_deploy.plugins import tensorrt as trt_plugin
-    from asap_deploy.plugins.spec import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
     trt_plugin.register(trt)  # explicit: importing the plugin module registers nothing
     strong_only = trt_compat.strongly_typed_only(trt)
@@ -421,110 +466,176 @@ def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None]
     else:
         src_precision, fp16_method = "fp32", None
     strongly_typed = not (options.fp16 and src_precision == "fp32")
+    precision = plan.precision
     pairs = [(precision, precision)] if strongly_typed else [("fp32", "fp32"), ("fp16", "fp16")]
 
     pack = None
-    if any(g in PLUGIN_GRAPHS for g in graphs):
+    if any(g in PLUGIN_GRAPHS for g in plan.graphs):
         pack = plugin_kernels(bundle.config, targets["sm"], pairs, options.kernel_cache, progress)
+    return _Job(plan, trt, targets, src_precision, fp16_method, strongly_typed, pack)
+
+
+def _read_source(job: _Job, graph: str) -> tuple[Path, bytes, str]:
+    """The graph's ONNX (path, bytes, sha256), checked against the manifest once more."""
+    bundle = job.plan.bundle
+    src = bundle.file(graph, job.src_precision)
+    data = src.read_bytes()
+    src_sha = sha256_bytes(data)
+    if src_sha != bundle.manifest["files"][src.name]["sha256"]:
+        raise EngineError(f"{src}: changed since the bundle was loaded (sha256 differs from the manifest)")
+    return src, data, src_sha
+
+
+def _parse(job: _Job, graph: str, src: Path, data: bytes, builder, log: _Logger, progress):
+    """The network of `src` (and its parser, which must outlive it), with this build's kernels
+    attached to the plugin layers -> (network, parser, plugin layer names)."""
+    from asap_deploy.plugins import tensorrt as trt_plugin
+    from asap_deploy.plugins.spec import PLUGIN_NAME, PLUGIN_NAMESPACE
+
+    trt = job.trt
+    flags = 0
+    if job.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, log.logger)
+    if progress:
+        progress(f"parsing {src.name}")
+    uses_plugin = graph in PLUGIN_GRAPHS
+    ok = parser.parse(data, str(src))
+    if not ok:
+        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or log.errors()
+        raise EngineError(f"{src.name}: the ONNX parser failed: {'; '.join(errs) or 'no message'}")
+    plugin_layers = [network.get_layer(i).name for i in range(network.num_layers)
+                     if str(network.get_layer(i).type).endswith("PLUGIN_V3")]
+    if uses_plugin and not plugin_layers:
+        raise EngineError(f"{src.name}: the parser did not map the {PLUGIN_NAMESPACE}::{PLUGIN_NAME} node to the "
+                          f"plugin (it inlined the ONNX function instead)")
+    if uses_plugin:  # this network's plugins take this build's kernels (serialized with their fields)
+        trt_plugin.attach_kernels(trt, network, job.pack)
+    return network, parser, plugin_layers
+
+
+def _builder_config(job: _Job, builder, network):
+    """Targets, FP16 flag, the optimization profile and the timing cache -> (config, the profile per
+    input, the timing cache or None)."""
+    trt, plan = job.trt, job.plan
+    config = builder.create_builder_config()
+    if plan.flavor == "rtx":
+        config.num_compute_capabilities = len(job.targets["sm"])
+        for i, cc in enumerate(job.targets["sm"]):
+            config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{cc}"), i)
+    if not job.strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    prof = builder.create_optimization_profile()
+    profile_io = {}
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        p = plan.profile.for_input(t.name, plan.bundle.config.S, plan.bundle.config.num_params)
+        prof.set_shape(t.name, p["min"], p["opt"], p["max"])
+        profile_io[t.name] = p
+    config.add_optimization_profile(prof)
+    timing = None
+    cache_path = plan.cache_path
+    if plan.flavor == "tensorrt" and hasattr(config, "create_timing_cache"):  # TensorRT-RTX: deprecated no-ops
+        old = (read_regular_file(cache_path, "timing cache", MAX_TIMING_CACHE_BYTES, error=EngineError)
+               if os.path.lexists(cache_path) else b"")
+        timing = config.create_timing_cache(old)
+        if timing is None and old:  # an unreadable/foreign cache: start a new one
+            timing = config.create_timing_cache(b"")
+        if timing is not None:
+            config.set_timing_cache(timing, ignore_mismatch=False)
+    return config, profile_io, timing
+
+
+def _save_timing_cache(plan: _Plan, config) -> None:
+    cache_path = plan.cache_path
+    if not os.path.lexists(cache_path) or owns_file(cache_path):
+        # a timing cache asap did not write is used as given, never replaced
+        ser = config.get_timing_cache().serialize()
+        claim_files(cache_path.parent, _owner_kind(cache_path.parent, plan.bundle), [cache_path.name])
+        with atomic_path(cache_path) as tmp:
+            tmp.write_bytes(bytes(ser))
+
+
+def _serialize(job: _Job, graph: str, src: Path, data: bytes, progress) -> _Serialized:
+    """Parse and build one engine (the TensorRT objects live only here); save the timing cache."""
+    from asap_deploy.plugins.spec import PLUGIN_NAME
+
+    trt, plan = job.trt, job.plan
+    log = _Logger(trt)
+    builder = trt.Builder(log.logger)
+    network, parser, plugin_layers = _parse(job, graph, src, data, builder, log, progress)
+    config, profile_io, timing = _builder_config(job, builder, network)
+    if progress:
+        progress(f"building {engine_name(graph, plan.precision, plan.flavor)} for "
+                 f"{', '.join(f'sm_{s}' for s in job.targets['sm'])}")
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise EngineError(f"{src.name}: TensorRT could not build the engine: "
+                          f"{'; '.join(log.errors()) or 'no message (run with --debug for the log)'}")
+    engine = bytes(blob)
+    if graph in PLUGIN_GRAPHS:
+        if PLUGIN_NAME.encode() not in engine or job.pack.to_bytes() not in engine:
+            raise EngineError(f"{src.name}: the engine was built without the plugin's kernels in its fields "
+                              f"(get_fields_to_serialize failed): {'; '.join(log.errors()) or 'no message'}")
+    if timing is not None:
+        _save_timing_cache(plan, config)
+    del network, parser, builder, config  # in this order: the network before its parser and builder
+    return _Serialized(engine, plugin_layers, profile_io, timing is not None)
+
+
+def _sidecar(job: _Job, graph: str, eng_path: Path, src: Path, src_sha: str, built: _Serialized) -> dict:
+    """What the engine was built from and for (read back by read_sidecar / check_sidecar)."""
+    from asap_deploy.plugins import trt_compat
+    from asap_deploy.plugins.spec import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+    plan, pack, trt, engine = job.plan, job.pack, job.trt, built.engine
+    bundle = plan.bundle
+    return {
+        "schema": SIDECAR_SCHEMA,
+        "schema_version": SIDECAR_VERSION,
+        "engine": {"file": eng_path.name, "sha256": sha256_bytes(engine), "bytes": len(engine)},
+        "graph": graph,
+        "precision": plan.precision,
+        "fp16_method": job.fp16_method,
+        "strongly_typed": job.strongly_typed,
+        "source_onnx": {"file": src.name, "sha256": src_sha},
+        "bundle": {"path": str(bundle.path), "weights_sha256": bundle.manifest.get("source", {}).get("weights_sha256"),
+                   "S": bundle.config.S, "num_params": bundle.config.num_params},
+        "tensorrt": {"flavor": plan.flavor, "module": trt.__name__, "version": trt_compat.trt_version(trt)},
+        "targets": job.targets,
+        "plugin": ({"name": PLUGIN_NAME, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
+                    "layers": built.plugin_layers, "kernel_archs": pack.archs(),
+                    "kernel_dtypes": [list(d) for d in pack.dtypes()],
+                    "triton_version": pack.kernels[0].meta.get("triton_version"),
+                    "kernel_pack_sha256": sha256_bytes(pack.to_bytes())} if graph in PLUGIN_GRAPHS else None),
+        "profile": {"labels_NHW": plan.profile.to_dict(), "inputs": built.profile_io},
+        "io": bundle.manifest.get("graphs", {}).get(graph, {}),
+        "timing_cache": str(plan.cache_path) if built.timing_cache else None,
+    }
+
+
+def _write_engine(plan: _Plan, eng_path: Path, engine: bytes, sidecar: dict) -> None:
+    """The engine and its sidecar, each atomically, recorded in the folder's ownership marker."""
+    _check_engine_outputs(eng_path, plan.options.overwrite, plan.inputs)  # again: the folder may have changed meanwhile
+    claim_files(plan.out_dir, _owner_kind(plan.out_dir, plan.bundle), [eng_path.name, sidecar_path(eng_path).name])
+    with atomic_path(eng_path) as tmp:
+        tmp.write_bytes(engine)
+    write_json(sidecar_path(eng_path), sidecar)
+
+
+def build_engines(bundle, options: BuildOptions, progress: Callable[[str], None] | None = None) -> list[BuiltEngine]:
+    """Build the engines of `options.stage` for a loaded (hash-checked) bundle."""
+    import time
+
+    job = _prepare(_plan(bundle, options), progress)
     built = []
-    for graph in graphs:
+    for graph in job.plan.graphs:
         t0 = time.perf_counter()
-        src = bundle.file(graph, src_precision)
-        data = src.read_bytes()
-        src_sha = sha256_bytes(data)
-        if src_sha != bundle.manifest["files"][src.name]["sha256"]:
-            raise EngineError(f"{src}: changed since the bundle was loaded (sha256 differs from the manifest)")
-        log = _Logger(trt)
-        builder = trt.Builder(log.logger)
-        flags = 0
-        if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, log.logger)
-        if progress:
-            progress(f"parsing {src.name}")
-        uses_plugin = graph in PLUGIN_GRAPHS
-        ok = parser.parse(data, str(src))
-        if not ok:
-            errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or log.errors()
-            raise EngineError(f"{src.name}: the ONNX parser failed: {'; '.join(errs) or 'no message'}")
-        plugin_layers = [network.get_layer(i).name for i in range(network.num_layers)
-                         if str(network.get_layer(i).type).endswith("PLUGIN_V3")]
-        if uses_plugin and not plugin_layers:
-            raise EngineError(f"{src.name}: the parser did not map the {PLUGIN_NAMESPACE}::{PLUGIN_NAME} node to the "
-                              f"plugin (it inlined the ONNX function instead)")
-        if uses_plugin:  # this network's plugins take this build's kernels (serialized with their fields)
-            trt_plugin.attach_kernels(trt, network, pack)
-        config = builder.create_builder_config()
-        if flavor == "rtx":
-            config.num_compute_capabilities = len(targets["sm"])
-            for i, cc in enumerate(targets["sm"]):
-                config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{cc}"), i)
-        if not strongly_typed:
-            config.set_flag(trt.BuilderFlag.FP16)
-        prof = builder.create_optimization_profile()
-        profile_io = {}
-        for i in range(network.num_inputs):
-            t = network.get_input(i)
-            p = profile.for_input(t.name, S, bundle.config.num_params)
-            prof.set_shape(t.name, p["min"], p["opt"], p["max"])
-            profile_io[t.name] = p
-        config.add_optimization_profile(prof)
-        timing = None
-        if flavor == "tensorrt" and hasattr(config, "create_timing_cache"):  # TensorRT-RTX: deprecated no-ops
-            old = (read_regular_file(cache_path, "timing cache", MAX_TIMING_CACHE_BYTES, error=EngineError)
-                   if os.path.lexists(cache_path) else b"")
-            timing = config.create_timing_cache(old)
-            if timing is None and old:  # an unreadable/foreign cache: start a new one
-                timing = config.create_timing_cache(b"")
-            if timing is not None:
-                config.set_timing_cache(timing, ignore_mismatch=False)
-        if progress:
-            progress(f"building {engine_name(graph, precision, flavor)} for "
-                     f"{', '.join(f'sm_{s}' for s in targets['sm'])}")
-        blob = builder.build_serialized_network(network, config)
-        if blob is None:
-            raise EngineError(f"{src.name}: TensorRT could not build the engine: "
-                              f"{'; '.join(log.errors()) or 'no message (run with --debug for the log)'}")
-        engine = bytes(blob)
-        if uses_plugin:
-            if PLUGIN_NAME.encode() not in engine or pack.to_bytes() not in engine:
-                raise EngineError(f"{src.name}: the engine was built without the plugin's kernels in its fields "
-                                  f"(get_fields_to_serialize failed): {'; '.join(log.errors()) or 'no message'}")
-        if timing is not None and (not os.path.lexists(cache_path) or owns_file(cache_path)):
-            # a timing cache asap did not write is used as given, never replaced
-            ser = config.get_timing_cache().serialize()
-            claim_files(cache_path.parent, _owner_kind(cache_path.parent, bundle), [cache_path.name])
-            with atomic_path(cache_path) as tmp:
-                tmp.write_bytes(bytes(ser))
-        eng_path = out_dir / engine_name(graph, precision, flavor)
-        sidecar = {
-            "schema": SIDECAR_SCHEMA,
-            "schema_version": SIDECAR_VERSION,
-            "engine": {"file": eng_path.name, "sha256": sha256_bytes(engine), "bytes": len(engine)},
-            "graph": graph,
-            "precision": precision,
-            "fp16_method": fp16_method,
-            "strongly_typed": strongly_typed,
-            "source_onnx": {"file": src.name, "sha256": src_sha},
-            "bundle": {"path": str(bundle.path), "weights_sha256": bundle.manifest.get("source", {}).get("weights_sha256"),
-                       "S": S, "num_params": bundle.config.num_params},
-            "tensorrt": {"flavor": flavor, "module": trt.__name__, "version": trt_compat.trt_version(trt)},
-            "targets": targets,
-            "plugin": ({"name": PLUGIN_NAME, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
-                        "layers": plugin_layers, "kernel_archs": pack.archs(),
-                        "kernel_dtypes": [list(d) for d in pack.dtypes()],
-                        "triton_version": pack.kernels[0].meta.get("triton_version"),
-                        "kernel_pack_sha256": sha256_bytes(pack.to_bytes())} if uses_plugin else None),
-            "profile": {"labels_NHW": profile.to_dict(), "inputs": profile_io},
-            "io": bundle.manifest.get("graphs", {}).get(graph, {}),
-            "timing_cache": str(cache_path) if timing is not None else None,
-        }
-        _check_engine_outputs(eng_path, options.overwrite, inputs)  # again: the folder may have changed meanwhile
-        claim_files(out_dir, _owner_kind(out_dir, bundle), [eng_path.name, sidecar_path(eng_path).name])
-        with atomic_path(eng_path) as tmp:
-            tmp.write_bytes(engine)
-        write_json(sidecar_path(eng_path), sidecar)
+        src, data, src_sha = _read_source(job, graph)
+        engine = _serialize(job, graph, src, data, progress)
+        eng_path = job.plan.out_dir / engine_name(graph, job.plan.precision, job.plan.flavor)
+        sidecar = _sidecar(job, graph, eng_path, src, src_sha, engine)
+        _write_engine(job.plan, eng_path, engine.engine, sidecar)
         built.append(BuiltEngine(eng_path, sidecar, time.perf_counter() - t0))
-        del network, parser, builder, config
     return built
