@@ -21,10 +21,76 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from asap_deploy.engines.registry import ENGINE_NAMES  # the backends validate (and infer) accept, for --help
 from asap_deploy.errors import AsapError
+
+class _Argument(typer.core.TyperArgument):
+    """Arguments named like click's: CHECKPOINT in the usage line and the help panel, [URL] when
+    optional (not '{checkpoint}'); list types as their element (INPUTS... <str>)."""
+
+    @property
+    def display_name_raw(self) -> str:
+        return self.metavar if self.metavar is not None else self.name.upper()
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    def display_type_rich(self, ctx):
+        return _element_type(super().display_type_rich(ctx))
+
+
+class _Option(typer.core.TyperOption):
+    """Flags are plain (--fp16, not '--fp16 <bool>'); repeatable options show their element type."""
+
+    def display_type_rich(self, ctx):
+        if self.is_flag:
+            return None
+        return _element_type(super().display_type_rich(ctx))
+
+
+def _element_type(text):
+    if text and text.startswith("<list[") and text.endswith("]>"):
+        return f"<{text[6:-2]}>"
+    return text
+
+
+def _tidy(params) -> None:
+    for param in params:
+        if type(param) is typer.core.TyperArgument:
+            param.__class__ = _Argument
+        elif type(param) is typer.core.TyperOption:
+            param.__class__ = _Option
+
+
+class _Command(typer.core.TyperCommand):
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        _tidy([option] if option is not None else [])
+        return option
+
+
+class _Group(typer.core.TyperGroup):
+    """The `asap` group: its own and its commands' parameters (--help included) render as
+    _Argument / _Option in --help."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _tidy(self.params)
+        for command in self.commands.values():
+            _tidy(command.params)
+            if type(command) is typer.core.TyperCommand:
+                command.__class__ = _Command
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        _tidy([option] if option is not None else [])
+        return option
+
 
 app = typer.Typer(
     name="asap",
+    cls=_Group,
     help="Deploy ASAP-Net (label map -> photo) from PyTorch to ONNX and TensorRT, and prove the fast engine "
     "still computes the same model.",
     no_args_is_help=True,
@@ -381,7 +447,7 @@ def export(
                                      progress=lambda msg: status.update(msg))
             res = pipe.export
     m = res.manifest
-    table = Table(title=f"bundle {res.path} (S={m['S']}, opset {m['opset']['ai.onnx']})")
+    table = Table(title=f"{res.path}: S={m['S']}, opset {m['opset']['ai.onnx']}")
     for col in ("file", "precision", "MiB", "sha256"):
         table.add_column(col)
     for name, f in sorted(m["files"].items()):
@@ -452,7 +518,8 @@ def _print_pipeline(pipe, checkpoint: Path, bundle: Path, t0: float) -> None:
 @cli_errors
 def validate(
     bundle_dir: Path = typer.Argument(..., help="Bundle folder written by `asap export`."),
-    backend: list[str] = typer.Option(["onnxruntime"], "--backend", "-b", help="Backend(s) to check: onnxruntime, torch."),
+    backend: list[str] = typer.Option(["onnxruntime"], "--backend", "-b", help="Backend(s) to check (repeatable): "
+                                      f"{', '.join(ENGINE_NAMES)}."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label PNGs (+ instance maps; at most "
                                           "1000 maps, its sub-folders are not read)."),
     random: Optional[int] = typer.Option(None, "--random", help="Number of random blob label maps (1..1000, "
@@ -832,14 +899,33 @@ def train(
             bar.update(state["task"], completed=step, losses=text)
 
     on_check, stop_check = _data_check_progress() if main_proc else (None, lambda: None)
+    from asap_deploy.train.trainer import TrainingInterrupted
+
+    interrupted = None
     try:
         summary = train_run(None if (resume and cfg is None) else cfg, opts, out, data=data, label_dir=label_dir,
                             image_dir=image_dir, instance_dir=instance_dir, resume=resume, device=device,
                             on_step=on_step, on_start=on_start, threads=threads, on_check=on_check)
+    except TrainingInterrupted as exc:
+        interrupted = exc
     finally:
         stop_check()
         if bar is not None:
             bar.stop()
+    if interrupted is not None:
+        if main_proc:
+            from rich.markup import escape
+
+            again = " ".join(f"{flag} {value}" for flag, value in (
+                ("--data", data), ("--label-dir", label_dir), ("--image-dir", image_dir),
+                ("--instance-dir", instance_dir), ("--steps", steps), ("--minutes", minutes)) if value is not None)
+            if interrupted.step is None:
+                text = "interrupted before the first checkpoint: nothing was saved; start the run again"
+            else:
+                text = (f"interrupted: step {interrupted.step} is saved in {interrupted.state_path}; continue with: "
+                        f"asap train --out {out} --resume{' ' + again if again else ''}")
+            err_console.print(f"[yellow]{escape(text)}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     if main_proc:
         console.print(f"trained {summary['steps_this_run']} steps (total {summary['steps']}) in {summary['seconds']:.0f} s "
                       f"on {summary['world_size']} process(es), {summary['device']}; {summary['samples']} training pairs")

@@ -71,3 +71,41 @@ def test_errors_are_one_line_with_exit_code(tmp_path):
     assert r.exit_code == 4 and "junk.pt" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["inspect", str(bad), "--preset", "facades", "--config", str(bad)])
     assert r.exit_code == 3 and "either --preset or --config" in r.output
+
+
+def _help(*args: str) -> str:
+    r = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_help_shows_plain_flags_and_capital_argument_names():
+    """Issue 14, help text: flags without a '<bool>' type, arguments as NAME (not '{name}'), and list
+    options as their element type, in every command's --help."""
+    names = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
+    for name in names:
+        out = _help(name)
+        assert "<bool>" not in out and "list[" not in out, (name, out)
+        usage = next(line for line in out.splitlines() if "Usage:" in line)
+        assert "{" not in usage and usage.split(name, 1)[1].strip() == usage.split(name, 1)[1].strip().upper() \
+            .replace("[OPTIONS]", "[OPTIONS]"), usage
+    assert "INPUTS..." in _help("infer") and "CHECKPOINT" in _help("export")
+
+
+def test_validate_help_lists_every_backend_of_the_registry():
+    """Issue 14, item 5: --backend's help is read from the registry (tensorrt was missing)."""
+    from asap_deploy.engines.registry import ENGINE_NAMES
+
+    out = " ".join(_help("validate").replace("│", " ").split())
+    assert all(name in out for name in ENGINE_NAMES) and "tensorrt" in out
+
+
+def test_export_title_names_the_bundle_once(tmp_path, monkeypatch):
+    """Issue 14, item 5: `asap export m.pt -o bundle` printed 'bundle bundle (S=..)'."""
+    cfg = ModelConfig(label_nc=4, crop_size=64, learned_ds_factor=4, lr_width=8, lr_max_width=8, lr_depth=1)
+    torch.manual_seed(0)
+    save_generator(ASAPNetGenerator(cfg), tmp_path / "m.pt")
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["export", "m.pt", "-o", "bundle", "--no-fp16"])
+    assert r.exit_code == 0, r.output
+    assert "bundle bundle" not in r.output and "bundle: S=4, opset" in r.output

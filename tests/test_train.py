@@ -268,3 +268,32 @@ def test_train_never_replaces_a_users_files(tmp_path):
     with pytest.raises(OutputError, match="config.json: exists and was not written by asap train"):
         build_trainer(TINY, tiny_opts(steps=2), lambda c, o: ds, run, resume=True).run()
     assert (run / "config.json").read_text() == "my own notes"
+
+
+def test_ctrl_c_says_which_step_was_saved_and_how_to_resume(tmp_path, monkeypatch):
+    """Issue 14, item 5: Ctrl-C during `asap train` names the saved step and the --resume command."""
+    from typer.testing import CliRunner
+
+    from asap_deploy.cli import app
+    from asap_deploy.synthetic_dataset import make_dataset
+    from asap_deploy.train.trainer import Trainer
+
+    make_dataset(tmp_path / "data", 2, 1, 32, 3, 0)
+    real = Trainer.train_step
+
+    def step(self, *a, **kw):
+        if self.step == 3:
+            raise KeyboardInterrupt  # mid-step 4: the step-2 checkpoint is the one that counts
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "10",
+                                 "--save-every", "2"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 130, r.output
+    assert f"step 2 is saved in {out / 'train_state.pt'}" in text
+    assert f"asap train --out {out} --resume --data {tmp_path / 'data'} --steps 10" in text
+    r = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run2"),
+                                 "--steps", "10", "--save-every", "5"])
+    assert r.exit_code == 130 and "nothing was saved" in " ".join(r.output.split()), r.output

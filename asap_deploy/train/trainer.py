@@ -282,6 +282,10 @@ class Trainer:
                                   "move it or choose another --out")
 
     # ---- the loop --------------------------------------------------------------------------------
+    def _saved(self) -> None:
+        self.save()
+        self.saved_step = self.step
+
     @staticmethod
     @contextlib.contextmanager
     def _sigint_at_step_boundary():
@@ -311,6 +315,7 @@ class Trainer:
         t0 = time.monotonic()
         start = self.step
         last: dict[str, float] = {}
+        self.saved_step = start if start > 0 else None  # a resumed run starts from its saved state
         consistent = True  # False while a step or a checkpoint is half done
         if self.ctx.is_main:
             self._make_out_dir()  # an unwritable --out fails now, not at the first checkpoint
@@ -331,20 +336,30 @@ class Trainer:
                     if self.step % o.log_every == 0 or self.step == 1:
                         self.history.append({"step": self.step, **last})
                     if self.step % o.save_every == 0:
-                        self.save()
+                        self._saved()
                     consistent = True
                     if on_step is not None:
                         on_step(self.step, o.steps, last)
         except KeyboardInterrupt:
             if consistent:  # the work so far survives Ctrl-C; --resume continues from here
-                self.save()
-            raise  # else (a second Ctrl-C mid-step): the last complete checkpoint stays as it is
+                self._saved()
+            # else (a second Ctrl-C mid-step): the last complete checkpoint stays as it is
+            raise TrainingInterrupted(self.saved_step, self.out / STATE_FILE) from None
         if last and (not self.history or self.history[-1]["step"] != self.step):
             self.history.append({"step": self.step, **last})
         paths = self.save()
         elapsed = time.monotonic() - t0
         return {"steps": self.step, "steps_this_run": self.step - start, "seconds": elapsed,
                 "last_losses": last, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `Trainer.run`: `step` is the step saved in `state_path` (None: no checkpoint
+    yet, the run starts over), the one `--resume` continues from."""
+
+    def __init__(self, step: int | None, state_path: Path):
+        super().__init__(f"interrupted; saved step: {step}")
+        self.step, self.state_path = step, Path(state_path)
 
 
 def read_train_state(path: str | Path) -> dict[str, Any]:
