@@ -261,7 +261,8 @@ def validate(bundle, reference: Engine, engines: list[Engine], samples: list[Sam
                 m["failures"] = failures(stage, m, t)
                 per_backend[e.name][stage].append(m)
             row["results"][e.name] = res
-            pictures.append((smp, e.name, ref_e2e[IMAGE], got_e2e[IMAGE]))
+            row.setdefault("pictures", {})[e.name] = [picture_name(si, j, e.name) for j in range(smp.labels.shape[0])]
+            pictures.append((si, smp, e.name, ref_e2e[IMAGE], got_e2e[IMAGE]))
         sample_rows.append(row)
     backends = {}
     all_ok = True
@@ -285,18 +286,80 @@ def validate(bundle, reference: Engine, engines: list[Engine], samples: list[Sam
 
 
 # ---- the report folder -----------------------------------------------------------------------
-def comparison_grid(labels: np.ndarray, ref: np.ndarray, got: np.ndarray, cfg: ModelConfig,
-                    gain: int = 32) -> np.ndarray:
-    """One row: label map (palette) | reference | backend | |difference| x gain as a heat map."""
+LINE_PX = 16  # one header line of titled_row
+MIN_PANEL_PX = 160  # titled_row enlarges narrower panels (nearest) so that their titles fit
+
+
+def _fit_text(text: str, width: int, scale: float = 0.45) -> tuple[str, float]:
+    """`text` and a font scale at which it fits `width` pixels (shrunk, then shortened with '..')."""
     import cv2
 
+    def w(t: str, sc: float) -> int:
+        return cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, sc, 1)[0][0]
+
+    while scale > 0.32 and w(text, scale) > width - 4:
+        scale -= 0.04
+    while len(text) > 3 and w(text, scale) > width - 4:
+        text = text[:-3] + ".."
+    return text, scale
+
+
+def titled_row(panels: list[np.ndarray], titles: list[str], notes: list[str] | None = None, gap: int = 4,
+               min_width: int = MIN_PANEL_PX) -> np.ndarray:
+    """Panels of one height side by side, each under a white header with its title (and a second
+    line, its note); panels narrower than `min_width` are enlarged by a whole factor (nearest) first
+    so that a title fits. uint8 RGB."""
+    import cv2
+
+    narrowest = min(p.shape[1] for p in panels)
+    k = min(8, -(-min_width // narrowest)) if narrowest < min_width else 1
+    if k > 1:
+        panels = [np.repeat(np.repeat(p, k, 0), k, 1) for p in panels]
+    lines = 2 if notes and any(notes) else 1
+    cols = []
+    for i, panel in enumerate(panels):
+        head = np.full((4 + LINE_PX * lines, panel.shape[1], 3), 255, np.uint8)
+        for li, text in enumerate([titles[i], *([notes[i]] if lines == 2 else [])]):
+            if text:
+                t, sc = _fit_text(text, panel.shape[1])
+                cv2.putText(head, t, (2, LINE_PX * (li + 1) - 2), cv2.FONT_HERSHEY_SIMPLEX, sc,
+                            (0, 0, 0) if li == 0 else (70, 70, 70), 1, cv2.LINE_AA)
+        cols.append(np.concatenate([head, panel], 0))
+    sep = np.full((cols[0].shape[0], gap, 3), 255, np.uint8)
+    return np.concatenate([c for col in cols for c in (col, sep)][:-1], axis=1)
+
+
+def _inferno(values: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(cv2.applyColorMap(values.astype(np.uint8), cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+
+
+def comparison_grid(labels: np.ndarray, ref: np.ndarray, got: np.ndarray, cfg: ModelConfig,
+                    gain: int = 32, backend: str = "backend") -> np.ndarray:
+    """One row under a header naming each panel: label map (palette) | PyTorch reference | backend |
+    the largest per-channel |difference| in 8-bit levels x `gain` as a heat map (black: equal), with
+    its colour scale (0 .. 255/gain levels) as a bar under it."""
     from asap_deploy.palette import bundle_palette
 
     diff = np.abs(ref.astype(np.int32) - got.astype(np.int32)).max(axis=-1)
-    heat = cv2.applyColorMap(np.clip(diff * gain, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    sep = np.full((labels.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([bundle_palette(cfg).colourise(labels), sep, ref, sep, got, sep, heat], axis=1)
+    heat = _inferno(np.clip(diff * gain, 0, 255))
+    h, w = labels.shape
+    bar_h = max(3, h // 12)
+    bar = np.concatenate([np.full((2, w, 3), 255, np.uint8),
+                          np.repeat(_inferno(np.linspace(0, 255, w)[None, :]), bar_h, 0)], 0)
+    blank = np.full_like(bar, 255)
+    panels = [np.concatenate([p, b], 0) for p, b in zip(
+        (bundle_palette(cfg).colourise(labels), ref, got, heat), (blank, blank, blank, bar))]
+    top = int(diff.max()) if diff.size else 0
+    titles = ["label map", "PyTorch (reference)", backend, f"|difference| x{gain}"]
+    notes = ["", "", "", f"max {top} level{'s' if top != 1 else ''}; bar 0..{-(-255 // gain)}"]
+    return titled_row(panels, titles, notes)
+
+
+def picture_name(sample: int, map_index: int, backend: str) -> str:
+    """The report's grid for map `map_index` of sample batch `sample` (0-based): sample01_map0_onnxruntime.png."""
+    return f"sample{sample + 1:02d}_map{map_index}_{backend}.png"
 
 
 REPORT_KIND = "validation report"
@@ -311,13 +374,15 @@ def check_report_dir(out: Path, inputs=()) -> None:
 
 
 def write_report(report: ValidationReport, pictures, cfg: ModelConfig, out: Path, inputs=()) -> None:
-    """report.json + one PNG grid per (sample, map, backend), written to a temp folder then renamed."""
+    """report.json + one PNG grid per (sample, map, backend), named by picture_name (the sample rows of
+    report.json list them with their source files), written to a temp folder then renamed."""
     from asap_deploy.io import staged_dir
     from asap_deploy.io import write_png
 
     out = Path(out)
     with staged_dir(out, REPORT_KIND, inputs=inputs) as tmp:
-        for smp, name, ref, got in pictures:
+        for si, smp, name, ref, got in pictures:
             for j in range(smp.labels.shape[0]):
-                write_png(tmp / f"{smp.name}_{j}_{name}.png", comparison_grid(smp.labels[j], ref[j], got[j], cfg))
+                write_png(tmp / picture_name(si, j, name), comparison_grid(smp.labels[j], ref[j], got[j], cfg,
+                                                                           backend=name))
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +59,70 @@ def test_demo_writes_what_it_promises(tmp_path):
 
     for src in re.findall(r'(?:src|href)="([^"]+)"', page):
         assert (out / src).is_file(), src
+    check_report_page(page, out)
     assert not list(out.rglob(".*.tmp")) and not [p for p in out.rglob(".*") if p.is_file() and p.name != MARKER]
+
+
+class _Tables(HTMLParser):
+    """The tables of a page as rows of cell texts, plus the text of every <pre>."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.pres, self._cell, self._pre = [], [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr" and self.tables:
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "pre":
+            self._pre = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "pre" and self._pre is not None:
+            self.pres.append("".join(self._pre))
+            self._pre = None
+
+    def handle_data(self, data):
+        for buf in (self._cell, self._pre):
+            if buf is not None:
+                buf.append(data)
+
+
+def check_report_page(page: str, out: Path) -> None:
+    """index.html: validation as a table with its thresholds (no raw JSON), readable grid names,
+    labelled panels and a labelled scale grid."""
+    parser = _Tables()
+    parser.feed(page)
+    (table,) = [t for t in parser.tables if t and "PSNR dB" in t[0]]
+    header = table[0]
+    assert header[:2] == ["backend", "stage"] and "parameter cosine" in header and header[-1] == "result"
+    threshold = dict(zip(header, table[1]))
+    assert threshold["backend"] == "threshold"
+    assert threshold["PSNR dB"] == ">= 60.0" and threshold["max 8-bit levels"] == "<= 1"
+    assert threshold["parameter cosine"].startswith(">= 0.99999")
+    rows = {(r[0], r[1]): dict(zip(header, r)) for r in table[2:]}
+    assert set(rows) == {("onnxruntime", s) for s in ("predictor", "pixelwise", "end-to-end")}
+    assert all(r["result"] == "ok" for r in rows.values())
+    assert float(rows[("onnxruntime", "end-to-end")]["PSNR dB"]) >= 60
+    assert not any('"backends"' in p or '"stages"' in p or "{" in p for p in parser.pres)  # no JSON dump
+    assert '"stages"' not in page and "&quot;stages&quot;" not in page
+    # readable grid names, one shown on the page; labelled panels (a white header with dark text)
+    grids = sorted(p.name for p in (out / "validation").glob("*.png"))
+    assert grids and all(re.fullmatch(r"sample\d\d_map\d+_onnxruntime\.png", g) for g in grids), grids
+    assert f'src="validation/{grids[0]}"' in page
+    for name in (f"validation/{grids[0]}", "scale_grid.png"):
+        img = read_rgb(out / name)
+        head = img[:20]
+        assert (head > 200).mean() > 0.8, name  # white header band
+        dark = np.nonzero((head < 128).all(axis=-1).any(axis=0))[0]
+        quarter = img.shape[1] // 4
+        assert all(((dark >= i * quarter) & (dark < (i + 1) * quarter)).any() for i in range(4)), name  # 4 titles
 
 
 def test_demo_library_time_budget(tmp_path):

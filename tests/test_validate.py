@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -85,6 +86,45 @@ def test_validate_passes_and_writes_report(bundle_dir, tmp_path, precision):
     if precision == "fp32":
         assert stages["end_to_end"]["max_abs"] <= 1e-3 and stages["predictor"]["cosine"] > 0.99999
     assert len(list(report.glob("*_onnxruntime.png"))) == 3  # one grid per label map
+    # readable names, listed per sample in report.json next to the sample's source
+    names = sorted(p.name for p in report.glob("*.png"))
+    assert all(re.fullmatch(r"sample\d\d_map\d+_onnxruntime\.png", n) for n in names), names
+    assert sorted(n for row in data["samples"] for n in row["pictures"]["onnxruntime"]) == names
+
+
+def _header_text_columns(grid: np.ndarray, header_h: int) -> np.ndarray:
+    """Columns of the header band that hold dark (text) pixels."""
+    return np.nonzero((grid[:header_h] < 128).all(axis=-1).any(axis=0))[0]
+
+
+def test_comparison_grid_has_labelled_panels_and_a_readable_heat_map():
+    from asap_deploy.engines.validate import LINE_PX, comparison_grid
+
+    labels, _ = random_label_maps(CFG, 1, 64, 96, seed=1)
+    ref = np.random.default_rng(0).integers(0, 256, (64, 96, 3)).astype(np.uint8)
+    got = ref.copy()
+    got[10:20, 30:40] = np.clip(got[10:20, 30:40].astype(int) + 2, 0, 255).astype(np.uint8)  # 2 levels off there
+    grid = comparison_grid(labels[0], ref, got, CFG, backend="onnxruntime")
+    header_h = 4 + 2 * LINE_PX  # title + note lines
+    k = 2  # 96-px panels are enlarged x2 (at least 160 px) so that the titles fit
+    panel_w, gap = 96 * k, 4
+    assert grid.shape[1] == 4 * panel_w + 3 * gap
+    head = grid[:header_h]
+    assert (head > 200).mean() > 0.8  # a white header band ...
+    cols = _header_text_columns(grid, header_h)
+    for i in range(4):  # ... with a title over each of the four panels
+        x0 = i * (panel_w + gap)
+        assert ((cols >= x0) & (cols < x0 + panel_w)).any(), f"panel {i} has no title"
+    # the heat map panel: black where equal, bright where 2 levels differ (x32 -> 64 on the scale)
+    heat = grid[header_h:header_h + 64 * k, 3 * (panel_w + gap):]
+    assert heat[:10 * k].max() < 20
+    assert heat[10 * k:20 * k, 30 * k:40 * k].mean() > 40
+    # the colour scale bar under it runs from dark to bright
+    bar = grid[-2, 3 * (panel_w + gap):]
+    assert bar[:5].mean() < 40 and bar[-5:].mean() > 150
+    # four different titles (not one repeated stamp)
+    titles = [head[:LINE_PX, i * (panel_w + gap):i * (panel_w + gap) + panel_w] for i in range(4)]
+    assert len({t.tobytes() for t in titles}) == 4
 
 
 class NoisyEngine(OnnxRuntimeEngine):

@@ -19,8 +19,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-import json
-
 from ..io import check_replaceable, claim_files, to_uint8, write_json, write_png
 
 DEMO_SIZE = 64
@@ -158,7 +156,10 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
 
     result = {"quality": quality, "steps": trainer.step, "seconds": summary["seconds"], "bench_size": bench_size,
               "validation": {"passed": report.passed, "report": str(report.report_dir),
-                             "backends": report.to_dict().get("backends", {})},
+                             "precision": report.precision, "thresholds": report.thresholds,
+                             "backends": report.to_dict().get("backends", {}),
+                             "pictures": [n for row in report.samples for names in row.get("pictures", {}).values()
+                                          for n in names]},
               "infer": scale_runs, "bench": bench_rows(bench)}
     files.append(write_index(out, result))
     result["files"] = [str(f) for f in files]
@@ -182,14 +183,21 @@ def infer_scales(labels: list[Path], bundle_dir: Path, out: Path) -> dict[str, A
     return runs
 
 
+def scale_columns(k: int) -> list[str]:
+    """The column titles of scale_grid."""
+    return ["label map", f"scale 1, nearest x{k}", f"scale 1, bicubic x{k}", f"asap infer --scale {k}"]
+
+
 def scale_grid(labels: list[Path], infer_dir: Path, palette) -> np.ndarray:
-    """Rows: label map | scale-1 output upscaled nearest | bicubic | rendered at scale 4, all at 4x."""
+    """Under a header naming the columns, one row per map: label map | scale-1 output upscaled
+    nearest | bicubic | rendered at scale 4 (`--scale 4`), all at 4x."""
     import cv2
 
+    from ..engines.validate import titled_row
     from ..io import read_label_map, read_rgb
 
     k = SCALES[-1]
-    rows = []
+    columns: list[list[np.ndarray]] = [[], [], [], []]
     for p in labels:
         lab = read_label_map(p)
         h, w = lab.shape
@@ -198,16 +206,49 @@ def scale_grid(labels: list[Path], infer_dir: Path, palette) -> np.ndarray:
                  cv2.resize(base, (w * k, h * k), interpolation=cv2.INTER_NEAREST),
                  cv2.resize(base, (w * k, h * k), interpolation=cv2.INTER_CUBIC),
                  read_rgb(infer_dir / f"scale{k}" / p.name)]
-        gap = np.full((h * k, 4, 3), 255, np.uint8)
-        rows.append(np.concatenate([c for cell in cells for c in (cell, gap)][:-1], 1))
-    sep = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
-    return np.concatenate([c for r in rows for c in (r, sep)][:-1], 0)
+        for col, cell in zip(columns, cells):
+            if col:
+                col.append(np.full((4, cell.shape[1], 3), 255, np.uint8))
+            col.append(cell)
+    return titled_row([np.concatenate(col, 0) for col in columns], scale_columns(k))
 
 
 def bench_rows(rep: dict) -> list[dict[str, Any]]:
     """The bench report's rows, reduced to what the demo shows."""
     keep = ("backend", "stage", "status", "median_ms", "speedup_vs_authors")
     return [{k: r.get(k) for k in keep} for r in rep.get("rows", [])]
+
+
+# the validation table: (report key, column title, format, threshold key, "<=" or ">=")
+VALIDATION_COLUMNS = (
+    ("max_abs", "max abs", ".2e", "max_abs", "<="), ("mean_abs", "mean abs", ".2e", "mean_abs", "<="),
+    ("psnr_db", "PSNR dB", ".1f", "psnr_db", ">="), ("differing_share", "differing pixels", ".2%", "differing_share", "<="),
+    ("max_levels", "max 8-bit levels", "d", "max_levels", "<="), ("cosine", "parameter cosine", ".6f", "params_cosine", ">="),
+)
+
+
+def validation_table(v: dict[str, Any]) -> str:
+    """The validation report as an HTML table: a threshold row, then one row per backend and stage
+    (blank where a metric does not apply to the stage)."""
+    from html import escape
+
+    t = v.get("thresholds", {})
+
+    def fmt(value, spec: str) -> str:
+        return "" if value is None else escape(format(value, spec))
+
+    head = "".join(f"<th>{escape(title)}</th>" for _, title, *_ in VALIDATION_COLUMNS)
+    limits = "".join(f"<td>{'' if t.get(tk) is None else escape(op) + ' ' + fmt(t[tk], spec)}</td>"
+                     for _, _, spec, tk, op in VALIDATION_COLUMNS)
+    rows = [f"<tr><th>backend</th><th>stage</th>{head}<th>result</th></tr>",
+            f'<tr class="threshold"><td><i>threshold</i></td><td></td>{limits}<td></td></tr>']
+    for name, b in v.get("backends", {}).items():
+        for stage, m in b.get("stages", {}).items():
+            cells = "".join(f"<td>{fmt(m.get(key), spec)}</td>" for key, _, spec, *_ in VALIDATION_COLUMNS)
+            ok = "ok" if not m.get("failures") else "FAIL: " + "; ".join(m["failures"])
+            rows.append(f"<tr><td>{escape(name)}</td><td>{escape(stage.replace('_', '-'))}</td>{cells}"
+                        f"<td>{escape(ok)}</td></tr>")
+    return '<table class="validation">' + "".join(rows) + "</table>"
 
 
 def write_index(out: Path, result: dict[str, Any]) -> Path:
@@ -221,6 +262,11 @@ def write_index(out: Path, result: dict[str, Any]) -> Path:
     def cell(v, fmt: str) -> str:
         return "" if v is None else format(v, fmt)
 
+    v = result["validation"]
+    shown = v.get("pictures", [])[:1]
+    picture = "".join(
+        f'<p>Label map | PyTorch reference | ONNX Runtime | their difference (8-bit levels x32, black = equal):</p>'
+        f'<img src="validation/{escape(n)}" alt="validation grid {escape(n)}">' for n in shown)
     rows = "".join(
         f"<tr><td>{escape(str(r['backend']))}</td><td>{escape(str(r['stage']))}</td><td>{escape(str(r['status']))}</td>"
         f"<td>{cell(r['median_ms'], '.1f')}</td><td>{cell(r['speedup_vs_authors'], '.2f')}</td></tr>"
@@ -239,9 +285,10 @@ textures depend on class and position.</p>
 <h2>Label | generated | target</h2><img src="results_grid.png" alt="results grid">
 <h2>Loss curve</h2><img src="loss_curve.png" alt="loss curve">
 <h2>Validation: ONNX Runtime vs PyTorch</h2>
-<p><b>{'PASSED' if result['validation']['passed'] else 'FAILED'}</b> (fp32 thresholds);
-full report: <a href="validation/report.json">validation/report.json</a></p>
-<pre>{escape(json.dumps(result['validation']['backends'], indent=1)[:4000])}</pre>
+<p><b>{'PASSED' if v['passed'] else 'FAILED'}</b> ({escape(str(v.get('precision', 'fp32')))} thresholds, worst
+value over the held-out label maps); full report: <a href="validation/report.json">validation/report.json</a></p>
+{validation_table(v)}
+{picture}
 <h2>Resolution-free rendering</h2>
 <p>Label map | scale-1 output upscaled (nearest) | (bicubic) | the MLP evaluated on a {SCALES[-1]}x denser grid
 (<code>asap infer --scale {SCALES[-1]}</code>).</p><img src="scale_grid.png" alt="scale grid">
