@@ -93,7 +93,7 @@ def test_no_silent_overwrite(tmp_path, checkpoint, good_map, bundle_dir):
     out.mkdir()
     (out / "good.png").write_bytes(b"mine")
     run_cli(["infer", good_map, "--model", checkpoint, "-o", out], InputError.exit_code, names=("good.png",),
-            says=("already exists; pass --overwrite",))
+            says=("already exists; pass --skip-existing", "--overwrite to replace it"))
     assert (out / "good.png").read_bytes() == b"mine"
     # --overwrite replaces only a PNG asap wrote (tests/robustness/test_ownership.py): not the user's file
     run_cli(["infer", good_map, "--model", checkpoint, "-o", out, "--overwrite"], InputError.exit_code,
