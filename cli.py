@@ -425,6 +425,10 @@ def export(
             max_batch=triton_max_batch, max_delay_ms=triton_delay_ms, instances=triton_instances, kind=triton_kind,
             overwrite=overwrite))
         for note in rep.notes:
+    from asap_deploy.app.paths import check_checkpoint_arg
+
+    if not checkpoint.is_dir() or not (checkpoint / "manifest.json").exists():  # a bundle: --triton-repo from it
+        check_checkpoint_arg("CHECKPOINT", checkpoint, bundle_option=None)
             console.print(f"[dim]note: {note}[/]", highlight=False)
         console.print(f"Triton model repository {rep.path}: models {', '.join(rep.models)} (configs checked against "
                       f"Triton's ModelConfig); start it with: tritonserver --model-repository {rep.path}", highlight=False)
@@ -1116,6 +1120,7 @@ def infer(
                         overwrite=overwrite, skip_existing=skip_existing, max_pixels=max_pixels, cpu_threads=threads)
     check_skip_existing(opts)  # a usage error before the backend is chosen
     check_threads(threads)
+    _source_kinds(model, bundle_dir, engine_file)  # a hint for a path of the wrong kind comes first
     choice = choose_backend(backend, source, precision, scale)
     if not as_json:
         console.print(f"backend: [bold]{choice.backend}[/] ({escape(choice.reason)})", highlight=False)
@@ -1199,6 +1204,7 @@ def bench(
     from asap_deploy.engines.bench_report import check_report_outputs
 
     check_report_outputs(out, json_file, overwrite, [v for v in (bundle_dir, model, engine_file) if v is not None])
+    _source_kinds(model, bundle_dir, engine_file)  # a hint for a path of the wrong kind comes first
     with console.status("benchmarking") as status, \
             bench_bundle(model, bundle_dir, engine_file, "fp16" in precisions, seed, status.update) as (bundle, info):
         if not names:

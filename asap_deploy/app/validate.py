@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..errors import UsageError
 from ..io import derived_name
 from ..limits import check_file_arg, check_optional, check_seed
+from .paths import check_bundle_arg
 
 
 def default_report_dir(bundle_dir: Path) -> Path:
@@ -40,6 +41,7 @@ def run_validate(bundle_dir: str | os.PathLike, backends: Sequence[str], *, labe
     names = [check_backend(b) for b in backends]
     if labels is not None and random is not None:
         raise UsageError("give either --labels or --random, not both")
+    check_bundle_arg("BUNDLE_DIR", bundle_dir, model_option=None)
     bundle = load_bundle(bundle_dir)
     cfg = bundle.config
     samples = folder_samples(cfg, labels) if labels is not None else random_samples(cfg, random or 4, seed)
