@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import os
 import re
@@ -335,23 +336,29 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error: type = InputError) -> bytes:
+def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error: type = InputError,
+                      follow_symlinks: bool = True) -> bytes:
     """The bytes of a file argument, refused (`error`, naming the file) unless it is a regular file
-    (not a folder, FIFO, device or socket: those hang or never end) of at most `max_bytes`."""
+    (not a folder, FIFO, device or socket: those hang or never end) of at most `max_bytes`.
+    `follow_symlinks=False` refuses a symbolic link itself (files that must lie inside a folder)."""
     path = Path(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # a FIFO must not block the open
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
     try:
-        st = os.stat(path)
+        fd = os.open(path, flags)
     except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise error(f"{path}: the {what} is a symbolic link; refused (it must lie inside its folder)") from exc
         raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
-    if not stat.S_ISREG(st.st_mode):
-        raise error(f"{path}: the {what} is not a regular file")
-    if st.st_size > max_bytes:
-        raise error(f"{path}: the {what} is {st.st_size} bytes, more than the limit of {max_bytes}")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a file swapped for a FIFO must not block
+        st = os.fstat(fd)  # checked on the open file: no swap between check and read
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise error(f"{path}: the {what} is not a regular file")
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise error(f"{path}: the {what} is not a regular file")
+            if st.st_size > max_bytes:
+                raise error(f"{path}: the {what} is {st.st_size} bytes, more than the limit of {max_bytes}")
             data = f.read(max_bytes + 1)
     except OSError as exc:
         raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc

@@ -17,19 +17,17 @@ the sha256 its index and metadata record (`load_index`, `load_kernel`, `read_ima
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from asap_deploy.config import ModelConfig
 from asap_deploy.errors import KernelError, MissingDependencyError, OutputError, UsageError
-from asap_deploy.io import atomic_path, check_file_replaceable, claim_files, owned_folder
+from asap_deploy.io import atomic_path, check_file_replaceable, claim_files, owned_folder, read_regular_file
 
 from .spec import KernelSpec, kernel_spec
 
@@ -364,32 +362,7 @@ def read_in_folder(folder: str | Path, name, what: str, max_bytes: int) -> bytes
     never opened for blocking reads) of at most `max_bytes`."""
     folder = Path(folder)
     path = folder / _plain_name(name, what, folder)
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise KernelError(f"{path}: the {what} is a symbolic link; refused (kernel files must lie inside their "
-                              f"folder)") from exc
-        raise KernelError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
-    try:
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            os.close(fd)
-            raise
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise KernelError(f"{path}: the {what} is not a regular file; refused")
-        with os.fdopen(fd, "rb") as f:
-            if st.st_size > max_bytes:
-                raise KernelError(f"{path}: the {what} is {st.st_size} bytes, more than the limit of {max_bytes}")
-            data = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise KernelError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
-    if len(data) > max_bytes:
-        raise KernelError(f"{path}: the {what} is more than the limit of {max_bytes} bytes")
-    return data
+    return read_regular_file(path, what, max_bytes, error=KernelError, follow_symlinks=False)
 
 
 def _is_int(v) -> bool:
@@ -474,8 +447,6 @@ def _parse_json(raw: bytes, what: str, where) -> object:
 def load_metadata(path: str | Path) -> dict:
     """Read one kernel's JSON (a regular file, bounded) and check it is a schema this launcher knows,
     with every field of the right type (check_metadata)."""
-    from asap_deploy.io import read_regular_file
-
     path = Path(path)
     raw = read_regular_file(path, "kernel metadata", MAX_JSON_BYTES, error=KernelError)
     return check_metadata(_parse_json(raw, "kernel metadata", path), path)
