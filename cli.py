@@ -188,6 +188,15 @@ def engine_threads_option(extra: str = ""):
                         f"here; default: all cores{extra}).")
 
 
+def _source_kinds(model: Optional[Path], bundle_dir: Optional[Path], engine_file: Optional[Path]) -> None:
+    """A path of another kind than its option wants gets a hint (a checkpoint as --bundle: --model)."""
+    from asap_deploy.app.paths import check_bundle_arg, check_checkpoint_arg, check_engine_arg
+
+    check_checkpoint_arg("--model", model)
+    check_bundle_arg("--bundle", bundle_dir)
+    check_engine_arg("--engine", engine_file)
+
+
 def _checkpoint_arg(option: str, path: Optional[Path], folder_ok: bool = False, engine: bool = False) -> None:
     """A checkpoint (exit 4) or engine (exit 5) file argument must be a regular file: a FIFO or
     device would block. A missing file is left to its loader to report."""
@@ -416,6 +425,10 @@ def export(
         check_range("--triton-max-delay-ms", triton_delay_ms, 0.0, 10_000.0, unit="ms")
         check_range("--triton-instances", triton_instances, 1, 64)
     _checkpoint_arg("CHECKPOINT", checkpoint, folder_ok=True)
+    from asap_deploy.app.paths import check_checkpoint_arg
+
+    if not checkpoint.is_dir() or not (checkpoint / "manifest.json").exists():  # a bundle: --triton-repo from it
+        check_checkpoint_arg("CHECKPOINT", checkpoint, bundle_option=None)
 
     def write_repo(bundle_path: Path) -> None:
         from asap_deploy.export.bundle import load_bundle
@@ -425,10 +438,6 @@ def export(
             max_batch=triton_max_batch, max_delay_ms=triton_delay_ms, instances=triton_instances, kind=triton_kind,
             overwrite=overwrite))
         for note in rep.notes:
-    from asap_deploy.app.paths import check_checkpoint_arg
-
-    if not checkpoint.is_dir() or not (checkpoint / "manifest.json").exists():  # a bundle: --triton-repo from it
-        check_checkpoint_arg("CHECKPOINT", checkpoint, bundle_option=None)
             console.print(f"[dim]note: {note}[/]", highlight=False)
         console.print(f"Triton model repository {rep.path}: models {', '.join(rep.models)} (configs checked against "
                       f"Triton's ModelConfig); start it with: tritonserver --model-repository {rep.path}", highlight=False)
@@ -945,10 +954,13 @@ def demo(
     steps: Optional[int] = typer.Option(None, help="Stop after this many steps instead (or earlier, at --minutes; "
                                         "1..1000000)."),
     seed: int = seed_option("Seed of the data set and the training run"),
-    threads: int = typer.Option(1, help="CPU threads (1..4 x the cores here; 1: the small model gains little from "
-                                "more, and suffers badly when the cores are shared)."),
+    threads: int = typer.Option(1, help="CPU threads of training (1..4 x the cores here; 1: the small model gains "
+                                "little from more, and suffers badly when the cores are shared). The bench step "
+                                "uses `asap bench`'s settings (and says them)."),
     bench_size: int = typer.Option(1024, "--bench-size", help="Side of the square label map the bench step times "
                                    "(a multiple of 16 in 16..4096)."),
+    bench_duration: Optional[float] = typer.Option(None, "--bench-duration", help="Minimum timed seconds per bench "
+                                                   "row (0..600; default: `asap bench`'s --duration)."),
 ) -> None:
     """The whole pipeline on a CPU in a few minutes: synthetic data, train a small ASAP-Net, export, validate ONNX
     Runtime against PyTorch, infer (also at --scale 2 and 4), a short bench at 1024x1024; one folder + index.html."""
@@ -960,6 +972,7 @@ def demo(
     check_seed("--seed", seed)
     check_threads("--threads", threads)
     check_range("--bench-size", bench_size, 16, 4096)
+    check_optional("--bench-duration", bench_duration, 0.0, 600.0)
     if bench_size % 16:  # the demo model's S divides 16: checked now, not after minutes of training
         raise UsageError(f"--bench-size must be a multiple of 16 in 16..4096 (got {bench_size})")
     require_torch("asap demo")
@@ -985,7 +998,7 @@ def demo(
 
     try:
         result = run_demo(out, minutes=minutes, steps=steps, seed=seed, on_event=on_event, threads=threads,
-                          bench_size=bench_size)
+                          bench_size=bench_size, bench_seconds=bench_duration)
     finally:
         bar.stop()
     q = result["quality"]
@@ -1000,6 +1013,12 @@ def demo(
         table.add_row(r["backend"], r["stage"], "-" if r["median_ms"] is None else f"{r['median_ms']:.1f}",
                       "-" if r["speedup_vs_authors"] is None else f"{r['speedup_vs_authors']:.2f}x")
     console.print(table)
+    from rich.markup import escape
+
+    console.print(f"bench settings (those of `asap bench --size {bench_size}`): {escape(result['bench_settings'])}",
+                  highlight=False)
+    for w in result["bench_warnings"]:
+        console.print("[yellow]warning:[/] " + escape(w), highlight=False)
     console.print("wrote:")
     groups: dict = {}
     for path in map(Path, result["files"]):
@@ -1111,6 +1130,7 @@ def infer(
         check_scale(scale, max_pixels)
     check_range("--ray-actors", ray_actors, 1, 1024)
     check_threads(threads)
+    _source_kinds(model, bundle_dir, engine_file)  # a hint for a path of the wrong kind comes first
     _checkpoint_arg("--model", model)
     _checkpoint_arg("--engine", engine_file, engine=True)
     signal.signal(signal.SIGTERM, sigterm_as_interrupt)
@@ -1120,7 +1140,6 @@ def infer(
                         overwrite=overwrite, skip_existing=skip_existing, max_pixels=max_pixels, cpu_threads=threads)
     check_skip_existing(opts)  # a usage error before the backend is chosen
     check_threads(threads)
-    _source_kinds(model, bundle_dir, engine_file)  # a hint for a path of the wrong kind comes first
     choice = choose_backend(backend, source, precision, scale)
     if not as_json:
         console.print(f"backend: [bold]{choice.backend}[/] ({escape(choice.reason)})", highlight=False)
@@ -1166,24 +1185,33 @@ def bench(
                                    "of the model's S; batch x H x W at most --max-pixels)."),
     batch: list[int] = typer.Option([1], "--batch", help="Batch size(s) (repeatable; 1..256)."),
     precision: list[str] = typer.Option(["fp32"], "--precision", help="fp32 and/or fp16 (repeatable)."),
-    warmup: float = typer.Option(0.2, "--warmup", help="Warm-up seconds per row (0..60)."),
-    iterations: int = typer.Option(10, "--iterations", help="Minimum timed calls per row (1..100000)."),
-    duration: float = typer.Option(3.0, "--duration", help="Minimum timed seconds per row (0..600)."),
+    warmup: float = typer.Option(0.2, "--warmup", help="Warm-up seconds per row (0..60; at least one call)."),
+    iterations: int = typer.Option(3, "--iterations", help="Minimum timed calls per row (1..100000)."),
+    duration: float = typer.Option(2.0, "--duration", help="Minimum timed seconds per row (0..600): a longer "
+                                   "duration buys more samples."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of every CPU backend (torch, the "
+                                          "authors' forward, ONNX Runtime); each row records it (1..4 x the cores "
+                                          "here; default: the cores this process may use)."),
     max_pixels: int = typer.Option(64 * 1024 * 1024, "--max-pixels", help="Largest batch x H x W of a row "
                                    "(1..1073741824; default 64 Mpx), checked before any work."),
-    out: Path = typer.Option(Path("asap_bench"), "-o", "--out", help="Folder for report.json, report.md, latency.png."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for report.json, report.md, latency.png "
+                                       "(default: a new folder per run, asap_bench, asap_bench2, ...; with "
+                                       "--overwrite: asap_bench)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON report here (its folder must "
                                              "exist)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory per row."),
     seed: int = seed_option("Seed of the random model (no model given) and the label maps"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace report.json/report.md/latency.png (and --json) if they exist (checked before measuring)."),
 ) -> None:
-    """Latency per backend, size and stage (min/mean/median/p90/p95/p99, throughput, memory) vs the authors' forward."""
+    """Latency per backend, size and stage (min/mean/median/p90/p95/p99, cv, throughput, memory) vs the authors'
+    forward, with each row's output checked against the torch fp32 reference (PSNR, max abs). One line per finished
+    row (a progress bar on a terminal); exit 13 if a row failed (the reports are still written)."""
     from rich.markup import escape
 
-    from asap_deploy.app.bench import bench_bundle, check_source
-    from asap_deploy.engines.bench import DEFAULT_BACKENDS, BenchOptions, default_backends, parse_size, run_bench
-    from asap_deploy.engines.bench_report import COLUMNS, table_rows, write_reports
+    from asap_deploy.app.bench import check_source
+    from asap_deploy.engines.bench import DEFAULT_BACKENDS, BenchOptions, parse_size
+    from asap_deploy.engines.bench_report import (TERMINAL_COLUMNS, failure_lines, numbered_dir, settings_text,
+                                                  table_rows, write_reports)
 
     check_source(model, bundle_dir, engine_file)
     names = [b.strip() for item in backends for b in item.split(",") if b.strip()]
@@ -1193,8 +1221,9 @@ def bench(
     check_max_pixels("--max-pixels", max_pixels)
     opts = BenchOptions(backends=names or list(DEFAULT_BACKENDS), sizes=[parse_size(s) for s in size], batches=batch,
                         precisions=precisions, warmup_s=warmup, min_iters=iterations, min_seconds=duration,
-                        memory=memory, seed=seed, max_pixels=max_pixels)
+                        memory=memory, seed=seed, max_pixels=max_pixels, threads=threads)
     opts.check()
+    _source_kinds(model, bundle_dir, engine_file)  # a hint for a path of the wrong kind comes first
     _checkpoint_arg("--model", model)
     _checkpoint_arg("--engine", engine_file, engine=True)
     if json_file is not None:
@@ -1203,30 +1232,84 @@ def bench(
         check_output_file("--json", json_file)
     from asap_deploy.engines.bench_report import check_report_outputs
 
-    check_report_outputs(out, json_file, overwrite, [v for v in (bundle_dir, model, engine_file) if v is not None])
-    _source_kinds(model, bundle_dir, engine_file)  # a hint for a path of the wrong kind comes first
-    with console.status("benchmarking") as status, \
-            bench_bundle(model, bundle_dir, engine_file, "fp16" in precisions, seed, status.update) as (bundle, info):
-        if not names:
-            opts.backends = default_backends(bundle.path, precisions[0], engine_given=engine_file is not None)
-        rep = run_bench(bundle, opts, progress=lambda msg: status.update(f"benchmarking {msg}"), model_info=info)
+    numbered = out is None and not overwrite  # the default folder: a new one per run (asap_bench, asap_bench2, ...)
+    out = Path("asap_bench") if out is None else out
+    check_report_outputs(numbered_dir(out) if numbered else out, json_file, overwrite,
+                         [v for v in (bundle_dir, model, engine_file) if v is not None])
+    rep = _bench_with_progress(opts, names, precisions, model, bundle_dir, engine_file, seed)
     from asap_deploy.engines.bench_report import machine_text
 
-    table = Table(title=f"asap bench: {info['description']}")
-    for col in COLUMNS:
+    table = Table(title=f"asap bench: {rep['model'].get('description', '')}")
+    for col in TERMINAL_COLUMNS:
         table.add_column(col, overflow="fold")
-    for row in table_rows(rep):
+    for row in table_rows(rep, TERMINAL_COLUMNS, short_status=True):
         style = "bold" if row[0] == "authors" else None
         table.add_row(*[escape(c) for c in row], style=style)
     console.print(table)
+    for line in failure_lines(rep):  # whole, wrapped to the terminal
+        console.print("[red]failed:[/] " + escape(line), highlight=False)
+    for w in rep["warnings"]:
+        console.print("[yellow]warning:[/] " + escape(w), highlight=False)
     console.print("machine: " + escape(machine_text(rep)), highlight=False)
-    console.print(f"[dim]{escape(rep['timing'])}; >= {iterations} iterations and >= {duration} s per row after "
-                  f"{warmup} s warm-up[/]", highlight=False)
-    paths = write_reports(rep, out, json_file)
+    console.print(f"[dim]{escape(rep['timing'])}; settings: {escape(settings_text(rep))}; cv = std / mean, "
+                  f"noisy above {rep['noisy_cv']:.0%}; PSNR / max abs (8-bit levels; cos / parameter units for the "
+                  "predictor) vs the torch fp32 reference[/]", highlight=False)
+    paths = write_reports(rep, out, json_file, numbered=numbered)
     console.print("wrote " + ", ".join(str(p) for p in paths.values() if p), highlight=False)
     failed = [r for r in rep["rows"] if r["status"] != "ok"]
-    console.print(f"[bold {'green' if not failed else 'yellow'}]{'PASSED' if not failed else 'DONE with failures'}[/] | "
-                  f"{len(rep['rows']) - len(failed)} ok, {len(failed)} failed row(s) | {rep['seconds']:.1f} s", highlight=False)
+    console.print(f"[bold {'green' if not failed else 'red'}]{'PASSED' if not failed else 'FAILED'}[/] | "
+                  f"{len(rep['rows']) - len(failed)} ok, {len(failed)} failed row(s), {len(rep['warnings'])} "
+                  f"warning(s) | {rep['seconds']:.1f} s", highlight=False)
+    if failed:
+        from asap_deploy.errors import BenchRowsFailed
+
+        raise BenchRowsFailed(f"{len(failed)} of {len(rep['rows'])} row(s) failed (reasons above; the reports "
+                              f"were written to {paths['json'].parent})")
+
+
+def _bench_with_progress(opts, names, precisions, model, bundle_dir, engine_file, seed) -> dict:
+    """Run `asap bench`'s rows with progress: on a terminal a rich progress bar (finished rows printed
+    above it); otherwise (piped, redirected) one plain line per step and per finished row."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from asap_deploy.app.bench import bench_bundle
+    from asap_deploy.engines.bench import default_backends, planned_rows, run_bench
+    from asap_deploy.engines.bench_report import row_line
+
+    live = console.is_terminal
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=console, transient=True) if live else None
+    task = None
+
+    def say(msg: str) -> None:
+        if live:
+            bar.update(task, description=escape(msg))
+        else:
+            console.print(escape(msg), highlight=False, soft_wrap=True)
+
+    def on_row(row: dict, done: int, total: int) -> None:
+        line = row_line(row, done, total)
+        colour = "red" if row["status"] != "ok" else ("yellow" if row.get("noisy") else None)
+        console.print(f"[{colour}]{escape(line)}[/]" if colour else escape(line), highlight=False,
+                      soft_wrap=not live)
+        if live:
+            bar.update(task, completed=done, total=total)
+
+    if live:
+        bar.start()
+        task = bar.add_task("benchmarking", total=None)
+    try:
+        with bench_bundle(model, bundle_dir, engine_file, "fp16" in precisions, seed, say) as (bundle, info):
+            if not names:
+                opts.backends = default_backends(bundle.path, precisions[0], engine_given=engine_file is not None)
+            if live:
+                bar.update(task, total=planned_rows(opts))
+            return run_bench(bundle, opts, progress=lambda msg: say(f"benchmarking {msg}") if live else None,
+                             model_info=info, on_row=on_row)
+    finally:
+        if live:
+            bar.stop()
 
 
 @app.command()

@@ -74,6 +74,12 @@ class OutputError(AsapError):
     exit_code = 12
 
 
+class BenchRowsFailed(AsapError):
+    """`asap bench`: a requested row failed to load or run (the reports are written all the same)."""
+
+    exit_code = 13
+
+
 class MissingDependencyError(AsapError):
     """An optional dependency (extra) is needed for this command."""
 

@@ -12,9 +12,19 @@ What is timed (wall clock, `time.perf_counter`, host side):
     full-resolution fp32 one-hot their generator receives; building that one-hot is their caller's
     work and is not timed (in their favour). fp32 only.
 Per item: warm-up for `warmup_s` (at least one call), then at least `min_iters` calls AND
-`min_seconds` (trtexec's defaults: 200 ms, 10, 3 s). Statistics: min, max, mean, std, median,
-p90, p95, p99 with trtexec's percentile rule `sorted[max(n - 1 - int((1 - p/100) * n), 0)]`;
-throughput = images / total wall time of the timed calls. Peak memory: the growth of the process's
+`min_seconds` (defaults 0.2 s, 3 calls, 2 s: a default run at 1024x1024 fits about two minutes on
+a 2-core CPU; trtexec's are 200 ms, 10, 3 s; a longer --duration buys more samples). Statistics:
+min, max, mean, std, median, p90, p95, p99 with trtexec's percentile rule
+`sorted[max(n - 1 - int((1 - p/100) * n), 0)]`; throughput = images / total wall time of the timed
+calls; coefficient of variation `cv` = std / mean: a row above NOISY_CV is flagged `noisy` (its
+median is not to be trusted; trtexec warns the same way), and the report's `warnings` say so and
+whether the machine was busy (load average before and after the run).
+Threads: every CPU backend (torch, the authors' forward, ONNX Runtime) runs with the same
+`threads` (default: the cores this process may use); each row records it (null on TensorRT).
+Fidelity: each row's output (the first call's) is compared with the torch fp32 engine's output
+of the same stage on the same label map: PSNR on the 8-bit image and max abs (8-bit levels) for
+pixelwise/end_to_end, cosine and max abs (parameter units) for the predictor, flagged below
+engines.validate's threshold of the row's precision, so a fast but wrong backend cannot look good. Peak memory: the growth of the process's
 resident high-water mark during the item's timed calls over its resident size before them
 (Linux: /proc/self/clear_refs resets it); memory that earlier items left in allocator caches is
 not counted again, so this is a lower bound (benchmarks/onnx_speed.py measures in fresh processes).
@@ -24,7 +34,9 @@ A backend that fails to load or run becomes rows with status "failed: ..." and t
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,7 +49,7 @@ from asap_deploy.errors import UsageError
 from asap_deploy.export.stages import KEYS, Stage
 
 from . import registry
-from .bench_report import SCHEMA, SCHEMA_VERSION
+from .bench_report import NOISY_CV, SCHEMA, SCHEMA_VERSION
 
 STAGES = KEYS  # report keys: predictor, pixelwise, end_to_end (export/stages.py)
 BASELINE = "authors"
@@ -65,7 +77,16 @@ def summarize(samples: Sequence[float], images_per_call: int, wall_s: float) -> 
            "total_s": wall_s, "throughput_ips": images_per_call * len(s) / wall_s if wall_s > 0 else math.inf}
     for p in PERCENTILES:
         out[f"p{p}_ms"] = percentile(s, p) * 1e3
+    out["cv"] = out["std_ms"] / out["mean_ms"] if len(s) > 1 and out["mean_ms"] > 0 else None
     return out
+
+
+def default_threads() -> int:
+    """The CPU threads a row uses without --threads: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -76,11 +97,15 @@ class BenchOptions:
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     warmup_s: float = 0.2
-    min_iters: int = 10
-    min_seconds: float = 3.0
+    min_iters: int = 3
+    min_seconds: float = 2.0
     memory: bool = True
     seed: int = 0
     max_pixels: int = 64 * 1024 * 1024  # batch x H x W of one row
+    threads: int | None = None  # CPU threads of torch / the authors / ONNX Runtime (None: default_threads())
+
+    def cpu_threads(self) -> int:
+        return self.threads or default_threads()
 
     def check(self, S: int | None = None) -> None:  # noqa: N803
         """Every option in its documented range (limits.py wording), before any work."""
@@ -103,6 +128,9 @@ class BenchOptions:
         check_range("--duration", self.min_seconds, 0.0, MAX_DURATION_S, unit="s")
         check_range("--warmup", self.warmup_s, 0.0, MAX_WARMUP_S, unit="s")
         check_seed("--seed", self.seed)
+        from asap_deploy.limits import check_threads
+
+        check_threads("--threads", self.threads)
         check_max_pixels("--max-pixels", self.max_pixels)
         if not self.batches or not self.sizes:
             raise UsageError("give at least one --size and one --batch")
@@ -156,12 +184,17 @@ def _reset_peak() -> bool:
 
 def measure(fn: Callable[[], object], opts: BenchOptions, images_per_call: int,
             device_peak: Callable[[], float | None] | None = None,
-            phases: Callable[[], dict[str, float]] | None = None) -> dict:
+            phases: Callable[[], dict[str, float]] | None = None,
+            first_output: Callable[[object], None] | None = None) -> dict:
     """Warm up, then time `fn` for >= min_iters calls and >= min_seconds; stats + peak memory.
     `phases` (GPU engines): after each call, its host->device / compute / device->host ms, reported
-    as median per phase ("phases_ms") next to the wall-clock figures that include them."""
+    as median per phase ("phases_ms") next to the wall-clock figures that include them.
+    `first_output` receives what the first (warm-up) call returned (the fidelity check)."""
     t_end = time.perf_counter() + opts.warmup_s
-    fn()
+    result = fn()
+    if first_output is not None:
+        first_output(result)
+    del result
     while time.perf_counter() < t_end:
         fn()
     before = _kib("VmRSS") if opts.memory else None
@@ -188,11 +221,12 @@ def measure(fn: Callable[[], object], opts: BenchOptions, images_per_call: int,
 class _Item:
     """The three stage callables of one backend on one input (labels, instances)."""
 
-    def __init__(self, backend: str, ctx: "_Context", precision: str):
+    def __init__(self, backend: str, ctx: "_Context", precision: str, threads: int):
         self.backend = backend
         self.ctx = ctx
         self.precision = precision
         self.device_peak = None
+        self.threads: int | None = threads
         if backend == BASELINE:
             if precision != "fp32":
                 raise UsageError("the authors' forward is fp32 only (the baseline of the fp32 rows)")
@@ -201,11 +235,13 @@ class _Item:
             self.engine = None
             self.authors = AuthorsForward(ctx.torch_model())
         else:
-            self.engine = ctx.engine(backend, precision)
+            self.engine = ctx.engine(backend, precision, threads)
             if backend == "torch" and getattr(self.engine, "device", None) is not None and self.engine.device.type == "cuda":
                 import torch
 
                 self.device_peak = lambda: torch.cuda.max_memory_allocated() / 2**20
+            if not row_threads_apply(backend):
+                self.threads = None
 
     def stage(self, stage: str, labels: np.ndarray, instances: np.ndarray | None) -> Callable[[], object]:
         if self.engine is not None:
@@ -239,12 +275,23 @@ class _Item:
             self.engine.close()
 
 
+def row_threads_apply(backend: str) -> bool:
+    """Whether --threads governs this backend (torch, the authors' forward, ONNX Runtime: CPU work)."""
+    if backend == BASELINE:
+        return True
+    b = registry.backend(backend)
+    return b.engine == registry.TORCH.engine or bool(b.providers)
+
+
 class _Context:
-    """The model under test: a bundle (ONNX Runtime, TensorRT) and its PyTorch twin (torch, authors)."""
+    """The model under test: a bundle (ONNX Runtime, TensorRT) and its PyTorch twin (torch, authors),
+    and the torch fp32 reference outputs every row is compared with."""
 
     def __init__(self, bundle):
         self.bundle = bundle
         self._model = None
+        self._reference = None
+        self._ref_out: dict = {}
 
     def torch_model(self):
         if self._model is None:
@@ -253,94 +300,226 @@ class _Context:
             self._model = TorchEngine.from_bundle(self.bundle).model
         return self._model
 
-    def engine(self, backend: str, precision: str):
+    def engine(self, backend: str, precision: str, threads: int | None = None):
         if backend == registry.TORCH.name:  # shares the authors' baseline's model (built once)
             if precision != "fp32":
                 raise UsageError("the torch backend is fp32 only")
             from .torch_engine import TorchEngine
 
             return TorchEngine(self.torch_model())
-        return registry.backend(backend).open(self.bundle, precision)
+        b = registry.backend(backend)
+        if b.providers and threads:
+            return b.open(self.bundle, precision, intra_op_threads=threads)
+        return b.open(self.bundle, precision)
+
+    def reference(self, stage: str, labels: np.ndarray, instances: np.ndarray | None, key) -> np.ndarray:
+        """The torch fp32 engine's output of `stage` on this input (computed once per key)."""
+        if key not in self._ref_out:
+            from .torch_engine import TorchEngine
+
+            if self._reference is None:
+                self._reference = TorchEngine(self.torch_model())
+            e = self._reference
+            if stage == Stage.END_TO_END.key:
+                out = e.run(labels, instances)
+            elif stage == Stage.PREDICTOR.key:
+                out = e.predict_params(labels, instances)
+            else:
+                out = e.pixelwise(labels, e.predict_params(labels, instances))
+            self._ref_out = {k: v for k, v in self._ref_out.items() if k[:-1] == key[:-1]}  # one input at a time
+            self._ref_out[key] = stage_output(stage, out)
+        return self._ref_out[key]
+
+
+def stage_output(stage: str, value) -> np.ndarray:
+    """Any backend's output of a stage as numpy: the parameter grid (float, N x P x h x w) for the
+    predictor, the 8-bit image (N x H x W x 3) for pixelwise and end_to_end (the authors' float
+    image in [-1, 1] goes through the same 8-bit conversion as every engine's)."""
+    from asap_deploy.io import to_uint8
+
+    from .base import IMAGE
+
+    if isinstance(value, tuple):  # the authors' end to end: (image, params)
+        value = value[0]
+    if isinstance(value, dict):  # Engine.pixelwise
+        value = value[IMAGE]
+    if hasattr(value, "detach"):  # a torch tensor (the authors' forward), N x C x H x W
+        value = value.detach().float().cpu().numpy()
+        if stage != Stage.PREDICTOR.key:
+            value = to_uint8(value.transpose(0, 2, 3, 1))
+    return np.asarray(value)
+
+
+def fidelity(stage: str, ref: np.ndarray, got: np.ndarray, precision: str) -> dict:
+    """A row's output vs the torch fp32 reference: image stages PSNR (8-bit) and max abs in 8-bit
+    levels, the predictor cosine and max abs in parameter units; `below_threshold` against
+    engines.validate's thresholds for the row's precision."""
+    from .validate import THRESHOLDS, cosine, psnr_u8
+
+    if ref.shape != got.shape:
+        raise ValueError(f"output shape {tuple(got.shape)} differs from the reference's {tuple(ref.shape)}")
+    t = THRESHOLDS.get(precision, THRESHOLDS["fp32"])
+    finite = bool(np.isfinite(got).all())
+    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    out = {"reference": "torch fp32", "finite": finite, "max_abs": float(diff.max()) if finite else math.inf}
+    if stage == Stage.PREDICTOR.key:
+        c = cosine(ref, got) if finite else 0.0
+        out.update(psnr_db=None, cosine=c, unit="parameter units", threshold=f"cosine >= {t.params_cosine}",
+                   below_threshold=not finite or c < t.params_cosine)
+    else:
+        p = psnr_u8(ref, got)
+        out.update(psnr_db=p, cosine=None, unit="8-bit levels", threshold=f"PSNR >= {t.psnr_db:g} dB",
+                   below_threshold=p < t.psnr_db)
+    return out
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads = n for the block (torch and the authors' rows), restored after."""
+    from .machine import importable
+
+    if not importable("torch"):
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _status(exc: BaseException) -> str:
+    """A failed row's status: the whole message (whitespace collapsed), never cut."""
     msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return "failed: " + " ".join(msg.split())[:300]
+    return "failed: " + " ".join(msg.split())
+
+
+def _plan(opts: BenchOptions) -> list[tuple[str, str]]:
+    """(precision, backend) in measuring order: the authors' baseline first (fp32 only)."""
+    backends = [BASELINE] + [b for b in dict.fromkeys(opts.backends) if b != BASELINE]
+    return [(p, b) for p in opts.precisions for b in backends if not (b == BASELINE and p != "fp32")]
+
+
+def planned_rows(opts: BenchOptions) -> int:
+    """How many rows a run of `opts` measures (a backend that fails to open counts its rows too)."""
+    return len(_plan(opts)) * len(opts.sizes) * len(opts.batches) * len(opts.stages)
 
 
 def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None = None,
-              model_info: dict | None = None) -> dict:
-    """Benchmark `bundle` (export.bundle.Bundle) -> report dict (schema asap-deploy/bench v1)."""
+              model_info: dict | None = None,
+              on_row: Callable[[dict, int, int], None] | None = None) -> dict:
+    """Benchmark `bundle` (export.bundle.Bundle) -> report dict (schema asap-deploy/bench).
+    `progress(text)` is called before each row, `on_row(row, done, total)` after each finished row
+    (done/total count planned rows; a backend that fails to open finishes all of its rows at once)."""
     from asap_deploy.engines.machine import machine_info
     from asap_deploy.random_model import random_label_maps
 
+    from .bench_report import report_warnings
+
     cfg = bundle.config
     opts.check(cfg.S)
-    backends = [BASELINE] + [b for b in dict.fromkeys(opts.backends) if b != BASELINE]
+    threads = opts.cpu_threads()
     ctx = _Context(bundle)
     rows: list[dict] = []
+    base: dict = {}
+    total, done = planned_rows(opts), 0
     machine = machine_info()
     t_start = time.perf_counter()
-    for precision in opts.precisions:
-        for backend in backends:
-            base = {"backend": backend, "precision": precision}
-            if backend == BASELINE and precision != "fp32":
-                continue
+
+    def finish(row: dict, count: int = 1) -> None:
+        nonlocal done
+        if row["backend"] == BASELINE and row.get("status") == "ok":
+            base[_key(row)] = row
+        _ratio(row, base.get(_key(row)))
+        rows.append(row)
+        done += count
+        if on_row:
+            on_row(row, done, total)
+
+    with _torch_threads(threads):
+        for precision, backend in _plan(opts):
+            head = {"backend": backend, "precision": precision}
             try:
-                item = _Item(backend, ctx, precision)
+                item = _Item(backend, ctx, precision, threads)
             except Exception as exc:  # noqa: BLE001 - any backend failure becomes a row; the table goes on
                 for (h, w) in opts.sizes:
                     for n in opts.batches:
-                        rows.append({**base, "size": [h, w], "batch": n, "stage": "all", "status": _status(exc)})
+                        finish({**head, "size": [h, w], "batch": n, "stage": "all",
+                                "threads": threads if row_threads_apply(backend) else None,
+                                "status": _status(exc)}, len(opts.stages))
                 continue
             try:
                 for (h, w) in opts.sizes:
                     for n in opts.batches:
                         labels, inst = random_label_maps(cfg, n, h, w, seed=opts.seed)
                         for st in opts.stages:
-                            row = {**base, "size": [h, w], "batch": n, "stage": st}
+                            row = {**head, "size": [h, w], "batch": n, "stage": st, "threads": item.threads}
                             if progress:
                                 progress(f"{backend} {precision} {h}x{w} batch {n} {st}")
+                            first: list = []
                             try:
                                 row.update(measure(item.stage(st, labels, inst), opts, n, item.device_peak,
-                                                   getattr(item.engine, "last_phases", None)))
+                                                   getattr(item.engine, "last_phases", None), first.append))
                                 row["status"] = "ok"
+                                row["noisy"] = row["cv"] is not None and row["cv"] > NOISY_CV
                             except Exception as exc:  # noqa: BLE001 - a failing run is a row, not the end
                                 row["status"] = _status(exc)
-                            rows.append(row)
+                            if row["status"] == "ok":
+                                try:
+                                    ref = ctx.reference(st, labels, inst, (h, w, n, opts.seed, st))
+                                    row["fidelity"] = fidelity(st, ref, stage_output(st, first[0]), precision)
+                                except Exception as exc:  # noqa: BLE001 - no reference: said, not fatal
+                                    row["fidelity"] = None
+                                    row["fidelity_note"] = _status(exc).replace("failed: ", "no comparison: ", 1)
+                            del first
+                            finish(row)
             finally:
                 item.close()
     add_ratios(rows)
-    import os
-
     machine["load_avg_start"] = machine.pop("load_avg", None)
     machine["load_avg_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    return {
+    rep = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "machine": machine,
         "model": model_info or {"bundle": str(bundle.path), "config": cfg.to_dict(), "S": cfg.S},
         "options": asdict(opts),
+        "threads": threads,
         "baseline": BASELINE,
         "timing": ("wall clock per call through the Engine interface (host arrays in and out; on GPUs H2D/D2H "
                    "included); authors: their forward on the full-res fp32 one-hot (one-hot not timed); "
                    "percentiles: trtexec rule; throughput: images / timed wall time"),
+        "noisy_cv": NOISY_CV,
+        "fidelity": ("each row's first output vs the torch fp32 engine's output of the same stage on the same label "
+                     "map: PSNR (8-bit image) and max abs (8-bit levels) for pixelwise/end_to_end, cosine and max "
+                     "abs (parameter units) for the predictor; thresholds of `asap validate` per precision"),
         "seconds": time.perf_counter() - t_start,
         "rows": rows,
     }
+    rep["warnings"] = report_warnings(rep)
+    return rep
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row["size"]), row["batch"], row["stage"]
+
+
+def _ratio(row: dict, b: dict | None) -> None:
+    if row.get("status") == "ok" and b is not None:
+        row["vs_authors"] = row["median_ms"] / b["median_ms"]
+        row["speedup_vs_authors"] = b["median_ms"] / row["median_ms"]
+    else:
+        row["vs_authors"] = row["speedup_vs_authors"] = None
 
 
 def add_ratios(rows: list[dict]) -> None:
     """Each ok row: `vs_authors` = its median / the authors' median (same size, batch, stage, fp32
     baseline of this run) and `speedup_vs_authors` = the inverse."""
-    base = {(tuple(r["size"]), r["batch"], r["stage"]): r for r in rows
-            if r["backend"] == BASELINE and r.get("status") == "ok"}
+    base = {_key(r): r for r in rows if r["backend"] == BASELINE and r.get("status") == "ok"}
     for r in rows:
-        b = base.get((tuple(r["size"]), r["batch"], r["stage"]))
-        if r.get("status") == "ok" and b is not None:
-            r["vs_authors"] = r["median_ms"] / b["median_ms"]
-            r["speedup_vs_authors"] = b["median_ms"] / r["median_ms"]
-        else:
-            r["vs_authors"] = r["speedup_vs_authors"] = None
+        _ratio(r, base.get(_key(r)))
 
 
 # ---- the default model ---------------------------------------------------------------------------------------

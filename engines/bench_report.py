@@ -5,6 +5,7 @@ before any measuring, that nothing would be lost). engines/bench.py measures and
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,66 @@ import numpy as np
 from asap_deploy.export.stages import KEYS as STAGES
 
 SCHEMA = "asap-deploy/bench"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: cv/noisy, threads, fidelity per row; noisy_cv, threads, warnings per report
+NOISY_CV = 0.10  # a row whose coefficient of variation (std / mean) is above this is flagged noisy
+BUSY_LOAD_PER_CORE = 0.5  # load average (1 min) of other work per core above which the machine was busy
+
+
+def report_warnings(rep: dict) -> list[str]:
+    """What makes the figures less trustworthy, in words: noisy rows, a busy machine (load average
+    at the start; at the end beyond this run's own threads), outputs below the fidelity threshold."""
+    out = []
+    ok = [r for r in rep["rows"] if r["status"] == "ok"]
+    noisy = [r for r in ok if r.get("noisy")]
+    if noisy:
+        worst = max(noisy, key=lambda r: r["cv"])
+        out.append(f"{len(noisy)} of {len(ok)} row(s) are noisy (coefficient of variation above "
+                   f"{rep['noisy_cv']:.0%}, marked '!'; worst {worst['cv']:.0%}: {row_name(worst)}): their medians "
+                   "are not reliable; rerun on an idle machine or with a longer --duration")
+    m = rep["machine"]
+    cores = m.get("cores") or 1
+    start, end = m.get("load_avg_start"), m.get("load_avg_end")
+    if start and start[0] >= BUSY_LOAD_PER_CORE * cores:
+        out.append(f"the machine was busy: load average (1 min) {start[0]:g} at the start on {cores} cores (other "
+                   "work was running before this run began); rows are slower and noisier than on an idle machine")
+    threads = rep.get("threads") or 0
+    if end and end[0] - threads >= BUSY_LOAD_PER_CORE * cores:
+        out.append(f"the machine was busy: load average (1 min) {end[0]:g} at the end, above this run's own "
+                   f"{threads} thread(s) on {cores} cores (other work ran meanwhile)")
+    wrong = [r for r in ok if (r.get("fidelity") or {}).get("below_threshold")]
+    for r in wrong:
+        f = r["fidelity"]
+        got = f"PSNR {f['psnr_db']:.1f} dB" if f.get("psnr_db") is not None else f"cosine {f['cosine']:.6f}"
+        out.append(f"{row_name(r)}: output differs from the torch fp32 reference ({got}, required {f['threshold']}); "
+                   "its speed is not comparable")
+    return out
+
+
+def row_name(r: dict) -> str:
+    return f"{r['backend']} {r['precision']} {r['size'][0]}x{r['size'][1]} batch {r['batch']} {r['stage']}"
+
+
+def row_line(r: dict, done: int | None = None, total: int | None = None) -> str:
+    """One plain line for a finished row (progress when the output is not a terminal)."""
+    head = (f"[{done}/{total}] " if done is not None else "") + row_name(r)
+    if r["status"] != "ok":
+        return f"{head}: {r['status']}"
+    parts = [f"median {r['median_ms']:.1f} ms", f"min {r['min_ms']:.1f} ms", f"{r['iterations']} calls"]
+    if r.get("cv") is not None:
+        parts.append(f"cv {r['cv']:.1%}" + (" NOISY" if r.get("noisy") else ""))
+    if r.get("speedup_vs_authors") is not None:
+        parts.append(f"{r['speedup_vs_authors']:.2f}x the authors' speed")
+    f = r.get("fidelity")
+    if f:
+        parts.append((f"PSNR {_psnr(f['psnr_db'])} dB" if f["psnr_db"] is not None else f"cosine {f['cosine']:.6f}")
+                     + (" BELOW THRESHOLD" if f["below_threshold"] else ""))
+    if r.get("threads") is not None:
+        parts.append(f"{r['threads']} thread(s)")
+    return f"{head}: " + ", ".join(parts)
+
+
+def _psnr(v: float) -> str:
+    return "inf" if v >= 100 else f"{v:.1f}"  # psnr_u8 caps identical images at 100 dB
 
 
 def validate_report(rep: dict) -> None:
@@ -22,7 +82,8 @@ def validate_report(rep: dict) -> None:
             raise ValueError(f"{where}.{key}: missing or not {typ}")
 
     for k, t in (("schema", str), ("schema_version", int), ("machine", dict), ("model", dict), ("options", dict),
-                 ("baseline", str), ("rows", list), ("timing", str)):
+                 ("baseline", str), ("rows", list), ("timing", str), ("noisy_cv", float), ("threads", int),
+                 ("warnings", list)):
         need(rep, k, t, "report")
     if rep["schema"] != SCHEMA or rep["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"report.schema: {rep['schema']} v{rep['schema_version']}")
@@ -43,6 +104,15 @@ def validate_report(rep: dict) -> None:
             for k in ("vs_authors", "speedup_vs_authors", "peak_host_mib", "peak_device_mib"):
                 if k not in r or not (r[k] is None or isinstance(r[k], (int, float))):
                     raise ValueError(f"{where}.{k}: missing or not a number/null")
+            if not (r.get("cv") is None or isinstance(r["cv"], (int, float))) or not isinstance(r.get("noisy"), bool):
+                raise ValueError(f"{where}.cv/noisy: missing or not a number/null and a boolean")
+            f = r.get("fidelity", "missing")
+            if not (f is None or (isinstance(f, dict) and isinstance(f.get("max_abs"), (int, float))
+                                  and isinstance(f.get("below_threshold"), bool))):
+                raise ValueError(f"{where}.fidelity: missing or not null / a mapping with max_abs and below_threshold")
+        if "threads" not in r or not (r["threads"] is None or isinstance(r["threads"], int)):
+            raise ValueError(f"{where}.threads: missing or not an integer/null")
+        if r["status"] == "ok":
             ph = r.get("phases_ms")
             if ph is not None and not (isinstance(ph, dict) and all(isinstance(v, (int, float)) for v in ph.values())):
                 raise ValueError(f"{where}.phases_ms: not null or a mapping of phase -> ms")
@@ -52,23 +122,56 @@ def _fmt(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def table_rows(rep: dict) -> list[list[str]]:
-    """Rows of the terminal/Markdown table: backend, precision, size, batch, stage, status, stats."""
-    out = []
-    for r in rep["rows"]:
-        size = f"{r['size'][0]}x{r['size'][1]}"
-        if r["status"] != "ok":
-            out.append([r["backend"], r["precision"], size, str(r["batch"]), r["stage"], r["status"]] + ["-"] * 10)
-            continue
-        out.append([r["backend"], r["precision"], size, str(r["batch"]), r["stage"], "ok",
-                    _fmt(r["min_ms"]), _fmt(r["mean_ms"]), _fmt(r["median_ms"]), _fmt(r["p90_ms"]), _fmt(r["p95_ms"]),
-                    _fmt(r["p99_ms"]), _fmt(r["throughput_ips"], ".2f"), _fmt(r["peak_host_mib"], ".0f"),
-                    _fmt(r["vs_authors"], ".3f"), _fmt(r["speedup_vs_authors"], ".2f") + ("x" if r["speedup_vs_authors"] else "")])
-    return out
+def _cells(r: dict, short_status: bool) -> dict[str, str]:
+    size = f"{r['size'][0]}x{r['size'][1]}"
+    c = {"backend": r["backend"], "precision": r["precision"], "size": size, "batch": str(r["batch"]),
+         "stage": r["stage"], "threads": _fmt(r.get("threads"), "d")}
+    if r["status"] != "ok":
+        c["status"] = "failed (reason below)" if short_status else r["status"]
+        return c
+    f = r.get("fidelity") or {}
+    low = " !" if f.get("below_threshold") else ""
+    c.update({"status": "ok" + (" (noisy)" if r.get("noisy") else ""),
+              "min ms": _fmt(r["min_ms"]), "mean ms": _fmt(r["mean_ms"]), "median ms": _fmt(r["median_ms"]),
+              "p90 ms": _fmt(r["p90_ms"]), "p95 ms": _fmt(r["p95_ms"]), "p99 ms": _fmt(r["p99_ms"]),
+              "cv": _fmt(r.get("cv"), ".1%") + (" !" if r.get("noisy") else ""),
+              "images/s": _fmt(r["throughput_ips"], ".2f"), "peak MiB": _fmt(r["peak_host_mib"], ".0f"),
+              "time vs authors": _fmt(r["vs_authors"], ".3f"),
+              "speed-up": _fmt(r["speedup_vs_authors"], ".2f") + ("x" if r["speedup_vs_authors"] else ""),
+              "PSNR dB": ((_psnr(f["psnr_db"]) if f.get("psnr_db") is not None
+                           else ("cos " + format(f["cosine"], ".6f") if f.get("cosine") is not None else "-")) + low)
+              if f else "-",
+              "max abs": (_fmt(f["max_abs"], ".0f" if f.get("unit") == "8-bit levels" else ".2g") if f else "-")})
+    return c
 
 
-COLUMNS = ["backend", "precision", "size", "batch", "stage", "status", "min ms", "mean ms", "median ms", "p90 ms",
-           "p95 ms", "p99 ms", "images/s", "peak MiB", "time vs authors", "speed-up"]
+def table_rows(rep: dict, columns: list[str] | None = None, short_status: bool = False) -> list[list[str]]:
+    """Rows of the terminal/Markdown table in `columns` (default COLUMNS); '-' where a column does not
+    apply. `short_status`: failed rows say 'failed (reason below)' (the terminal prints the reasons
+    whole under the table, see failure_lines); otherwise the whole reason is the status cell."""
+    cols = columns or COLUMNS
+    return [[_cells(r, short_status).get(k, "-") for k in cols] for r in rep["rows"]]
+
+
+def failure_lines(rep: dict) -> list[str]:
+    """One line per failed row with its whole reason."""
+    return [f"{row_name(r)}: {r['status']}" for r in rep["rows"] if r["status"] != "ok"]
+
+
+COLUMNS = ["backend", "precision", "size", "batch", "stage", "threads", "status", "min ms", "mean ms", "median ms",
+           "p90 ms", "p95 ms", "p99 ms", "cv", "images/s", "peak MiB", "time vs authors", "speed-up", "PSNR dB",
+           "max abs"]
+# the terminal's table: what fits a wide terminal; report.md and report.json hold every column
+TERMINAL_COLUMNS = ["backend", "precision", "size", "batch", "stage", "threads", "status", "median ms", "min ms",
+                    "p90 ms", "cv", "images/s", "peak MiB", "speed-up", "PSNR dB", "max abs"]
+
+
+def settings_text(rep_or_opts) -> str:
+    """The settings a run used, in words (the demo says them too)."""
+    o = rep_or_opts["options"] if "options" in rep_or_opts else rep_or_opts
+    threads = rep_or_opts.get("threads") or o.get("threads")
+    return (f"{threads} CPU thread(s) for torch, the authors' forward and ONNX Runtime; warm-up {o['warmup_s']:g} s, "
+            f"then >= {o['min_iters']} calls and >= {o['min_seconds']:g} s per row")
 
 
 def machine_text(rep: dict) -> str:
@@ -93,12 +196,48 @@ def check_report_outputs(out_dir: Path, json_file: Path | None, overwrite: bool,
         check_file_replaceable(p, "report", overwrite, inputs)
 
 
-def write_reports(rep: dict, out_dir: Path, json_file: Path | None = None) -> dict[str, Path]:
+MAX_NUMBERED = 10_000
+
+
+def numbered_dir(base: Path) -> Path:
+    """The first of base, base2, base3, ... that does not exist (the default folder of `asap bench`:
+    a second run writes next to the first one's reports instead of failing on them)."""
+    import os
+
+    base = Path(base)
+    for i in range(1, MAX_NUMBERED + 1):
+        p = base if i == 1 else base.with_name(f"{base.name}{i}")
+        if not os.path.lexists(p):
+            return p
+    from asap_deploy.errors import OutputError
+
+    raise OutputError(f"{base}: {base.name} .. {base.name}{MAX_NUMBERED} all exist; pass -o to choose a folder")
+
+
+def _create_numbered(base: Path) -> Path:
+    """Create the first free numbered folder of `base` (a new, empty folder: never one that exists)."""
+    from asap_deploy.errors import OutputError
+
+    while True:
+        p = numbered_dir(base)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.mkdir()
+            return p
+        except FileExistsError:
+            continue  # another run took it meanwhile: the next number
+        except OSError as exc:
+            raise OutputError(f"{p}: cannot create the report folder ({exc.strerror or exc})") from exc
+
+
+def write_reports(rep: dict, out_dir: Path, json_file: Path | None = None, numbered: bool = False) -> dict[str, Path]:
     """report.json, report.md and latency.png in `out_dir` (+ the JSON at `json_file`), atomically,
-    each recorded in its folder's ownership marker (io.claim_files) so a later run may replace it."""
+    each recorded in its folder's ownership marker (io.claim_files) so a later run may replace it.
+    `numbered`: `out_dir` is a base name; the reports go to a folder created fresh for them, the
+    first free one of out_dir, out_dir2, out_dir3, ... (numbered_dir)."""
     from asap_deploy.io import claim_files, write_json, write_text
 
-    out_dir = Path(out_dir)
+    out_dir = _create_numbered(Path(out_dir)) if numbered else Path(out_dir)
     claim_files(out_dir, REPORT_KIND, REPORT_FILES)
     if json_file is not None:
         claim_files(Path(json_file).parent, REPORT_KIND, [Path(json_file).name])
@@ -113,15 +252,18 @@ def write_reports(rep: dict, out_dir: Path, json_file: Path | None = None) -> di
 
 
 def to_markdown(rep: dict) -> str:
-    o = rep["options"]
     lines = ["# asap bench", "",
              f"Machine: {machine_text(rep)}", "",
              f"Model: {rep['model'].get('description') or rep['model'].get('bundle', '')} (S={rep['model'].get('S')})", "",
-             f"Timing: {rep['timing']}. Warm-up {o['warmup_s']} s, then >= {o['min_iters']} iterations and "
-             f">= {o['min_seconds']} s per row. Baseline: the authors' forward, measured in the same run; "
-             "'time vs authors' = median / authors' median (lower is better), speed-up = its inverse. "
-             "Peak MiB: resident high-water mark growth during the row (lower bound).", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             f"Timing: {rep['timing']}. Settings: {settings_text(rep)}. Baseline: the authors' forward, measured "
+             "in the same run; 'time vs authors' = median / authors' median (lower is better), speed-up = its "
+             "inverse. Peak MiB: resident high-water mark growth during the row (lower bound). "
+             f"cv: coefficient of variation (std / mean); '!' marks a noisy row (cv above {rep['noisy_cv']:.0%}). "
+             f"Fidelity: {rep['fidelity']}; PSNR 'inf' = identical, '!' = below the threshold; max abs in "
+             "8-bit levels (parameter units for the predictor).", ""]
+    if rep.get("warnings"):
+        lines += ["**Warnings**", ""] + [f"- {w}" for w in rep["warnings"]] + [""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in table_rows(rep):
         lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
     split = [r for r in rep["rows"] if r.get("phases_ms")]
@@ -139,43 +281,100 @@ def to_markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rep: dict, path: Path) -> Path:
-    """PNG bar chart: median latency (log scale) per backend, grouped by stage, one panel per size/batch/precision."""
+def ms_label(v: float) -> str:
+    """A latency in ms as plain digits (3 significant, never scientific notation): 1333, 63.7, 0.123."""
+    if v >= 100:
+        return f"{v:.0f}"
+    if v <= 0:
+        return "0"
+    import math
+
+    return f"{v:.{min(6, max(0, 2 - math.floor(math.log10(v))))}f}"
+
+
+def tick_label(v: float) -> str:
+    """An axis tick in plain digits: 0.5, 2, 1000 (never 1e+03 or 10^3)."""
+    return f"{v:.6f}".rstrip("0").rstrip(".") or "0"
+
+
+def _header_lines(rep: dict, width_chars: int) -> list[str]:
+    """The machine line and what makes the figures less trustworthy, wrapped to the figure's width."""
+    import textwrap
+
+    text = [f"machine: {machine_text(rep)}"]
+    ok = [r for r in rep["rows"] if r["status"] == "ok"]
+    noisy = sum(1 for r in ok if r.get("noisy"))
+    notes = [f"hatched bar and '!': noisy row (cv above {rep['noisy_cv']:.0%}; {noisy} of {len(ok)} rows)"]
+    notes += [w.split(";")[0] for w in rep.get("warnings", []) if w.startswith("the machine was busy")]
+    if any((r.get("fidelity") or {}).get("below_threshold") for r in ok):
+        notes.append("'wrong': output below the fidelity threshold vs torch fp32")
+    text.append("; ".join(notes))
+    return [line for t in text for line in textwrap.wrap(t, width_chars)]
+
+
+def figure(rep: dict):
+    """The latency chart as a matplotlib Figure: median latency (log scale) per backend, grouped by
+    stage, one panel per size/batch/precision; bar labels and axis ticks in plain digits; noisy rows
+    hatched and marked '!'; the machine line and the warnings wrapped to the figure's width."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from asap_deploy.io import atomic_path
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ok = [r for r in rep["rows"] if r["status"] == "ok"]
-    groups = sorted({(tuple(r["size"]), r["batch"], r["precision"]) for r in ok})
-    backends = list(dict.fromkeys(r["backend"] for r in ok))
+    groups = list(dict.fromkeys((tuple(r["size"]), r["batch"], r["precision"]) for r in ok))  # as measured
+    colours = {b: f"C{i}" for i, b in enumerate(dict.fromkeys(r["backend"] for r in ok))}
     stages = [s for s in STAGES if any(r["stage"] == s for r in ok)]
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 4.2), squeeze=False)
+    fig_w, font = 5.5 * max(1, len(groups)), 8
+    header = _header_lines(rep, int(fig_w * 72 / (0.6 * font)))
+    head_in = 0.2 + 0.16 * len(header)
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(fig_w, 4.2 + head_in), squeeze=False)
+    plain = FuncFormatter(lambda v, _pos: tick_label(v))
     for ax, (size, batch, prec) in zip(axes[0], groups):
+        mine = [r for r in ok if tuple(r["size"]) == size and r["batch"] == batch and r["precision"] == prec]
+        backends = list(dict.fromkeys(r["backend"] for r in mine))
         width = 0.8 / max(1, len(backends))
+        top, bottom = 0.0, math.inf
         for bi, b in enumerate(backends):
-            vals = []
-            for s in stages:
-                r = next((r for r in ok if r["backend"] == b and r["stage"] == s and tuple(r["size"]) == size
-                          and r["batch"] == batch and r["precision"] == prec), None)
-                vals.append(r["median_ms"] if r else 0)
-            xs = np.arange(len(stages)) + bi * width
-            ax.bar(xs, vals, width, label=b)
-            for x, v in zip(xs, vals):
-                if v:
-                    ax.text(x, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+            found = [next((r for r in mine if r["backend"] == b and r["stage"] == s), None) for s in stages]
+            for x, r in zip(np.arange(len(stages)) + bi * width, found):
+                if not r:
+                    continue
+                v = r["median_ms"]
+                [bar] = ax.bar([x], [v], width, color=colours[b])
+                top, bottom = max(top, v), min(bottom, v)
+                mark = (" !" if r.get("noisy") else "") + ("\nwrong" if (r.get("fidelity") or {}).get("below_threshold") else "")
+                if r.get("noisy"):
+                    bar.set_hatch("///")
+                    bar.set_edgecolor("black")
+                ax.text(x, v, ms_label(v) + mark, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(np.arange(len(stages)) + width * (len(backends) - 1) / 2)
         ax.set_xticklabels(stages)
         ax.set_yscale("log")
+        if top > 0:
+            ax.set_ylim(bottom / 2.5, top * 2.5)  # every bar visible, room for the labels above the tallest
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel("median latency (ms, log scale)")
         ax.set_title(f"{size[0]}x{size[1]}, batch {batch}, {prec}", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(handles=[Patch(color=colours[b], label=b) for b in backends], fontsize=8)
     if not groups:
         axes[0][0].text(0.5, 0.5, "no successful rows", ha="center")
-    fig.suptitle(machine_text(rep)[:110], fontsize=8)
-    fig.tight_layout()
+    fig.text(0.01, 0.995, "\n".join(header), ha="left", va="top", fontsize=font)
+    fig.tight_layout(rect=(0, 0, 1, 1 - head_in / (4.2 + head_in)))
+    return fig
+
+
+def plot(rep: dict, path: Path) -> Path:
+    """latency.png (the figure above), written atomically."""
+    from asap_deploy.io import atomic_path
+
+    fig = figure(rep)  # selects the Agg backend before pyplot is imported
+    import matplotlib.pyplot as plt
+
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

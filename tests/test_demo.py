@@ -28,7 +28,8 @@ def said(text: str, r) -> bool:
 
 def test_demo_writes_what_it_promises(tmp_path):
     out = tmp_path / "demo"
-    r = runner.invoke(app, ["demo", "--out", str(out), "--steps", "2", "--minutes", "5", "--bench-size", "32"])
+    r = runner.invoke(app, ["demo", "--out", str(out), "--steps", "2", "--minutes", "5", "--bench-size", "32",
+                            "--bench-duration", "0.05"])
     assert r.exit_code == 0, r.output
     for name in ("loss_curve.png", "results_grid.png", "quality.json", "run/model.pt", "run/losses.jsonl",
                  "data/dataset.json", "results/label_00.png", "results/compare_07.png", "bundle/manifest.json",
@@ -54,6 +55,21 @@ def test_demo_writes_what_it_promises(tmp_path):
         assert read_rgb(out / "infer" / f"scale{k}" / "000000.png").shape == (64 * k, 64 * k, 3)
     bench = json.loads((out / "bench" / "report.json").read_text())
     assert {r_["backend"] for r_ in bench["rows"]} >= {"authors", "torch", "onnxruntime"}
+    # the bench step runs with `asap bench`'s settings (not the training's 1 thread) and says them
+    from asap_deploy.engines.bench import BenchOptions, default_threads
+    from asap_deploy.engines.bench_report import settings_text
+
+    d = BenchOptions()
+    o = bench["options"]
+    assert (o["warmup_s"], o["min_iters"], o["threads"], o["stages"]) == (d.warmup_s, d.min_iters, None, d.stages)
+    assert o["min_seconds"] == 0.05 and bench["threads"] == default_threads()
+    assert {r_["threads"] for r_ in bench["rows"]} == {default_threads()}
+    assert said(f"settings of `asap bench --size 32`: {settings_text(bench)}", r)
+    assert said(f"bench settings (those of `asap bench --size 32`): {settings_text(bench)}", r)
+    from html import escape
+
+    assert escape(settings_text(bench)) in (out / "index.html").read_text()
+    assert said("[1/9] authors fp32 32x32 batch 1 predictor: median", r)  # a line per finished row
     page = (out / "index.html").read_text()
     import re
 

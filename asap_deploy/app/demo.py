@@ -14,6 +14,7 @@ and an index.html (static) that shows it all together.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +48,7 @@ BENCH_SIZE = 1024
 
 def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: int | None = None, seed: int = 0,
              on_event: Callable[..., None] | None = None, threads: int | None = 1,
-             bench_size: int = BENCH_SIZE, bench_seconds: float = 1.0) -> dict[str, Any]:
+             bench_size: int = BENCH_SIZE, bench_seconds: float | None = None) -> dict[str, Any]:
     import torch
 
     if threads:
@@ -147,14 +148,21 @@ def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: 
     # 8. bench
     emit("stage", text=f"8/{STAGES} asap bench at {bench_size}x{bench_size} (authors' forward as baseline)")
     from ..engines.bench import BenchOptions, run_bench
-    from ..engines.bench_report import write_reports
+    from ..engines.bench_report import row_line, settings_text, write_reports
 
-    bench = run_bench(bundle, BenchOptions(sizes=[(bench_size, bench_size)], min_iters=3, min_seconds=bench_seconds, warmup_s=0.0),
-                      progress=lambda msg: emit("note", text=msg))
+    # asap bench's own defaults (threads included: the training's thread count is not the bench's);
+    # only the size, and the duration when asked (--bench-duration), differ
+    bench_opts = BenchOptions(sizes=[(bench_size, bench_size)])
+    if bench_seconds is not None:
+        bench_opts.min_seconds = bench_seconds
+    settings = settings_text({"options": asdict(bench_opts), "threads": bench_opts.cpu_threads()})
+    emit("note", text=f"settings of `asap bench --size {bench_size}`: {settings}")
+    bench = run_bench(bundle, bench_opts, on_row=lambda row, done, total: emit("note", text=row_line(row, done, total)))
     bench_files = write_reports(bench, out / "bench")
     files += list(bench_files.values())
 
     result = {"quality": quality, "steps": trainer.step, "seconds": summary["seconds"], "bench_size": bench_size,
+              "bench_settings": settings_text(bench), "bench_warnings": bench["warnings"],
               "validation": {"passed": report.passed, "report": str(report.report_dir),
                              "precision": report.precision, "thresholds": report.thresholds,
                              "backends": report.to_dict().get("backends", {}),
@@ -293,6 +301,8 @@ value over the held-out label maps); full report: <a href="validation/report.jso
 <p>Label map | scale-1 output upscaled (nearest) | (bicubic) | the MLP evaluated on a {SCALES[-1]}x denser grid
 (<code>asap infer --scale {SCALES[-1]}</code>).</p><img src="scale_grid.png" alt="scale grid">
 <h2>Latency at {result['bench_size']}x{result['bench_size']}</h2>
+<p>Settings (those of <code>asap bench --size {result['bench_size']}</code>): {escape(result.get('bench_settings', ''))}.</p>
+{''.join(f'<p class="warning">warning: {escape(w)}</p>' for w in result.get('bench_warnings', []))}
 <table><tr><th>backend</th><th>stage</th><th>status</th><th>median ms</th><th>speed-up vs the authors' forward</th></tr>{rows}</table>
 <img src="bench/latency.png" alt="latency chart"><pre>{escape(bench_md)}</pre>
 </body></html>
