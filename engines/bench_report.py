@@ -64,15 +64,19 @@ def row_line(r: dict, done: int | None = None, total: int | None = None) -> str:
         parts.append(f"{r['speedup_vs_authors']:.2f}x the authors' speed")
     f = r.get("fidelity")
     if f:
-        parts.append((f"PSNR {_psnr(f['psnr_db'])} dB" if f["psnr_db"] is not None else f"cosine {f['cosine']:.6f}")
+        parts.append((f"PSNR {_psnr(f)} dB" if f["psnr_db"] is not None else f"cosine {f['cosine']:.6f}")
                      + (" BELOW THRESHOLD" if f["below_threshold"] else ""))
     if r.get("threads") is not None:
         parts.append(f"{r['threads']} thread(s)")
     return f"{head}: " + ", ".join(parts)
 
 
-def _psnr(v: float) -> str:
-    return "inf" if v >= 100 else f"{v:.1f}"  # psnr_u8 caps identical images at 100 dB
+def _psnr(f: dict) -> str:
+    """PSNR of a fidelity entry: 'inf' for identical images; psnr_u8 caps the rest at 100 dB ('>=100')."""
+    v = f["psnr_db"]
+    if v >= 100:
+        return "inf" if f["max_abs"] == 0 else ">=100"
+    return f"{v:.1f}"
 
 
 def validate_report(rep: dict) -> None:
@@ -138,7 +142,7 @@ def _cells(r: dict, short_status: bool) -> dict[str, str]:
               "images/s": _fmt(r["throughput_ips"], ".2f"), "peak MiB": _fmt(r["peak_host_mib"], ".0f"),
               "time vs authors": _fmt(r["vs_authors"], ".3f"),
               "speed-up": _fmt(r["speedup_vs_authors"], ".2f") + ("x" if r["speedup_vs_authors"] else ""),
-              "PSNR dB": ((_psnr(f["psnr_db"]) if f.get("psnr_db") is not None
+              "PSNR dB": ((_psnr(f) if f.get("psnr_db") is not None
                            else ("cos " + format(f["cosine"], ".6f") if f.get("cosine") is not None else "-")) + low)
               if f else "-",
               "max abs": (_fmt(f["max_abs"], ".0f" if f.get("unit") == "8-bit levels" else ".2g") if f else "-")})
@@ -259,7 +263,7 @@ def to_markdown(rep: dict) -> str:
              "in the same run; 'time vs authors' = median / authors' median (lower is better), speed-up = its "
              "inverse. Peak MiB: resident high-water mark growth during the row (lower bound). "
              f"cv: coefficient of variation (std / mean); '!' marks a noisy row (cv above {rep['noisy_cv']:.0%}). "
-             f"Fidelity: {rep['fidelity']}; PSNR 'inf' = identical, '!' = below the threshold; max abs in "
+             f"Fidelity: {rep['fidelity']}; PSNR 'inf' = identical, '>=100' = above the 100 dB cap of `asap validate` yet not identical, '!' = below the threshold; max abs in "
              "8-bit levels (parameter units for the predictor).", ""]
     if rep.get("warnings"):
         lines += ["**Warnings**", ""] + [f"- {w}" for w in rep["warnings"]] + [""]

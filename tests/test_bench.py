@@ -301,6 +301,9 @@ def test_fidelity_next_to_speed(bundle, monkeypatch):
         f = by[(b, "predictor")]["fidelity"]
         assert f["psnr_db"] is None and f["cosine"] > 0.9999 and f["unit"] == "parameter units"
     assert by[("torch", "end_to_end")]["fidelity"]["max_abs"] == 0  # the reference itself
+    assert "PSNR inf dB" in row_line(by[("torch", "end_to_end")])
+    capped = dict(by[("torch", "end_to_end")], fidelity={**by[("torch", "end_to_end")]["fidelity"], "max_abs": 1.0})
+    assert "PSNR >=100 dB" in row_line(capped)  # capped by psnr_u8 yet not identical: never called 'inf'
     # a fast but wrong backend: its output is flagged, in the row, the warnings, the table and the line
     from asap_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
 
