@@ -25,3 +25,18 @@ def authors_fixture_meta(name: str) -> dict:
 
 
 AUTHORS_FIXTURE_NAMES = ["facades_s64", "cityscapes_s16", "dontcare_s32"]
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    """A private AOT kernel cache (ASAP_KERNEL_CACHE) for one test module's engine builds."""
+    import os
+
+    d = tmp_path_factory.mktemp("kcache")
+    old = os.environ.get("ASAP_KERNEL_CACHE")
+    os.environ["ASAP_KERNEL_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("ASAP_KERNEL_CACHE", None)
+    else:
+        os.environ["ASAP_KERNEL_CACHE"] = old

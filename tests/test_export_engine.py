@@ -30,18 +30,6 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def kernel_cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("kcache")
-    old = os.environ.get("ASAP_KERNEL_CACHE")
-    os.environ["ASAP_KERNEL_CACHE"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("ASAP_KERNEL_CACHE", None)
-    else:
-        os.environ["ASAP_KERNEL_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
 def rtx():
     pytest.importorskip("triton", reason="triton not installed (the plugin's kernels are compiled with it)")
     return pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed (pip install 'asap-deploy[rtx]')")

@@ -34,18 +34,6 @@ SHAPES = ["--min", "1x16x16", "--opt", "1x64x64", "--max", "2x128x96"]
 
 
 @pytest.fixture(scope="module")
-def kernel_cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("kcache")
-    old = os.environ.get("ASAP_KERNEL_CACHE")
-    os.environ["ASAP_KERNEL_CACHE"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("ASAP_KERNEL_CACHE", None)
-    else:
-        os.environ["ASAP_KERNEL_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
 def trt():
     """tensorrt_rtx for the tests that build or parse; without it they skip, and the tests that need
     no TensorRT (shape parsing, profiles, the library workaround on fake files) still run."""

@@ -10,12 +10,15 @@ from typing import Callable, Iterator
 
 
 def check_source(model: Path | None, bundle_dir: Path | None, engine_file: Path | None) -> None:
-    """UsageError if more than one of --model / --bundle / --engine is given."""
-    from ..errors import UsageError
+    """UsageError if more than one of --model / --bundle / --engine is given; MissingDependencyError
+    (naming the extra) without torch: every run measures the authors' PyTorch forward as its
+    baseline, so a run without it would only fail its baseline rows after the work."""
+    from ..errors import UsageError, require_module
 
     given = [n for n, v in (("--model", model), ("--bundle", bundle_dir), ("--engine", engine_file)) if v is not None]
     if len(given) > 1:
         raise UsageError(f"give at most one of --model, --bundle, --engine (got {', '.join(given)})")
+    require_module("torch", "asap bench (its baseline is the authors' PyTorch forward)", "torch")
 
 
 @contextlib.contextmanager

@@ -211,7 +211,7 @@ def test_threads_capped_relative_to_the_cores(args, tmp_path, bundle_dir, good_m
 def test_help_states_the_ranges():
     """Every bounded option documents its range in --help."""
     for cmd, texts in {"infer": ["1..1024", "1..256", "1..1073741824", "4 x the"],
-                       "bench": ["0..600", "0..60)", "1..100000", "1..65536", "1..256"],
+                       "bench": ["0..600", "0..60;", "1..100000", "1..65536", "1..256"],
                        "serve": ["1..256", "0..10000", "1..1073741824", "4 x the"],
                        "loadtest": ["1..1024", "1..1000000", "(0, 3600]", "1..65536"],
                        "make-data": ["1..100000", "32..4096", "2..255", SEED],
