@@ -61,7 +61,7 @@ def temp_name(target: Path, kind: str = "", suffix: str = "") -> Path:
 def remove_stale_temps(target: Path) -> None:
     """Remove temp files of `target` left by a killed run: only names temp_name makes for it
     (`.NAME.asaptmp-<12 hex>...`), never another file."""
-    room = NAME_MAX - 1 - len(f".{TEMP_TAG}-000000000000.partial{target.suffix}".encode())
+    room = NAME_MAX - 1 - len(f".{TEMP_TAG}-000000000000{target.suffix or '.tmp'}".encode())  # as atomic_path
     base = _fit_name(target.name, room)
     try:
         entries = list(os.scandir(target.parent))

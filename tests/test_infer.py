@@ -303,6 +303,11 @@ def test_stale_temps_removed_only_ours(tmp_path):
         (tmp_path / name).write_bytes(b"user")
     remove_stale_temps(tmp_path / "a.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+    long = tmp_path / ("é" * 125 + "a.png")  # 255 bytes: its temp name is shortened, and still found
+    stale = temp_name(long, suffix=".png")
+    stale.write_bytes(b"partial")
+    remove_stale_temps(long)
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
 
 
 def test_sigterm_mid_run_leaves_only_whole_pngs(tmp_path, bundle_dir):
