@@ -11,11 +11,18 @@ Opening an engine, in this order (each step refuses with a message saying what t
      deserialized.
 Running: device buffers are allocated once per input shape and reused; only label ids (and
 instance ids) are uploaded (the one-hot lives in the engine); with `cuda_graph=True` the
-execution for a fixed shape is captured once and replayed.
+execution for a fixed shape is captured once and replayed; if the capture fails, the capture is
+ended, the graph dropped, and that engine runs without graphs from then on (one note, `notes`).
+Threads: the driver's current context is per thread and only `__init__`'s thread has it set, so
+every method that calls the driver pushes the engine's context and pops it in a `finally`
+(`asap serve` calls engines from PyTriton's handler thread).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +92,18 @@ def _ck(result, what: str):
     return check(_drv(), result, what)
 
 
+@contextmanager
+def _current(ctx) -> Iterator[Any]:
+    """`ctx` as the calling thread's current CUDA context for the block (pushed, popped in a
+    `finally`; nesting is fine); yields the driver module."""
+    drv = _drv()
+    _ck(drv.cuCtxPushCurrent(ctx), "cuCtxPushCurrent")
+    try:
+        yield drv
+    finally:
+        drv.cuCtxPopCurrent()  # not checked: it must not hide the block's own exception
+
+
 @dataclass
 class _Bound:
     """Device buffers + output arrays for one input-shape signature (and its CUDA graph)."""
@@ -97,13 +116,21 @@ class _Bound:
 
 
 class _GraphRunner:
-    """One deserialized engine + execution context."""
+    """One deserialized engine + execution context. `ctx`: the CUDA context, made current around
+    every driver use; `note(key, text)`: how a one-time note reaches the engine's `notes`."""
 
-    def __init__(self, trt, runtime, path: Path, sidecar: dict, blob: bytes, stream, cuda_graph: bool):
+    def __init__(self, trt, runtime, path: Path, sidecar: dict, blob: bytes, stream, cuda_graph: bool, ctx,
+                 note: Callable[[str, str], None]):
         self.trt, self.path, self.sidecar, self.stream, self.cuda_graph = trt, path, sidecar, stream, cuda_graph
+        self.ctx, self._note = ctx, note
+        with _current(ctx):
+            self._open(runtime, blob)
+
+    def _open(self, runtime, blob: bytes) -> None:
+        trt = self.trt
         self.engine = runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
-            raise EngineError(f"{path}: TensorRT could not deserialize it (see the log above); rebuild it")
+            raise EngineError(f"{self.path}: TensorRT could not deserialize it (see the log above); rebuild it")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
@@ -145,7 +172,38 @@ class _GraphRunner:
         if not self.context.execute_async_v3(int(self.stream)):
             raise EngineError(f"{self.path.name}: execute_async_v3 failed (see the TensorRT log)")
 
+    def _capture(self, drv, b: _Bound) -> bool:
+        """Capture one execution into `b.graph_exec`. On failure the capture is still ended (a stream
+        left capturing fails every later call), the graph dropped, graphs turned off for this engine
+        and a note given once; False then, and the caller runs plainly."""
+        mode = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        graph = None
+        try:
+            _ck(drv.cuStreamBeginCapture(self.stream, mode), "cuStreamBeginCapture")
+            try:
+                self._execute()
+            finally:
+                ended = drv.cuStreamEndCapture(self.stream)
+                if int(ended[0]) == int(drv.CUresult.CUDA_SUCCESS):
+                    graph = ended[1]
+            _ck(ended, "cuStreamEndCapture")  # e.g. a call in the enqueue that invalidated the capture
+            b.graph_exec = _ck(drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+            return True
+        except Exception as exc:  # noqa: BLE001 - any capture failure: run without graphs instead
+            b.graph_exec = None
+            self.cuda_graph = False
+            self._note("cuda_graph", f"{self.path.name}: CUDA graph capture failed ({exc}); running without "
+                                     "CUDA graphs from now on")
+            return False
+        finally:
+            if graph is not None:
+                drv.cuGraphDestroy(graph)
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with _current(self.ctx):
+            return self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         drv = _drv()
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
@@ -158,14 +216,8 @@ class _GraphRunner:
             a = feeds[n]
             _ck(drv.cuMemcpyHtoDAsync(b.ptrs[n], a.ctypes.data, a.nbytes, self.stream), f"upload {n}")
         _ck(drv.cuEventRecord(ev[1], self.stream), "cuEventRecord")
-        if self.cuda_graph and b.runs >= 1:
-            if b.graph_exec is None:  # capture after one plain run (plugins initialise on first enqueue)
-                mode = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
-                _ck(drv.cuStreamBeginCapture(self.stream, mode), "cuStreamBeginCapture")
-                self._execute()
-                graph = _ck(drv.cuStreamEndCapture(self.stream), "cuStreamEndCapture")
-                b.graph_exec = _ck(drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
-                drv.cuGraphDestroy(graph)
+        # capture after one plain run (plugins initialise on first enqueue)
+        if self.cuda_graph and b.runs >= 1 and (b.graph_exec is not None or self._capture(drv, b)):
             _ck(drv.cuGraphLaunch(b.graph_exec, self.stream), "cuGraphLaunch")
         else:
             self._execute()
@@ -183,10 +235,11 @@ class _GraphRunner:
         return out
 
     def close(self) -> None:
-        for k in list(self._bound):
-            self._free(self._bound.pop(k))
-        for e in self._events:
-            _drv().cuEventDestroy(e)
+        with _current(self.ctx) as drv:
+            for k in list(self._bound):
+                self._free(self._bound.pop(k))
+            for e in self._events:
+                drv.cuEventDestroy(e)
         self._events = []
         self.context = None
         self.engine = None
@@ -237,6 +290,17 @@ class TensorRTEngine(Engine):
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._runners: dict[str, _GraphRunner] = {}
+        self._noted: dict[str, str] = {}
+
+    @property
+    def notes(self) -> list[str]:
+        """What this engine changed on its own while running (e.g. CUDA graphs turned off), once each."""
+        return list(self._noted.values())
+
+    def _note_once(self, key: str, text: str) -> None:
+        if key not in self._noted:
+            self._noted[key] = text
+            warnings.warn(text, RuntimeWarning, stacklevel=2)
 
     def runner(self, graph: str) -> _GraphRunner:
         if graph not in self._files:
@@ -244,7 +308,8 @@ class TensorRTEngine(Engine):
             raise EngineError(f"{path}: this TensorRTEngine was opened without the {graph} engine (graphs=...)")
         if graph not in self._runners:
             path, sc, blob = self._files[graph]
-            self._runners[graph] = _GraphRunner(self.trt, self._runtime, path, sc, blob, self.stream, self.cuda_graph)
+            self._runners[graph] = _GraphRunner(self.trt, self._runtime, path, sc, blob, self.stream, self.cuda_graph,
+                                                 self._ctx, self._note_once)
         return self._runners[graph]
 
     def last_phases(self) -> dict[str, float]:
@@ -258,7 +323,8 @@ class TensorRTEngine(Engine):
 
     def describe(self) -> dict:
         return {**super().describe(), "flavor": self.flavor, "tensorrt": self.trt.__version__, "gpu": self.gpu,
-                "sm": self.sm, "cuda_graph": self.cuda_graph, "engines": {g: str(p) for g, (p, _, _) in self._files.items()}}
+                "sm": self.sm, "cuda_graph": self.cuda_graph, "engines": {g: str(p) for g, (p, _, _) in self._files.items()},
+                "notes": self.notes}
 
     def _feeds(self, graph: str, **arrays) -> dict[str, np.ndarray]:
         r = self.runner(graph)
@@ -281,5 +347,6 @@ class TensorRTEngine(Engine):
             r.close()
         self._runners.clear()
         if getattr(self, "stream", None) is not None:
-            _drv().cuStreamDestroy(self.stream)
+            with _current(self._ctx) as drv:
+                drv.cuStreamDestroy(self.stream)
             self.stream = None
