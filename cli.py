@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from asap_deploy.engines.registry import ENGINE_NAMES  # the backends validate (and infer) accept, for --help
+from asap_deploy.app.options import ENGINE_NAMES  # the backends validate (and infer) accept, for --help
 from asap_deploy.errors import AsapError
 
 class _Argument(typer.core.TyperArgument):
@@ -159,9 +159,9 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 
 
 def _load_config(preset: Optional[str], config: Optional[Path]):
-    from asap_deploy.config import config_from
+    from asap_deploy.app.options import load_config
 
-    return config_from(preset, config)
+    return load_config(preset, config)
 
 
 PRESET_HELP = "Model preset: facades, cityscapes, ade20k or coco."
@@ -200,12 +200,9 @@ def _source_kinds(model: Optional[Path], bundle_dir: Optional[Path], engine_file
 def _checkpoint_arg(option: str, path: Optional[Path], folder_ok: bool = False, engine: bool = False) -> None:
     """A checkpoint (exit 4) or engine (exit 5) file argument must be a regular file: a FIFO or
     device would block. A missing file is left to its loader to report."""
-    if path is not None:
-        from asap_deploy.errors import CheckpointError, InputError
-        from asap_deploy.limits import check_file_arg
+    from asap_deploy.app.options import check_checkpoint_file
 
-        check_file_arg(option, path, "engine file" if engine else "checkpoint",
-                       error=InputError if engine else CheckpointError, folder_ok=folder_ok)
+    check_checkpoint_file(option, path, folder_ok=folder_ok, engine=engine)
 
 
 @app.command()
@@ -415,15 +412,12 @@ def export(
     import time
 
     from asap_deploy.errors import UsageError
-    from asap_deploy.export.bundle import MANIFEST, export_checkpoint
-    from asap_deploy.limits import MAX_BATCH, check_range
-    from asap_deploy.app.pipeline import engine_request
+    from asap_deploy.app.pipeline import engine_request, export_only
+    from asap_deploy.app.triton_repo import check_repo_args, is_bundle
 
     req = engine_request(engine, fp16=fp16 is True, arch=arch, stage=stage)  # before any work
     if triton_repo is not None:  # checked before the export, not after it
-        check_range("--triton-max-batch", triton_max_batch, 1, MAX_BATCH)
-        check_range("--triton-max-delay-ms", triton_delay_ms, 0.0, 10_000.0, unit="ms")
-        check_range("--triton-instances", triton_instances, 1, 64)
+        check_repo_args(triton_max_batch, triton_delay_ms, triton_instances)
     _checkpoint_arg("CHECKPOINT", checkpoint, folder_ok=True)
     from asap_deploy.app.paths import check_checkpoint_arg
 
@@ -431,10 +425,9 @@ def export(
         check_checkpoint_arg("CHECKPOINT", checkpoint, bundle_option=None)
 
     def write_repo(bundle_path: Path) -> None:
-        from asap_deploy.export.bundle import load_bundle
-        from asap_deploy.app.triton_repo import RepoOptions, write_triton_repo
+        from asap_deploy.app.triton_repo import RepoOptions, write_repo_for
 
-        rep = write_triton_repo(load_bundle(bundle_path), triton_repo, RepoOptions(
+        rep = write_repo_for(bundle_path, triton_repo, RepoOptions(
             max_batch=triton_max_batch, max_delay_ms=triton_delay_ms, instances=triton_instances, kind=triton_kind,
             overwrite=overwrite))
         for note in rep.notes:
@@ -442,7 +435,7 @@ def export(
         console.print(f"Triton model repository {rep.path}: models {', '.join(rep.models)} (configs checked against "
                       f"Triton's ModelConfig); start it with: tritonserver --model-repository {rep.path}", highlight=False)
 
-    if triton_repo is not None and req is None and (checkpoint / MANIFEST).is_file():
+    if triton_repo is not None and req is None and is_bundle(checkpoint):
         if out is not None:
             raise UsageError(f"{checkpoint} is already a bundle: drop -o/--out (only --triton-repo is written)")
         write_repo(checkpoint)
@@ -452,8 +445,8 @@ def export(
     t0 = time.perf_counter()
     with console.status("exporting") as status:
         if req is None:
-            res = export_checkpoint(checkpoint, out, config=_load_config(preset, config), preset=None,
-                                    fp16=fp16 is not False, overwrite=overwrite, progress=lambda msg: status.update(msg))
+            res = export_only(checkpoint, out, config=_load_config(preset, config), fp16=fp16 is not False,
+                              overwrite=overwrite, progress=lambda msg: status.update(msg))
         else:
             pipe = _export_and_build(checkpoint, out, req, config=_load_config(preset, config),
                                      fp16_export=fp16 is not False, overwrite=overwrite,
@@ -484,14 +477,14 @@ def export(
 def _export_and_build(checkpoint: Path, out: Path, req, **kw):
     """`asap export --engine` (asap_deploy/app/pipeline.py); TensorRT-RTX's parser library fix may
     need a restart, which happens before any work."""
+    from asap_deploy.app.build import with_rtx_restart
     from asap_deploy.app.pipeline import export_and_build
-    from asap_deploy.plugins import trt_compat
 
-    try:
-        return export_and_build(checkpoint, out, req, **kw)
-    except trt_compat.RtxLibraryPathError as exc:
-        err_console.print(f"[yellow]note:[/] {exc.message}; restarting with it", highlight=False)
-        trt_compat.reexec_with_library_path(exc.folder)
+    return with_rtx_restart(lambda: export_and_build(checkpoint, out, req, **kw), _restart_note)
+
+
+def _restart_note(message: str) -> None:
+    err_console.print(f"[yellow]note:[/] {message}; restarting with it", highlight=False)
 
 
 def _print_pipeline(pipe, checkpoint: Path, bundle: Path, t0: float) -> None:
@@ -607,49 +600,20 @@ def compile_kernels(
     """Compile the fused kernel ahead of time for GPUs (no GPU needed): cubin + PTX + JSON metadata."""
     import time
 
-    from asap_deploy.plugins import aot
+    from asap_deploy.app.kernels import ROW_COLUMNS, compile_for
 
     t0 = time.perf_counter()
-    archs = aot.parse_archs(arch)
-    cfgs = [_load_config(None, config)] if config else [_load_config(p, None) for p in preset]
-    split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
-    variants = aot.variants_for(cfgs, params_dtypes=split(params_dtype), out_dtypes=split(out_dtype))
     with console.status("compiling") as status:
-        index = aot.compile_kernels(archs, out_dir, variants, progress=lambda msg: status.update(f"compiling {msg}"),
-                                    overwrite=overwrite)
-    table = Table(title=f"{out_dir} (Triton {index['triton_version']})")
-    for col in ("arch", "kernel", "variant", "shared B", "warps", "hidden args"):
+        res = compile_for(out_dir, arch, preset, config, params_dtype, out_dtype, overwrite=overwrite,
+                          progress=lambda msg: status.update(f"compiling {msg}"))
+    table = Table(title=f"{out_dir} (Triton {res.triton_version})")
+    for col in ROW_COLUMNS:
         table.add_column(col)
-    for e in index["kernels"]:
-        m = aot.load_metadata(out_dir / e["json"])
-        what = (f"S={e['S']} params {e['params_dtype']} out {e['out_dtype']}" if e["kind"] == "spatial_mlp"
-                else f"{e['src_dtype']} -> fp16")
-        table.add_row(e["arch"], m["kernel_name"], what, str(m["shared"]), str(m["num_warps"]),
-                      ", ".join(h["name"] for h in m["hidden_args"]) or "-")
+    for row in res.rows():
+        table.add_row(*row)
     console.print(table)
-    console.print(f"[bold green]PASSED[/] | {len(index['kernels'])} kernels | {time.perf_counter() - t0:.1f} s | "
-                  f"asap compile-kernels --arch {','.join(f'sm_{c}' for c in archs)} -o {out_dir}", highlight=False)
-
-
-def _check_shape(option: str, text: Optional[str]) -> None:
-    """--min/--opt/--max NxHxW (or HxW): N in 1..MAX_BATCH, H and W in 1..MAX_SIDE, N*H*W <= 2^30."""
-    if text is None:
-        return
-    from asap_deploy.errors import UsageError
-    from asap_deploy.limits import MAX_BATCH, MAX_PIXELS_CAP, MAX_SIDE, check_pixels
-
-    parts = [p for p in str(text).lower().replace("*", "x").replace(",", "x").split("x") if p]
-    if len(parts) == 2:
-        parts = ["1", *parts]
-    if len(parts) != 3 or not all(p.strip().isdigit() and len(p.strip()) <= 12 for p in parts):
-        raise UsageError(f"{option} {text!r}: write it as NxHxW with whole numbers, e.g. 1x1024x1024")
-    n, h, w = (int(p) for p in parts)
-    if not 1 <= n <= MAX_BATCH:
-        raise UsageError(f"{option} {text!r}: N must be in 1..{MAX_BATCH} (got {n})")
-    for side, v in (("H", h), ("W", w)):
-        if not 1 <= v <= MAX_SIDE:
-            raise UsageError(f"{option} {text!r}: {side} must be in 1..{MAX_SIDE} (got {v})")
-    check_pixels(option, f"{n}x{h}x{w}", n * h * w, MAX_PIXELS_CAP, "the limit")
+    console.print(f"[bold green]PASSED[/] | {res.count} kernels | {time.perf_counter() - t0:.1f} s | "
+                  f"asap compile-kernels --arch {res.arch_option()} -o {out_dir}", highlight=False)
 
 
 @app.command("build-engine")
@@ -678,47 +642,29 @@ def build_engine(
     """Build TensorRT engines (+ JSON sidecars) from a bundle; the SpatialMLP node becomes the asap plugin."""
     import time
 
-    from asap_deploy.engines.build import BuildOptions, build_engines, make_profile, stage_graphs
-    from asap_deploy.export.bundle import load_bundle
-    from asap_deploy.plugins import trt_compat
-    from asap_deploy.plugins.aot import parse_archs
+    from asap_deploy.app.build import ENGINE_COLUMNS, build_engine as run_build, check_build_args, with_rtx_restart
 
-    from asap_deploy.app.pipeline import checkpoint_for_bundle
-
-    # a checkpoint where the bundle goes: say which one command exports, builds and validates it
-    checkpoint_for_bundle(bundle_dir, flavor=flavor or trt_compat.default_flavor(), fp16=fp16, arch=arch, stage=stage)
-    for option, text in (("--min", min_shape), ("--opt", opt_shape), ("--max", max_shape)):
-        _check_shape(option, text)
-    if timing_cache is not None:
-        from asap_deploy.limits import check_output_file
-
-        check_output_file("--timing-cache", timing_cache)  # read and written: never a FIFO or device
+    check_build_args(bundle_dir, flavor=flavor, fp16=fp16, arch=arch, stage=stage, min_shape=min_shape,
+                     opt_shape=opt_shape, max_shape=max_shape, timing_cache=timing_cache)
     t0 = time.perf_counter()
-    flavor = trt_compat.check_flavor(flavor or trt_compat.default_flavor())
-    stage_graphs(stage)
-    bundle = load_bundle(bundle_dir)
-    opts = BuildOptions(flavor=flavor, stage=stage, fp16=fp16, archs=parse_archs(arch) if arch else None,
-                        profile=make_profile(bundle.config.S, min_shape, opt_shape, max_shape), out_dir=out,
-                        timing_cache=timing_cache, overwrite=overwrite)
-    try:
+
+    def build():
         with console.status("building") as status:
-            built = build_engines(bundle, opts, progress=lambda msg: status.update(msg))
-    except trt_compat.RtxLibraryPathError as exc:
-        # TensorRT-RTX's parser needs libtensorrt_rtx.so on LD_LIBRARY_PATH at process start: restart once
-        err_console.print(f"[yellow]note:[/] {exc.message}; restarting with it", highlight=False)
-        trt_compat.reexec_with_library_path(exc.folder)
+            return run_build(bundle_dir, flavor=flavor, stage=stage, fp16=fp16, arch=arch, min_shape=min_shape,
+                             opt_shape=opt_shape, max_shape=max_shape, out=out, timing_cache=timing_cache,
+                             overwrite=overwrite, progress=lambda msg: status.update(msg))
+
+    # TensorRT-RTX's parser needs libtensorrt_rtx.so on LD_LIBRARY_PATH at process start: restart once
+    res = with_rtx_restart(build, _restart_note)
+    flavor, built = res.flavor, res.built
     if as_json:
-        console.print_json(json.dumps([b.sidecar for b in built]))
+        console.print_json(json.dumps(res.sidecars()))
     else:
         table = Table(title=f"{built[0].path.parent}: {flavor} engines ({'fp16' if fp16 else 'fp32'})")
-        for col in ("engine", "MiB", "targets", "plugin kernels", "from", "s"):
+        for col in ENGINE_COLUMNS:
             table.add_column(col)
-        for b in built:
-            sc = b.sidecar
-            pl = sc["plugin"]
-            table.add_row(b.path.name, f"{sc['engine']['bytes'] / 2**20:.1f}", ",".join(f"sm_{s}" for s in sc["targets"]["sm"]),
-                          ",".join(f"sm_{s}" for s in pl["kernel_archs"]) if pl else "-", sc["source_onnx"]["file"],
-                          f"{b.seconds:.1f}")
+        for row in res.rows():
+            table.add_row(*row)
         console.print(table)
         if fp16:
             console.print(f"fp16: {built[0].sidecar['fp16_method']}")
@@ -738,36 +684,11 @@ def make_data(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the data set in a folder that is not empty."),
 ) -> None:
     """Write a synthetic paired data set whose textures depend on class AND pixel position."""
-    from asap_deploy.errors import UsageError
-    from asap_deploy.limits import check_optional, check_range, check_seed
-    from asap_deploy.synthetic_dataset import make_dataset
+    from asap_deploy.app.train import make_data as run_make_data
 
-    check_range("--n", n, 1, 100_000)
-    check_optional("--n-val", n_val, 1, 100_000)
-    check_range("--size", size, 32, 4096)
-    if size % 16:
-        raise UsageError(f"--size must be a multiple of 16 in 32..4096 (got {size})")
-    check_range("--classes", classes, 2, 255)
-    check_seed("--seed", seed)
-
-    info = make_dataset(out, n, n_val, size, classes, seed, overwrite=overwrite)
+    info = run_make_data(out, n, n_val, size, classes, seed, overwrite=overwrite)
     console.print(f"wrote {info['train']} training and {info['val']} held-out pairs ({size}x{size}, "
                   f"{classes} classes, seed {seed}) to {out}/ (facades layout; dataset.json describes it)")
-
-
-def _parse_overrides(items: list[str]) -> dict:
-    from asap_deploy.errors import UsageError
-
-    out = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(val)
-        except json.JSONDecodeError:
-            out[key.strip()] = val
-    return out
 
 
 # The data check before training shows a progress bar from this many pairs on (small sets finish at once).
@@ -852,51 +773,21 @@ def train(
     the whole set once: about 1 ms per 256x256 pair and 30 ms per 2048x1024 pair on one core, on up to 8
     threads (Cityscapes' 2,975 pairs: under a minute); sets of 200+ pairs show a progress bar.
     """
+    from asap_deploy.app.train import check_train_args, run_training, train_config, train_options
     from asap_deploy.errors import require_module, require_torch
-    from asap_deploy.limits import check_optional, check_range, check_seed, check_threads
 
-    big = 1_000_000_000
-    check_optional("--steps", steps, 1, big)
-    check_optional("--minutes", minutes, 0.0, 525_600.0, lo_open=True)
-    check_range("--batch-size", batch_size, 1, 256)
-    check_seed("--seed", seed)
-    check_range("--lr-g", lr_g, 0.0, 1.0, lo_open=True)
-    check_range("--lr-d", lr_d, 0.0, 1.0, lo_open=True)
-    check_optional("--decay-steps", decay_steps, 0, big)
-    for option, value in (("--gan-weight", gan_weight), ("--feat-weight", feat_weight), ("--l1-weight", l1_weight),
-                          ("--vgg-weight", vgg_weight)):
-        check_range(option, value, 0.0, 1e6)
-    check_range("--ndf", ndf, 1, 1024)
-    check_range("--num-d", num_d, 1, 8)
-    check_optional("--load-size", load_size, 16, 16384)
-    check_range("--save-every", save_every, 1, big)
-    check_range("--log-every", log_every, 1, big)
-    check_threads("--threads", threads)
-    if vgg_weights is not None:
-        from asap_deploy.limits import check_file_arg
-
-        check_file_arg("--vgg-weights", vgg_weights, "VGG19 weights file")
+    check_train_args(steps=steps, minutes=minutes, batch_size=batch_size, seed=seed, lr_g=lr_g, lr_d=lr_d,
+                     decay_steps=decay_steps, weights={"--gan-weight": gan_weight, "--feat-weight": feat_weight,
+                                                       "--l1-weight": l1_weight, "--vgg-weight": vgg_weight},
+                     ndf=ndf, num_d=num_d, load_size=load_size, save_every=save_every, log_every=log_every,
+                     threads=threads, vgg_weights=vgg_weights)
     require_torch("asap train")
     require_module("matplotlib", "asap train (its loss_curve.png)")  # checked before training, not at the first save
-    from asap_deploy.config import ModelConfig
-    from asap_deploy.train import default_config_for, train_run
-    from asap_deploy.train.trainer import TrainOptions
-
-    cfg = _load_config(preset, config)
-    overrides = _parse_overrides(set_)
-    if cfg is None and not resume:
-        cfg = default_config_for(data)
-    if resume and overrides:
-        from asap_deploy.errors import UsageError
-
-        raise UsageError("--set cannot change the model of a resumed run (its config is in train_state.pt)")
-    if cfg is not None and overrides:
-        cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
-    opts = TrainOptions(steps=steps, minutes=minutes, batch_size=batch_size, seed=seed, lr_g=lr_g, lr_d=lr_d,
-                        decay_steps=decay_steps, lambda_gan=gan_weight, lambda_feat=feat_weight, lambda_l1=l1_weight,
-                        vgg_weights=str(vgg_weights) if vgg_weights else None, lambda_vgg=vgg_weight, ndf=ndf,
-                        num_d=num_d, load_size=load_size, flip=flip, save_every=save_every, log_every=log_every)
-    opts.validate()
+    cfg = train_config(preset, config, set_, data, resume)
+    opts = train_options(steps=steps, minutes=minutes, batch_size=batch_size, seed=seed, lr_g=lr_g, lr_d=lr_d,
+                         decay_steps=decay_steps, lambda_gan=gan_weight, lambda_feat=feat_weight, lambda_l1=l1_weight,
+                         vgg_weights=str(vgg_weights) if vgg_weights else None, lambda_vgg=vgg_weight, ndf=ndf,
+                         num_d=num_d, load_size=load_size, flip=flip, save_every=save_every, log_every=log_every)
     main_proc = int(os.environ.get("RANK", "0")) == 0
     bar = _progress_bar(steps, minutes) if main_proc else None
     state = {}
@@ -912,15 +803,11 @@ def train(
             bar.update(state["task"], completed=step, losses=text)
 
     on_check, stop_check = _data_check_progress() if main_proc else (None, lambda: None)
-    from asap_deploy.train.trainer import TrainingInterrupted
-
-    interrupted = None
     try:
-        summary = train_run(None if (resume and cfg is None) else cfg, opts, out, data=data, label_dir=label_dir,
-                            image_dir=image_dir, instance_dir=instance_dir, resume=resume, device=device,
-                            on_step=on_step, on_start=on_start, threads=threads, on_check=on_check)
-    except TrainingInterrupted as exc:
-        interrupted = exc
+        summary, interrupted = run_training(None if (resume and cfg is None) else cfg, opts, out, data=data,
+                                            label_dir=label_dir, image_dir=image_dir, instance_dir=instance_dir,
+                                            resume=resume, device=device, on_step=on_step, on_start=on_start,
+                                            threads=threads, on_check=on_check)
     finally:
         stop_check()
         if bar is not None:
@@ -964,20 +851,10 @@ def demo(
 ) -> None:
     """The whole pipeline on a CPU in a few minutes: synthetic data, train a small ASAP-Net, export, validate ONNX
     Runtime against PyTorch, infer (also at --scale 2 and 4), a short bench at 1024x1024; one folder + index.html."""
-    from asap_deploy.errors import UsageError, require_module, require_torch
-    from asap_deploy.limits import check_optional, check_range, check_seed, check_threads
+    from asap_deploy.app.demo import check_demo_args, run_demo
 
-    check_range("--minutes", minutes, 0.0, 1440.0, lo_open=True)
-    check_optional("--steps", steps, 1, 1_000_000)
-    check_seed("--seed", seed)
-    check_threads("--threads", threads)
-    check_range("--bench-size", bench_size, 16, 4096)
-    check_optional("--bench-duration", bench_duration, 0.0, 600.0)
-    if bench_size % 16:  # the demo model's S divides 16: checked now, not after minutes of training
-        raise UsageError(f"--bench-size must be a multiple of 16 in 16..4096 (got {bench_size})")
-    require_torch("asap demo")
-    require_module("matplotlib", "asap demo (its loss curve and latency plot)")
-    from asap_deploy.app.demo import run_demo
+    check_demo_args(minutes=minutes, steps=steps, seed=seed, threads=threads, bench_size=bench_size,
+                    bench_duration=bench_duration)
 
     bar = _progress_bar(steps, minutes)
     state = {}
@@ -1111,17 +988,14 @@ def infer(
     threads: Optional[int] = engine_threads_option("; with --ray: per actor, default the 1 CPU Ray reserves for each"),
 ) -> None:
     """Translate label maps to photos: one PNG per input (written atomically); non-zero exit if any input failed."""
-    import signal
-
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from asap_deploy.app.infer import (InferOptions, Source, check_skip_existing, check_threads, choose_backend,
                                        infer as run_infer, open_engine)
 
-    from asap_deploy.io import sigterm_as_interrupt
-
-    from asap_deploy.limits import MAX_BATCH, check_max_pixels, check_range
+    from asap_deploy.app.infer import interrupt_on_sigterm
+    from asap_deploy.app.options import MAX_BATCH, check_max_pixels, check_range
     from asap_deploy.app.scale import check_scale
 
     check_range("--batch", batch, 1, MAX_BATCH)
@@ -1133,7 +1007,7 @@ def infer(
     _source_kinds(model, bundle_dir, engine_file)  # a hint for a path of the wrong kind comes first
     _checkpoint_arg("--model", model)
     _checkpoint_arg("--engine", engine_file, engine=True)
-    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    interrupt_on_sigterm()
     source = Source(model=model, bundle=bundle_dir, engine=engine_file)
     opts = InferOptions(out_dir=out, palette=palette, instances=instances, hires_labels=hires_labels, scale=scale,
                         side_by_side=side_by_side, batch_size=batch, fail_fast=fail_fast, precision=precision,
@@ -1208,36 +1082,19 @@ def bench(
     row (a progress bar on a terminal); exit 13 if a row failed (the reports are still written)."""
     from rich.markup import escape
 
-    from asap_deploy.app.bench import check_source
-    from asap_deploy.engines.bench import DEFAULT_BACKENDS, BenchOptions, parse_size
-    from asap_deploy.engines.bench_report import (TERMINAL_COLUMNS, failure_lines, numbered_dir, settings_text,
-                                                  table_rows, write_reports)
+    from asap_deploy.app.bench import (TERMINAL_COLUMNS, bench_options, check_outputs, check_source, failure_lines,
+                                       machine_text, settings_text, table_rows, write_reports)
 
     check_source(model, bundle_dir, engine_file)
     names = [b.strip() for item in backends for b in item.split(",") if b.strip()]
     precisions = list(dict.fromkeys(p for item in precision for p in item.split(",") if p))
-    from asap_deploy.limits import check_max_pixels
-
-    check_max_pixels("--max-pixels", max_pixels)
-    opts = BenchOptions(backends=names or list(DEFAULT_BACKENDS), sizes=[parse_size(s) for s in size], batches=batch,
-                        precisions=precisions, warmup_s=warmup, min_iters=iterations, min_seconds=duration,
-                        memory=memory, seed=seed, max_pixels=max_pixels, threads=threads)
-    opts.check()
+    opts = bench_options(names, size, batch, precisions, warmup=warmup, iterations=iterations, duration=duration,
+                         memory=memory, seed=seed, max_pixels=max_pixels, threads=threads)
     _source_kinds(model, bundle_dir, engine_file)  # a hint for a path of the wrong kind comes first
     _checkpoint_arg("--model", model)
     _checkpoint_arg("--engine", engine_file, engine=True)
-    if json_file is not None:
-        from asap_deploy.limits import check_output_file
-
-        check_output_file("--json", json_file)
-    from asap_deploy.engines.bench_report import check_report_outputs
-
-    numbered = out is None and not overwrite  # the default folder: a new one per run (asap_bench, asap_bench2, ...)
-    out = Path("asap_bench") if out is None else out
-    check_report_outputs(numbered_dir(out) if numbered else out, json_file, overwrite,
-                         [v for v in (bundle_dir, model, engine_file) if v is not None])
+    out, numbered = check_outputs(out, json_file, overwrite, [v for v in (bundle_dir, model, engine_file) if v is not None])
     rep = _bench_with_progress(opts, names, precisions, model, bundle_dir, engine_file, seed)
-    from asap_deploy.engines.bench_report import machine_text
 
     table = Table(title=f"asap bench: {rep['model'].get('description', '')}")
     for col in TERMINAL_COLUMNS:
@@ -1273,9 +1130,7 @@ def _bench_with_progress(opts, names, precisions, model, bundle_dir, engine_file
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from asap_deploy.app.bench import bench_bundle
-    from asap_deploy.engines.bench import default_backends, planned_rows, run_bench
-    from asap_deploy.engines.bench_report import row_line
+    from asap_deploy.app.bench import row_line, run_rows
 
     live = console.is_terminal
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -1300,13 +1155,9 @@ def _bench_with_progress(opts, names, precisions, model, bundle_dir, engine_file
         bar.start()
         task = bar.add_task("benchmarking", total=None)
     try:
-        with bench_bundle(model, bundle_dir, engine_file, "fp16" in precisions, seed, say) as (bundle, info):
-            if not names:
-                opts.backends = default_backends(bundle.path, precisions[0], engine_given=engine_file is not None)
-            if live:
-                bar.update(task, total=planned_rows(opts))
-            return run_bench(bundle, opts, progress=lambda msg: say(f"benchmarking {msg}") if live else None,
-                             model_info=info, on_row=on_row)
+        return run_rows(opts, not names, precisions, model, bundle_dir, engine_file, seed, say=say,
+                        planned=(lambda n: bar.update(task, total=n)) if live else None,
+                        progress=lambda msg: say(f"benchmarking {msg}") if live else None, on_row=on_row)
     finally:
         if live:
             bar.stop()
@@ -1322,8 +1173,7 @@ def doctor(
     """What is installed and usable here (torch, ONNX Runtime providers, CUDA, TensorRT, Triton, AOT kernels), and what to install."""
     from rich.markup import escape
 
-    from asap_deploy.app.doctor import run_checks, usable_backends
-    from asap_deploy.engines.machine import machine_info, machine_line
+    from asap_deploy.app.doctor import machine_info, machine_line, run_checks, usable_backends
 
     checks = run_checks(kernel_cache)
     backends = usable_backends(checks)
@@ -1365,8 +1215,7 @@ def serve(
 
     from asap_deploy.app.infer import Source, check_threads, choose_backend, open_engine
     from asap_deploy.app.serve import ServeOptions, check_serve_dependencies, serve as run_serve
-
-    from asap_deploy.limits import MAX_BATCH, check_max_pixels, check_range
+    from asap_deploy.app.options import MAX_BATCH, check_max_pixels, check_range
 
     check_range("--max-batch", max_batch, 1, MAX_BATCH)
     check_range("--max-delay-ms", max_delay_ms, 0.0, 10_000.0, unit="ms")
@@ -1418,8 +1267,7 @@ def loadtest(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --json file if an earlier loadtest wrote it."),
 ) -> None:
     """Load a served `asap` model: throughput, latency min/median/p90/p99, errors (bounded in count and time)."""
-    from asap_deploy.io import claim_files, write_text
-    from asap_deploy.app.loadtest import LoadOptions, parse_wxh, run_loadtest
+    from asap_deploy.app.loadtest import LoadOptions, check_report_file, parse_wxh, run_loadtest, write_report
 
     sizes = [parse_wxh(s) for s in size]
     opts = LoadOptions(url=url, model=model, concurrency=concurrency,
@@ -1427,12 +1275,7 @@ def loadtest(
                        duration_s=duration, sizes=sizes, label_nc=label_nc, timeout_s=timeout, max_pixels=max_pixels)
     opts.check()  # every option, before connecting
     if json_file is not None:
-        from asap_deploy.limits import check_output_file
-
-        check_output_file("--json", json_file)
-        from asap_deploy.io import check_file_replaceable
-
-        check_file_replaceable(json_file, "load-test report", overwrite)  # before connecting
+        check_report_file(json_file, overwrite)  # before connecting
     with console.status(f"load test on {url}"):
         rep = run_loadtest(opts).to_dict()
     table = Table(title=f"asap loadtest {url} (model {model}, concurrency {concurrency}, sizes {', '.join(rep['sizes'])})")
@@ -1446,8 +1289,7 @@ def loadtest(
     for msg, n in rep["error_messages"].items():
         err_console.print(f"[red]{n} x[/] {msg}", highlight=False, markup=False)
     if json_file is not None:
-        claim_files(json_file.parent, "load-test report", [json_file.name])  # ours to replace next time
-        write_text(json_file, json.dumps(rep, indent=2) + "\n")
+        write_report(json_file, rep)  # ours to replace next time
         console.print(f"report: {json_file}")
 
 

@@ -59,6 +59,11 @@ def test_the_contracts_cover_every_module():
     assert set(c["core"]["source_modules"]) == {f"asap_deploy.{n}" for n in core}
     plugins = {p.stem for p in (ROOT / "plugins").glob("*.py")} - {"__init__", "spec"}
     assert set(c["export-spec"]["forbidden_modules"]) == {f"asap_deploy.plugins.{n}" for n in plugins}
+    # cli imports the app and the errors, nothing else of ours (it reaches the rest through the app)
+    assert set(c["cli"]["source_modules"]) == {"asap_deploy.cli"}
+    assert set(c["cli"]["forbidden_modules"]) == ({f"asap_deploy.{n}" for n in core - {"errors"}}
+                                                  | {f"asap_deploy.{n}" for n in LAYERS[2:]})
+    assert c["cli"]["allow_indirect_imports"] is True
 
 
 def test_layer_contract_holds(tmp_path):
@@ -71,6 +76,8 @@ def test_layer_contract_holds(tmp_path):
     ("model.py", "from asap_deploy.engines import base as _x  # noqa", "the core imports nothing of ours"),
     ("engines/base.py", "from asap_deploy.app import infer as _x  # noqa", "cli > app > engines"),
     ("export/bundle.py", "from asap_deploy.plugins import kernel as _x  # noqa", "export reads only"),
+    ("cli.py", "from asap_deploy.engines import base as _x  # noqa", "cli imports only the app and the errors"),
+    ("cli.py", "from asap_deploy.limits import check_range as _x  # noqa", "cli imports only the app and the errors"),
 ])
 def test_a_forbidden_import_breaks_the_contract(tmp_path, module, line, contract):
     dest = wheel_layout(tmp_path)

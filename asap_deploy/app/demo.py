@@ -46,6 +46,24 @@ SCALES = (2, 4)
 BENCH_SIZE = 1024
 
 
+def check_demo_args(*, minutes: float, steps: int | None, seed: int, threads: int, bench_size: int,
+                    bench_duration: float | None) -> None:
+    """`asap demo`'s options and its dependencies, before any work (not after minutes of training)."""
+    from ..errors import UsageError, require_module, require_torch
+    from ..limits import check_optional, check_range, check_seed, check_threads
+
+    check_range("--minutes", minutes, 0.0, 1440.0, lo_open=True)
+    check_optional("--steps", steps, 1, 1_000_000)
+    check_seed("--seed", seed)
+    check_threads("--threads", threads)
+    check_range("--bench-size", bench_size, 16, 4096)
+    check_optional("--bench-duration", bench_duration, 0.0, 600.0)
+    if bench_size % 16:  # the demo model's S divides 16: checked now, not after minutes of training
+        raise UsageError(f"--bench-size must be a multiple of 16 in 16..4096 (got {bench_size})")
+    require_torch("asap demo")
+    require_module("matplotlib", "asap demo (its loss curve and latency plot)")
+
+
 def run_demo(out: str | Path = "asap_demo", minutes: float | None = 2.0, steps: int | None = None, seed: int = 0,
              on_event: Callable[..., None] | None = None, threads: int | None = 1,
              bench_size: int = BENCH_SIZE, bench_seconds: float | None = None) -> dict[str, Any]:

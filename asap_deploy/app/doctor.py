@@ -26,7 +26,7 @@ class Check:
         return asdict(self)
 
 
-from asap_deploy.engines.machine import dist_version, gpu_info, importable
+from asap_deploy.engines.machine import dist_version, gpu_info, importable, machine_info, machine_line  # noqa: F401 - the machine line the CLI prints
 
 
 # ---- checks -------------------------------------------------------------------------------------------

@@ -111,6 +111,15 @@ def upscale_nearest(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 
 # ---- options ---------------------------------------------------------------------------------------
+def interrupt_on_sigterm() -> None:
+    """SIGTERM stops a run like Ctrl-C: the file being written is never left half-written."""
+    import signal
+
+    from ..io import sigterm_as_interrupt
+
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+
+
 def check_threads(cpu_threads: int | None) -> None:
     """--threads: 1..4 x the cores here (limits.check_threads)."""
     from ..limits import check_threads as check

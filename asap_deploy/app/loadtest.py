@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -209,3 +210,23 @@ def run_loadtest(opts: LoadOptions, progress: Callable[[int], None] | None = Non
     """Run the load test (blocking; its own event loop)."""
     opts.check()
     return asyncio.run(_run(opts, progress))
+
+
+def check_report_file(json_file: Path, overwrite: bool) -> None:
+    """--json: a file (never a FIFO or device) that is new, or one an earlier loadtest wrote when
+    overwrite is set; checked before connecting."""
+    from ..io import check_file_replaceable
+    from ..limits import check_output_file
+
+    check_output_file("--json", json_file)
+    check_file_replaceable(json_file, "load-test report", overwrite)
+
+
+def write_report(json_file: Path, report: dict) -> None:
+    """The JSON report, claimed as ours (replaceable by the next loadtest) and written atomically."""
+    import json
+
+    from ..io import claim_files, write_text
+
+    claim_files(json_file.parent, "load-test report", [json_file.name])
+    write_text(json_file, json.dumps(report, indent=2) + "\n")

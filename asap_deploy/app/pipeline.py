@@ -195,6 +195,15 @@ def export_and_build(checkpoint: str | os.PathLike, out: str | os.PathLike, req:
                           next_commands(exported.path, req, runnable, targets), req)
 
 
+def export_only(checkpoint: str | os.PathLike, out: str | os.PathLike, *, config=None, fp16: bool = True,
+                overwrite: bool = False, progress: Callable[[str], None] | None = None):
+    """`asap export` without --engine: the ONNX bundle (+ fp16 graphs unless fp16=False)."""
+    from ..export.bundle import export_checkpoint
+
+    return export_checkpoint(checkpoint, out, config=config, preset=None, fp16=fp16, overwrite=overwrite,
+                             progress=progress)
+
+
 def checkpoint_for_bundle(path: Path, *, flavor: str | None = None, fp16: bool = False, arch: str | None = None,
                           stage: str = "all") -> None:
     """`asap build-engine CHECKPOINT`: a file where a bundle folder is expected. UsageError naming

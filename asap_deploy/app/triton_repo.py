@@ -193,6 +193,27 @@ def _trt_engine(bundle, precision: str) -> tuple[str, Path] | None:
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
+def check_repo_args(max_batch: int, max_delay_ms: float, instances: int) -> None:
+    """`asap export --triton-repo`'s numbers, checked before the export (not after it)."""
+    from asap_deploy.limits import MAX_BATCH, check_range
+
+    check_range("--triton-max-batch", max_batch, 1, MAX_BATCH)
+    check_range("--triton-max-delay-ms", max_delay_ms, 0.0, 10_000.0, unit="ms")
+    check_range("--triton-instances", instances, 1, 64)
+
+
+def write_repo_for(bundle_dir: str | Path, out_dir: str | Path, opts: RepoOptions) -> RepoResult:
+    """The repository of the bundle folder `bundle_dir` (loaded, its files hash-checked)."""
+    from asap_deploy.export.bundle import load_bundle
+
+    return write_triton_repo(load_bundle(bundle_dir), out_dir, opts)
+
+
+def is_bundle(path: str | Path) -> bool:
+    """A folder with a bundle manifest (what `asap export` writes)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
 def write_triton_repo(bundle, out_dir: str | Path, opts: RepoOptions | None = None) -> RepoResult:
     """Write the model repository for `bundle` (a loaded Bundle) to `out_dir`, atomically."""
     opts = opts or RepoOptions()
