@@ -373,13 +373,6 @@ def sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def refuse_existing(paths, what: str = "output") -> None:
-    """OutputError naming the first of `paths` that exists (commands call this unless --overwrite)."""
-    for p in paths:
-        if Path(p).exists():
-            raise OutputError(f"{p}: the {what} already exists; pass --overwrite to replace it")
-
-
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
