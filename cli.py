@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from asap_deploy.app.options import ENGINE_NAMES  # the backends validate (and infer) accept, for --help
+from asap_deploy.app.options import PRECISION_NOTE, PRECISIONS, precision_choices  # --precision, for --help
 from asap_deploy.errors import AsapError
 
 class _Argument(typer.core.TyperArgument):
@@ -524,13 +525,16 @@ def _print_pipeline(pipe, checkpoint: Path, bundle: Path, t0: float) -> None:
 @cli_errors
 def validate(
     bundle_dir: Path = typer.Argument(..., help="Bundle folder written by `asap export`."),
-    backend: list[str] = typer.Option(["onnxruntime"], "--backend", "-b", help="Backend(s) to check (repeatable): "
-                                      f"{', '.join(ENGINE_NAMES)}."),
+    backend: list[str] = typer.Option([], "--backend", "-b", help="Backend(s) to check (repeatable): "
+                                      f"{', '.join(ENGINE_NAMES)}; each must run --precision (default: onnxruntime "
+                                      "where it runs the precision, else every backend usable here that does)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label PNGs (+ instance maps; at most "
                                           "1000 maps, its sub-folders are not read)."),
     random: Optional[int] = typer.Option(None, "--random", help="Number of random blob label maps (1..1000, "
                                          "default 4)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs of the bundle."),
+    precision: str = typer.Option("fp32", "--precision", help=f"Precision to check, with the backends that run it: "
+                                  f"{precision_choices()} ({PRECISION_NOTE}); thresholds per precision in the "
+                                  "report."),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="Reference from this checkpoint (must be the exported one) instead of the "
         "bundle's own weights."),
@@ -554,21 +558,24 @@ def validate(
     else:
         t = rep.thresholds
         table = Table(title=f"{bundle_dir} vs PyTorch fp32 CPU reference, {precision}, {n_samples} sample batch(es)")
-        for col in ("backend", "stage", "max abs", "mean abs", "PSNR dB", "differing", "max levels", "cosine", "ok"):
+        for col in ("backend", "stage", "max abs", "mean abs", "PSNR dB", "differing", "> 8 levels", "max levels",
+                    "cosine", "ok"):
             table.add_column(col)
         lim = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-        table.add_row("[dim]threshold[/]", "", f"<= {lim(t['max_abs'], '.0e')}", f"<= {lim(t['mean_abs'], '.0e')}",
-                      f">= {t['psnr_db']:.0f}", f"<= {lim(t['differing_share'], '.1%')}", f"<= {lim(t['max_levels'], 'd')}",
+        table.add_row("[dim]threshold[/]", "", f"<= {lim(t['max_abs'], '.0e')}", f"<= {lim(t['mean_abs'], '.2g')}",
+                      f">= {t['psnr_db']:.0f}", f"<= {lim(t['differing_share'], '.1%')}",
+                      f"<= {lim(t.get('share_over_8_levels'), '.1%')}", f"<= {lim(t['max_levels'], 'd')}",
                       f">= {t['params_cosine']}", "")
         for name, b in rep.backends.items():
             for stage, m in b["stages"].items():
                 ok = "[green]ok[/]" if not m["failures"] else "[red]FAIL[/]"
                 if stage == "predictor":
-                    table.add_row(name, stage, f"{m['max_abs']:.2e}", f"{m['mean_abs']:.2e}", "", "", "",
+                    table.add_row(name, stage, f"{m['max_abs']:.2e}", f"{m['mean_abs']:.2e}", "", "", "", "",
                                   f"{m['cosine']:.7f}", ok)
                 else:
                     table.add_row(name, stage, f"{m['max_abs']:.2e}", f"{m['mean_abs']:.2e}", f"{m['psnr_db']:.1f}",
-                                  f"{m['differing_share']:.2%}", str(m["max_levels"]), "", ok)
+                                  f"{m['differing_share']:.2%}", f"{m['share_over_8_levels']:.2%}",
+                                  str(m["max_levels"]), "", ok)
         console.print(table)
         for name, b in rep.backends.items():
             for f in b["failures"]:
@@ -972,7 +979,8 @@ def infer(
                                                 "resolution (file or folder, matched by name)."),
     side_by_side: bool = typer.Option(False, "--side-by-side", help="Write label | output pairs."),
     batch: int = typer.Option(4, "--batch", help="Inputs of the same size per engine call (1..256)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs/engines."),
+    precision: str = typer.Option("fp32", "--precision", help=f"Graphs/engines at: {precision_choices()} "
+                                  f"({PRECISION_NOTE})."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first bad input."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (default: such an "
                                    "input fails and the others go on)."),
@@ -1205,7 +1213,8 @@ def serve(
                                   "requests; 1..256)."),
     max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="How long a request may wait for others of its "
                                        "size (0..10000 ms)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs/engines."),
+    precision: str = typer.Option("fp32", "--precision", help=f"Graphs/engines at: {precision_choices()} "
+                                  f"({PRECISION_NOTE})."),
     threads: Optional[int] = engine_threads_option(),
     max_pixels: int = typer.Option(64 * 1024 * 1024, "--max-pixels", help="Refuse requests whose label maps hold "
                                    "more pixels than this (1..1073741824; default 64 Mpx)."),

@@ -200,8 +200,8 @@ def test_validate_refuses_tampered_bundle(bundle_dir, tmp_path):
 def test_validate_rejects_bad_choices(bundle_dir):
     r = runner.invoke(app, ["validate", str(bundle_dir), "--backend", "onnxruntim"])
     assert r.exit_code == 2 and "did you mean 'onnxruntime'" in r.output
-    r = runner.invoke(app, ["validate", str(bundle_dir), "--precision", "int8"])
-    assert r.exit_code == 2 and "unknown precision" in r.output
+    r = runner.invoke(app, ["validate", str(bundle_dir), "--precision", "int4"])
+    assert r.exit_code == 2 and "unknown --precision 'int4'" in r.output
 
 
 def test_validate_authors_fixture_end_to_end(tmp_path):

@@ -11,6 +11,22 @@ from ..engines.registry import ENGINE_NAMES  # noqa: F401 - the backends validat
 from ..errors import CheckpointError, InputError, UsageError
 from ..limits import (MAX_BATCH, MAX_PIXELS_CAP, MAX_SIDE, check_file_arg, check_max_pixels,  # noqa: F401
                       check_optional, check_output_file, check_pixels, check_range, check_seed, check_threads)
+from ..precisions import PRECISIONS  # noqa: F401 - the --precision choices, for --help
+
+
+def precision_choices() -> str:
+    """The --precision choices with the backends whose registry row lists each, for --help:
+    'fp32 (torch, onnxruntime, tensorrt), fp16 (onnxruntime, tensorrt), ...'."""
+    from ..engines.registry import BACKENDS
+
+    parts = []
+    for p in PRECISIONS:
+        names = [b.name for b in BACKENDS if b.selectable and p in b.precisions]
+        parts.append(f"{p} ({', '.join(names) or 'no backend'})")
+    return ", ".join(parts)
+
+
+PRECISION_NOTE = "bf16 runs the fp32 graphs with the runtime's bf16 hint; int8 runs the graphs `asap quantize` wrote"
 
 
 def load_config(preset: str | None, config: Path | None):
