@@ -1066,7 +1066,10 @@ def bench(
     size: list[str] = typer.Option(["1024x1024"], "--size", help="HxW or N (repeatable; sides 1..65536, multiples "
                                    "of the model's S; batch x H x W at most --max-pixels)."),
     batch: list[int] = typer.Option([1], "--batch", help="Batch size(s) (repeatable; 1..256)."),
-    precision: list[str] = typer.Option(["fp32"], "--precision", help="fp32 and/or fp16 (repeatable)."),
+    precision: list[str] = typer.Option(["fp32"], "--precision", help=f"{', '.join(PRECISIONS)} and/or all "
+                                        "(repeat or comma-separate; all: every precision each backend runs, skipping "
+                                        f"with the reason those the bundle has no graphs for): {precision_choices()}. "
+                                        "The authors' baseline is fp32, measured once; every row's ratio is to it."),
     warmup: float = typer.Option(0.2, "--warmup", help="Warm-up seconds per row (0..60; at least one call)."),
     iterations: int = typer.Option(3, "--iterations", help="Minimum timed calls per row (1..100000)."),
     duration: float = typer.Option(2.0, "--duration", help="Minimum timed seconds per row (0..600): a longer "
@@ -1083,21 +1086,25 @@ def bench(
                                              "exist)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory per row."),
     seed: int = seed_option("Seed of the random model (no model given) and the label maps"),
+    sgemm: bool = typer.Option(True, "--sgemm/--no-sgemm", help="Measure the machine's fp32 GEMM rate first (about "
+                               "2 s) and give each pixelwise CPU row its ratio to the stage's sgemm floor."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace report.json/report.md/latency.png (and --json) if they exist (checked before measuring)."),
 ) -> None:
-    """Latency per backend, size and stage (min/mean/median/p90/p95/p99, cv, throughput, memory) vs the authors'
-    forward, with each row's output checked against the torch fp32 reference (PSNR, max abs). One line per finished
-    row (a progress bar on a terminal); exit 13 if a row failed (the reports are still written)."""
+    """Latency per backend, precision, size and stage (min/mean/median/p90/p95/p99, cv, throughput, memory) vs the
+    authors' fp32 forward (speed-ups on medians and on best times), with each row's output checked against the torch
+    fp32 reference (PSNR, max abs) and each pixelwise CPU row's ratio to the machine's sgemm floor. One line per
+    finished row (a progress bar on a terminal); exit 13 if a row failed (the reports are still written)."""
     from rich.markup import escape
 
     from asap_deploy.app.bench import (TERMINAL_COLUMNS, bench_options, check_outputs, check_source, failure_lines,
-                                       machine_text, settings_text, table_rows, write_reports)
+                                       footnotes, machine_text, settings_text, sgemm_text, skipped_lines, table_rows,
+                                       write_reports)
 
     check_source(model, bundle_dir, engine_file)
     names = [b.strip() for item in backends for b in item.split(",") if b.strip()]
     precisions = list(dict.fromkeys(p for item in precision for p in item.split(",") if p))
     opts = bench_options(names, size, batch, precisions, warmup=warmup, iterations=iterations, duration=duration,
-                         memory=memory, seed=seed, max_pixels=max_pixels, threads=threads)
+                         memory=memory, seed=seed, max_pixels=max_pixels, threads=threads, sgemm=sgemm)
     _source_kinds(model, bundle_dir, engine_file)  # a hint for a path of the wrong kind comes first
     _checkpoint_arg("--model", model)
     _checkpoint_arg("--engine", engine_file, engine=True)
@@ -1112,11 +1119,17 @@ def bench(
         table.add_row(*[escape(c) for c in row], style=style)
     console.print(table)
     for line in failure_lines(rep):  # whole, wrapped to the terminal
+    for note in footnotes(rep):
+        console.print(escape(note), highlight=False)
         console.print("[red]failed:[/] " + escape(line), highlight=False)
     for w in rep["warnings"]:
+    for line in skipped_lines(rep):
+        console.print("[dim]skipped:[/] " + escape(line), highlight=False)
         console.print("[yellow]warning:[/] " + escape(w), highlight=False)
     console.print("machine: " + escape(machine_text(rep)), highlight=False)
     console.print(f"[dim]{escape(rep['timing'])}; settings: {escape(settings_text(rep))}; cv = std / mean, "
+    if sgemm_text(rep):
+        console.print(escape(sgemm_text(rep)), highlight=False)
                   f"noisy above {rep['noisy_cv']:.0%}; PSNR / max abs (8-bit levels; cos / parameter units for the "
                   "predictor) vs the torch fp32 reference[/]", highlight=False)
     paths = write_reports(rep, out, json_file, numbered=numbered)

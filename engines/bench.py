@@ -8,9 +8,26 @@ What is timed (wall clock, `time.perf_counter`, host side):
     same way: host arrays in, host arrays out. On a GPU the host<->device copies of the inputs and
     outputs are INSIDE these times (TensorRT: H2D + execute + D2H + stream sync); the TensorRT
     engine also times each phase with CUDA events, reported per row as medians (`phases_ms`).
-  * `authors`: benchmarks' restatement of the authors' forward (engines/authors.py) on the
-    full-resolution fp32 one-hot their generator receives; building that one-hot is their caller's
-    work and is not timed (in their favour). fp32 only.
+  * `authors`: benchmarks' restatement of the authors' forward (engines/authors.py: their
+    generator's two streams, `lowres_stream` after the tent downsample and `highres_stream`, as
+    their generator's forward calls them) on the full-resolution fp32 one-hot their generator
+    receives; building that one-hot (their Pix2PixModel.preprocess_input: scatter_ into a zeroed
+    fp32 tensor, + instance edges) is their caller's work and is not timed (in their favour). Run
+    under torch.no_grad(), as their inference mode runs it. fp32 only, measured ONCE per size,
+    batch and stage, first: every row of every precision is compared with that fp32 baseline.
+Ratios to the authors (same size, batch and stage; any precision): `speedup_vs_authors` = the
+authors' median / the row's median, `speedup_vs_authors_best` = the authors' min / the row's min
+(the best times: less hurt by a busy machine), `vs_authors` = the inverse of the first. A noisy
+baseline row (cv above NOISY_CV) marks every ratio to it (`baseline_noisy`; '*' in the tables) and
+the report's warnings say so: such a ratio is not to be trusted.
+The pixelwise stage's sgemm floor (CPU rows): the machine's fp32 GEMM rate measured at the start
+with the bench's threads (engines.machine.sgemm_rates: ONNX Runtime MatMul, a large square one and
+the pixelwise shape, per-tile (S*S x width) @ (width x width)), the stage's FLOPs
+(2 * pixels * sum(c_in * c_out) over the MLP layers), floor = FLOPs / rate; each pixelwise row on a
+CPU gets `vs_sgemm_floor` = its median / the floor (1.0 = as fast as the machine's sgemm allows).
+`--precision all`: every precision each backend's registry row lists, skipping (with the reason, in
+the report's `skipped`) those the bundle has no graphs for (int8 before `asap quantize`, fp16 of a
+bundle exported with --no-fp16) or the backend cannot run here while it runs another.
 Per item: warm-up for `warmup_s` (at least one call), then at least `min_iters` calls AND
 `min_seconds` (defaults 0.2 s, 3 calls, 2 s: a default run at 1024x1024 fits about two minutes on
 a 2-core CPU; trtexec's are 200 ms, 10, 3 s; a longer --duration buys more samples). Statistics:
@@ -47,6 +64,7 @@ import numpy as np
 
 from asap_deploy.errors import UsageError
 from asap_deploy.export.stages import KEYS, Stage
+from asap_deploy.precisions import PRECISIONS
 
 from . import registry
 from .bench_report import NOISY_CV, SCHEMA, SCHEMA_VERSION
@@ -59,6 +77,7 @@ PERCENTILES = (90, 95, 99)
 MAX_ITERATIONS = 100_000
 MAX_DURATION_S = 600.0   # --duration: timed seconds per row
 MAX_WARMUP_S = 60.0
+ALL = "all"  # --precision all: every precision each backend lists
 
 
 def percentile(sorted_samples: Sequence[float], p: float) -> float:
@@ -103,6 +122,7 @@ class BenchOptions:
     seed: int = 0
     max_pixels: int = 64 * 1024 * 1024  # batch x H x W of one row
     threads: int | None = None  # CPU threads of torch / the authors / ONNX Runtime (None: default_threads())
+    sgemm: bool = True  # measure the machine's sgemm rate and each pixelwise CPU row's ratio to its floor
 
     def cpu_threads(self) -> int:
         return self.threads or default_threads()
@@ -121,9 +141,13 @@ class BenchOptions:
         for s in self.stages:
             if s not in STAGES:
                 raise UsageError(f"unknown stage {s!r} (choose from: {', '.join(STAGES)})")
+        if not self.precisions:
+            raise UsageError("give at least one --precision")
         for p in self.precisions:
-            if p not in ("fp32", "fp16"):
-                raise UsageError(f"unknown precision {p!r} (choose from: fp32, fp16)")
+            if p != ALL:
+                from asap_deploy.precisions import check_precision
+
+                check_precision(p, (*PRECISIONS, ALL))
         check_range("--iterations", self.min_iters, 1, MAX_ITERATIONS)
         check_range("--duration", self.min_seconds, 0.0, MAX_DURATION_S, unit="s")
         check_range("--warmup", self.warmup_s, 0.0, MAX_WARMUP_S, unit="s")
@@ -147,11 +171,14 @@ class BenchOptions:
 
 def default_backends(bundle_dir: Path, precision: str, engine_given: bool = False) -> list[str]:
     """What `asap bench` measures without --backends: torch and onnxruntime (a failure is a row),
-    and every other backend of the registry usable here for `bundle_dir` at `precision` (TensorRT
-    also when an engine file was given: its failure to run is then a row of the table)."""
+    and every other backend of the registry usable here for `bundle_dir` at `precision` (`all`: at
+    any precision its row lists; TensorRT also when an engine file was given: its failure to run is
+    then a row of the table)."""
     out = list(DEFAULT_BACKENDS)
     for b in registry.BACKENDS:
-        if b.name not in out and (b.available(bundle_dir, precision)[0] or (engine_given and b is registry.TENSORRT)):
+        precs = b.precisions if precision == ALL else (precision,)
+        if b.name not in out and (any(b.available(bundle_dir, p)[0] for p in precs)
+                                  or (engine_given and b is registry.TENSORRT)):
             out.append(b.name)
     return out
 
@@ -227,6 +254,7 @@ class _Item:
         self.precision = precision
         self.device_peak = None
         self.threads: int | None = threads
+        self.cpu = True  # runs on the CPU (its pixelwise rows get the sgemm floor ratio)
         if backend == BASELINE:
             if precision != "fp32":
                 raise UsageError("the authors' forward is fp32 only (the baseline of the fp32 rows)")
@@ -240,6 +268,9 @@ class _Item:
                 import torch
 
                 self.device_peak = lambda: torch.cuda.max_memory_allocated() / 2**20
+                self.cpu = False
+            elif backend != registry.TORCH.name and registry.backend(backend).gpu:
+                self.cpu = False
             if not row_threads_apply(backend):
                 self.threads = None
 
@@ -257,13 +288,13 @@ class _Item:
         a = self.authors
         lt = torch.from_numpy(np.ascontiguousarray(labels))
         it = torch.from_numpy(np.ascontiguousarray(instances)) if instances is not None else None
-        with torch.inference_mode():
+        with torch.no_grad():  # the one-hot is their caller's work: built once, not timed
             onehot = a.encode(lt, it)
             params = a.lowres(onehot) if stage == Stage.PIXELWISE.key else None
 
         def run(f):
             def call():
-                with torch.inference_mode():
+                with torch.no_grad():  # as their Pix2PixModel runs the generator for inference
                     return f()
             return call
 
@@ -276,11 +307,12 @@ class _Item:
 
 
 def row_threads_apply(backend: str) -> bool:
-    """Whether --threads governs this backend (torch, the authors' forward, ONNX Runtime: CPU work)."""
+    """Whether --threads governs this backend (torch, the authors' forward, ONNX Runtime, and every
+    CPU-only backend such as OpenVINO: CPU work)."""
     if backend == BASELINE:
         return True
     b = registry.backend(backend)
-    return b.engine == registry.TORCH.engine or bool(b.providers)
+    return b.engine == registry.TORCH.engine or bool(b.providers) or b.gpu is False
 
 
 class _Context:
@@ -308,7 +340,7 @@ class _Context:
 
             return TorchEngine(self.torch_model())
         b = registry.backend(backend)
-        if b.providers and threads:
+        if (b.providers or b.gpu is False) and threads:  # CPU backends take intra_op_threads
             return b.open(self.bundle, precision, intra_op_threads=threads)
         return b.open(self.bundle, precision)
 
@@ -351,10 +383,11 @@ def stage_output(stage: str, value) -> np.ndarray:
 
 
 def fidelity(stage: str, ref: np.ndarray, got: np.ndarray, precision: str) -> dict:
-    """A row's output vs the torch fp32 reference: image stages PSNR (8-bit) and max abs in 8-bit
-    levels, the predictor cosine and max abs in parameter units; `below_threshold` against
-    engines.validate's thresholds for the row's precision."""
-    from .validate import THRESHOLDS, cosine, psnr_u8
+    """A row's output vs the torch fp32 reference: image stages PSNR (8-bit), max abs in 8-bit
+    levels and the share of pixels more than 8 levels off, the predictor cosine and max abs in
+    parameter units; `below_threshold` against engines.validate's thresholds for the row's
+    precision (PSNR, and the share over 8 levels where the precision limits it; cosine)."""
+    from .validate import THRESHOLDS, cosine, psnr_u8, share_over_levels
 
     if ref.shape != got.shape:
         raise ValueError(f"output shape {tuple(got.shape)} differs from the reference's {tuple(ref.shape)}")
@@ -368,8 +401,11 @@ def fidelity(stage: str, ref: np.ndarray, got: np.ndarray, precision: str) -> di
                    below_threshold=not finite or c < t.params_cosine)
     else:
         p = psnr_u8(ref, got)
-        out.update(psnr_db=p, cosine=None, unit="8-bit levels", threshold=f"PSNR >= {t.psnr_db:g} dB",
-                   below_threshold=p < t.psnr_db)
+        over = share_over_levels(ref, got)
+        limit = t.share_over_8_levels
+        out.update(psnr_db=p, cosine=None, unit="8-bit levels", share_over_8_levels=over,
+                   threshold=f"PSNR >= {t.psnr_db:g} dB" + ("" if limit is None else f", share > 8 levels <= {limit:.1%}"),
+                   below_threshold=p < t.psnr_db or (limit is not None and over > limit))
     return out
 
 
@@ -397,15 +433,47 @@ def _status(exc: BaseException) -> str:
     return "failed: " + " ".join(msg.split())
 
 
-def _plan(opts: BenchOptions) -> list[tuple[str, str]]:
-    """(precision, backend) in measuring order: the authors' baseline first (fp32 only)."""
-    backends = [BASELINE] + [b for b in dict.fromkeys(opts.backends) if b != BASELINE]
-    return [(p, b) for p in opts.precisions for b in backends if not (b == BASELINE and p != "fp32")]
+def skip_reason(backend: str, precision: str, bundle) -> str | None:
+    """Why `--precision all` leaves out `backend` at `precision` for `bundle`, or None: the bundle has
+    no graphs for it (int8 before `asap quantize`), or the backend cannot run that precision here
+    while it runs another (TensorRT without an engine of it, bf16 on a CPU without bf16 units)."""
+    from .validate import missing_graphs
+
+    why = missing_graphs(bundle, precision)
+    if why is not None:
+        return why
+    b = registry.backend(backend)
+    ok, reason = b.available(bundle.path, precision)
+    if not ok and any(b.available(bundle.path, q)[0] for q in b.precisions if q != precision):
+        return reason
+    return None
 
 
-def planned_rows(opts: BenchOptions) -> int:
+def plan(opts: BenchOptions, bundle=None) -> tuple[list[tuple[str, str]], list[dict]]:
+    """((precision, backend) in measuring order, skipped): the authors' fp32 baseline first, always,
+    once; then each precision's backends (`all`: every precision each backend lists, in
+    precisions.py's order; with a bundle, those skip_reason leaves out go to `skipped` as
+    {backend, precision, reason})."""
+    backends = [b for b in dict.fromkeys(opts.backends) if b != BASELINE]
+    pairs: list[tuple[str, str]] = [("fp32", BASELINE)]
+    skipped: list[dict] = []
+    if ALL not in opts.precisions:
+        return pairs + [(p, b) for p in dict.fromkeys(opts.precisions) for b in backends], skipped
+    for p in PRECISIONS:
+        for b in backends:
+            if p not in registry.backend(b).precisions:
+                continue
+            why = skip_reason(b, p, bundle) if bundle is not None else None
+            if why is None:
+                pairs.append((p, b))
+            else:
+                skipped.append({"backend": b, "precision": p, "reason": why})
+    return pairs, skipped
+
+
+def planned_rows(opts: BenchOptions, bundle=None) -> int:
     """How many rows a run of `opts` measures (a backend that fails to open counts its rows too)."""
-    return len(_plan(opts)) * len(opts.sizes) * len(opts.batches) * len(opts.stages)
+    return len(plan(opts, bundle)[0]) * len(opts.sizes) * len(opts.batches) * len(opts.stages)
 
 
 def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None = None,
@@ -414,7 +482,7 @@ def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None
     """Benchmark `bundle` (export.bundle.Bundle) -> report dict (schema asap-deploy/bench).
     `progress(text)` is called before each row, `on_row(row, done, total)` after each finished row
     (done/total count planned rows; a backend that fails to open finishes all of its rows at once)."""
-    from asap_deploy.engines.machine import machine_info
+    from asap_deploy.engines.machine import cpu_flags, machine_info
     from asap_deploy.random_model import random_label_maps
 
     from .bench_report import report_warnings
@@ -425,22 +493,29 @@ def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None
     ctx = _Context(bundle)
     rows: list[dict] = []
     base: dict = {}
-    total, done = planned_rows(opts), 0
+    pairs, skipped = plan(opts, bundle)
+    total, done = len(pairs) * len(opts.sizes) * len(opts.batches) * len(opts.stages), 0
     machine = machine_info()
+    machine["cpu_flags"] = cpu_flags()
     t_start = time.perf_counter()
+    if opts.sgemm and Stage.PIXELWISE.key in opts.stages:
+        if progress:
+            progress("the machine's sgemm rate (the pixelwise stage's floor)")
+        machine["sgemm"] = _sgemm(cfg, threads)
 
-    def finish(row: dict, count: int = 1) -> None:
+    def finish(row: dict, count: int = 1, cpu: bool = False) -> None:
         nonlocal done
         if row["backend"] == BASELINE and row.get("status") == "ok":
             base[_key(row)] = row
         _ratio(row, base.get(_key(row)))
+        _floor(row, cfg, machine.get("sgemm") if cpu else None)
         rows.append(row)
         done += count
         if on_row:
             on_row(row, done, total)
 
     with _torch_threads(threads):
-        for precision, backend in _plan(opts):
+        for precision, backend in pairs:
             head = {"backend": backend, "precision": precision}
             try:
                 item = _Item(backend, ctx, precision, threads)
@@ -475,7 +550,7 @@ def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None
                                     row["fidelity"] = None
                                     row["fidelity_note"] = _status(exc).replace("failed: ", "no comparison: ", 1)
                             del first
-                            finish(row)
+                            finish(row, cpu=item.cpu)
             finally:
                 item.close()
     add_ratios(rows)
@@ -497,6 +572,7 @@ def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None
                      "abs (parameter units) for the predictor; thresholds of `asap validate` per precision"),
         "seconds": time.perf_counter() - t_start,
         "rows": rows,
+        "skipped": skipped,
     }
     rep["warnings"] = report_warnings(rep)
     return rep
@@ -507,19 +583,52 @@ def _key(row: dict) -> tuple:
 
 
 def _ratio(row: dict, b: dict | None) -> None:
+    """The row's ratios to the authors' baseline row `b` (medians and best times) and whether that
+    baseline was noisy (its ratios then not to be trusted)."""
     if row.get("status") == "ok" and b is not None:
         row["vs_authors"] = row["median_ms"] / b["median_ms"]
         row["speedup_vs_authors"] = b["median_ms"] / row["median_ms"]
+        row["speedup_vs_authors_best"] = b["min_ms"] / row["min_ms"]
+        row["baseline_noisy"] = bool(b.get("noisy"))
     else:
-        row["vs_authors"] = row["speedup_vs_authors"] = None
+        row["vs_authors"] = row["speedup_vs_authors"] = row["speedup_vs_authors_best"] = None
+        row["baseline_noisy"] = None
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Each ok row: `vs_authors` = its median / the authors' median (same size, batch, stage, fp32
-    baseline of this run) and `speedup_vs_authors` = the inverse."""
+    """Each ok row, against the authors' fp32 row of the same size, batch and stage (the key has no
+    precision: an fp16, bf16 or int8 row is compared with the same fp32 baseline): `vs_authors` =
+    its median / the authors' median, `speedup_vs_authors` = the inverse, `speedup_vs_authors_best`
+    = the authors' min / its min, `baseline_noisy` = the baseline row's noisy flag."""
     base = {_key(r): r for r in rows if r["backend"] == BASELINE and r.get("status") == "ok"}
     for r in rows:
         _ratio(r, base.get(_key(r)))
+
+
+def _sgemm(cfg, threads: int) -> dict:
+    """The machine's sgemm rates at the model's tile shape (engines.machine.sgemm_rates), or the
+    reason it could not be measured."""
+    from .machine import sgemm_rates
+
+    try:
+        return sgemm_rates(threads, cfg.S, cfg.mlp_channels[1])
+    except Exception as exc:  # noqa: BLE001 - no floor is no reason to lose the benchmark
+        return {"error": _status(exc).replace("failed: ", "", 1)}
+
+
+def _floor(row: dict, cfg, sgemm: dict | None) -> None:
+    """A pixelwise row on the CPU: the stage's FLOPs at the row's size and batch (`pixelwise_gflop`),
+    the floor at the machine's sgemm rate (`sgemm_floor_ms`) and `vs_sgemm_floor` = its median /
+    the floor; None elsewhere (other stages, GPU rows, no rate)."""
+    from .machine import pixelwise_flops, sgemm_floor_ms
+
+    row["pixelwise_gflop"] = row["sgemm_floor_ms"] = row["vs_sgemm_floor"] = None
+    if row.get("stage") != Stage.PIXELWISE.key or row.get("status") != "ok" or not sgemm or not sgemm.get("gflops"):
+        return
+    flops = pixelwise_flops(cfg.mlp_channels, row["batch"] * row["size"][0] * row["size"][1])
+    row["pixelwise_gflop"] = flops / 1e9
+    row["sgemm_floor_ms"] = sgemm_floor_ms(flops, sgemm["gflops"])
+    row["vs_sgemm_floor"] = row["median_ms"] / row["sgemm_floor_ms"]
 
 
 # ---- the default model ---------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ import numpy as np
 from asap_deploy.export.stages import KEYS as STAGES
 
 SCHEMA = "asap-deploy/bench"
-SCHEMA_VERSION = 2  # 2: cv/noisy, threads, fidelity per row; noisy_cv, threads, warnings per report
+# 2: cv/noisy, threads, fidelity per row; noisy_cv, threads, warnings per report
+# 3 (issue 16): speedup_vs_authors_best, baseline_noisy, pixelwise_gflop / sgemm_floor_ms / vs_sgemm_floor
+#   per row; machine.cpu_flags and machine.sgemm; skipped (backend, precision, reason) per report
+SCHEMA_VERSION = 3
 NOISY_CV = 0.10  # a row whose coefficient of variation (std / mean) is above this is flagged noisy
 BUSY_LOAD_PER_CORE = 0.5  # load average (1 min) of other work per core above which the machine was busy
 
@@ -39,6 +42,12 @@ def report_warnings(rep: dict) -> list[str]:
     if end and end[0] - threads >= BUSY_LOAD_PER_CORE * cores:
         out.append(f"the machine was busy: load average (1 min) {end[0]:g} at the end, above this run's own "
                    f"{threads} thread(s) on {cores} cores (other work ran meanwhile)")
+    shaky = [r for r in ok if r["backend"] == "authors" and r.get("noisy")]
+    for r in shaky:
+        out.append(f"the authors' baseline is noisy at {r['size'][0]}x{r['size'][1]} batch {r['batch']} {r['stage']} "
+                   f"(cv {r['cv']:.0%}; median {r['median_ms']:.1f} ms, min {r['min_ms']:.1f} ms): every speed-up against "
+                   f"it is marked '{NOISY_BASELINE_MARK}' and is not reliable (the best-time speed-up suffers less); "
+                   "rerun on an idle machine or with a longer --duration")
     wrong = [r for r in ok if (r.get("fidelity") or {}).get("below_threshold")]
     for r in wrong:
         f = r["fidelity"]
@@ -61,7 +70,11 @@ def row_line(r: dict, done: int | None = None, total: int | None = None) -> str:
     if r.get("cv") is not None:
         parts.append(f"cv {r['cv']:.1%}" + (" NOISY" if r.get("noisy") else ""))
     if r.get("speedup_vs_authors") is not None:
-        parts.append(f"{r['speedup_vs_authors']:.2f}x the authors' speed")
+        mark = NOISY_BASELINE_MARK + " (noisy baseline)" if r.get("baseline_noisy") else ""
+        parts.append(f"{r['speedup_vs_authors']:.2f}x the authors' speed (median), "
+                     f"{r['speedup_vs_authors_best']:.2f}x (best){mark}")
+    if r.get("vs_sgemm_floor") is not None:
+        parts.append(f"{r['vs_sgemm_floor']:.2f}x the sgemm floor")
     f = r.get("fidelity")
     if f:
         parts.append((f"PSNR {_psnr(f)} dB" if f["psnr_db"] is not None else f"cosine {f['cosine']:.6f}")
@@ -91,8 +104,16 @@ def validate_report(rep: dict) -> None:
         need(rep, k, t, "report")
     if rep["schema"] != SCHEMA or rep["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"report.schema: {rep['schema']} v{rep['schema_version']}")
-    for k, t in (("cpu", str), ("cores", int), ("gpu", dict), ("libraries", dict)):
+    for k, t in (("cpu", str), ("cores", int), ("gpu", dict), ("libraries", dict), ("cpu_flags", dict)):
         need(rep["machine"], k, t, "machine")
+    sg = rep["machine"].get("sgemm")
+    if sg is not None and not (isinstance(sg, dict) and (isinstance(sg.get("gflops"), (int, float))
+                                                         or isinstance(sg.get("error"), str))):
+        raise ValueError("machine.sgemm: not null or a mapping with gflops (or error)")
+    need(rep, "skipped", list, "report")
+    for i, s in enumerate(rep["skipped"]):
+        if not (isinstance(s, dict) and all(isinstance(s.get(k), str) for k in ("backend", "precision", "reason"))):
+            raise ValueError(f"skipped[{i}]: not a mapping of backend, precision, reason")
     for i, r in enumerate(rep["rows"]):
         where = f"rows[{i}]"
         for k, t in (("backend", str), ("precision", str), ("size", list), ("batch", int), ("stage", str),
@@ -105,9 +126,12 @@ def validate_report(rep: dict) -> None:
             need(r, "iterations", int, where)
             if not r["min_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]:
                 raise ValueError(f"{where}: statistics out of order")
-            for k in ("vs_authors", "speedup_vs_authors", "peak_host_mib", "peak_device_mib"):
+            for k in ("vs_authors", "speedup_vs_authors", "speedup_vs_authors_best", "peak_host_mib",
+                      "peak_device_mib", "pixelwise_gflop", "sgemm_floor_ms", "vs_sgemm_floor"):
                 if k not in r or not (r[k] is None or isinstance(r[k], (int, float))):
                     raise ValueError(f"{where}.{k}: missing or not a number/null")
+            if "baseline_noisy" not in r or not (r["baseline_noisy"] is None or isinstance(r["baseline_noisy"], bool)):
+                raise ValueError(f"{where}.baseline_noisy: missing or not a boolean/null")
             if not (r.get("cv") is None or isinstance(r["cv"], (int, float))) or not isinstance(r.get("noisy"), bool):
                 raise ValueError(f"{where}.cv/noisy: missing or not a number/null and a boolean")
             f = r.get("fidelity", "missing")
@@ -126,6 +150,13 @@ def _fmt(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+NOISY_BASELINE_MARK = "*"  # marks a ratio to a noisy authors' baseline row
+
+
+def _speedup(v, noisy_base) -> str:
+    return "-" if v is None else f"{v:.2f}x" + (NOISY_BASELINE_MARK if noisy_base else "")
+
+
 def _cells(r: dict, short_status: bool) -> dict[str, str]:
     size = f"{r['size'][0]}x{r['size'][1]}"
     c = {"backend": r["backend"], "precision": r["precision"], "size": size, "batch": str(r["batch"]),
@@ -140,8 +171,10 @@ def _cells(r: dict, short_status: bool) -> dict[str, str]:
               "p90 ms": _fmt(r["p90_ms"]), "p95 ms": _fmt(r["p95_ms"]), "p99 ms": _fmt(r["p99_ms"]),
               "cv": _fmt(r.get("cv"), ".1%") + (" !" if r.get("noisy") else ""),
               "images/s": _fmt(r["throughput_ips"], ".2f"), "peak MiB": _fmt(r["peak_host_mib"], ".0f"),
-              "time vs authors": _fmt(r["vs_authors"], ".3f"),
-              "speed-up": _fmt(r["speedup_vs_authors"], ".2f") + ("x" if r["speedup_vs_authors"] else ""),
+              "time vs authors": _fmt(r["vs_authors"], ".3f") + (NOISY_BASELINE_MARK if r.get("baseline_noisy") else ""),
+              "speed-up": _speedup(r["speedup_vs_authors"], r.get("baseline_noisy")),
+              "speed-up best": _speedup(r.get("speedup_vs_authors_best"), r.get("baseline_noisy")),
+              "vs sgemm floor": _fmt(r.get("vs_sgemm_floor"), ".2f") + ("x" if r.get("vs_sgemm_floor") else ""),
               "PSNR dB": ((_psnr(f) if f.get("psnr_db") is not None
                            else ("cos " + format(f["cosine"], ".6f") if f.get("cosine") is not None else "-")) + low)
               if f else "-",
@@ -163,11 +196,43 @@ def failure_lines(rep: dict) -> list[str]:
 
 
 COLUMNS = ["backend", "precision", "size", "batch", "stage", "threads", "status", "min ms", "mean ms", "median ms",
-           "p90 ms", "p95 ms", "p99 ms", "cv", "images/s", "peak MiB", "time vs authors", "speed-up", "PSNR dB",
-           "max abs"]
+           "p90 ms", "p95 ms", "p99 ms", "cv", "images/s", "peak MiB", "time vs authors", "speed-up", "speed-up best",
+           "vs sgemm floor", "PSNR dB", "max abs"]
 # the terminal's table: what fits a wide terminal; report.md and report.json hold every column
 TERMINAL_COLUMNS = ["backend", "precision", "size", "batch", "stage", "threads", "status", "median ms", "min ms",
-                    "p90 ms", "cv", "images/s", "peak MiB", "speed-up", "PSNR dB", "max abs"]
+                    "cv", "peak MiB", "speed-up", "speed-up best", "vs sgemm floor", "PSNR dB", "max abs"]
+
+
+def footnotes(rep: dict) -> list[str]:
+    """What the marks in the table mean, for the marks the table holds."""
+    out = []
+    if any(r.get("baseline_noisy") for r in rep["rows"] if r["status"] == "ok"):
+        out.append(f"{NOISY_BASELINE_MARK} ratio to a noisy authors' baseline row (cv above {rep['noisy_cv']:.0%}): "
+                   "not reliable; see the warnings")
+    return out
+
+
+def skipped_lines(rep: dict) -> list[str]:
+    """One line per (backend, precision) that `--precision all` left out, with the reason."""
+    return [f"{s['backend']} {s['precision']}: {s['reason']}" for s in rep.get("skipped", [])]
+
+
+def sgemm_text(rep: dict) -> str | None:
+    """The machine's CPU flags and sgemm rates in words (None if neither was recorded)."""
+    m = rep["machine"]
+    flags = (m.get("cpu_flags") or {}).get("flags")
+    parts = [f"CPU flags: {' '.join(flags) if flags else 'none of note reported'}"] if "cpu_flags" in m else []
+    sg = m.get("sgemm")
+    if sg and sg.get("gflops"):
+        sq, ti = sg["square"], sg["tiles"]
+        parts.append(f"sgemm {sg['gflops']:.0f} GFLOP/s with {sg['threads']} thread(s) ({sg['library']}: "
+                     f"{sq['a'][0]}x{sq['a'][1]} @ {sq['b'][0]}x{sq['b'][1]} {sq['gflops']:.0f} GFLOP/s; "
+                     f"{ti['tiles']} tiles of {ti['a'][1]}x{ti['a'][2]} @ {ti['b'][1]}x{ti['b'][2]} "
+                     f"{ti['gflops']:.0f} GFLOP/s); 'vs sgemm floor' = a pixelwise row's median / (its FLOPs at that "
+                     "rate)")
+    elif sg and sg.get("error"):
+        parts.append(f"sgemm rate not measured: {sg['error']}")
+    return "; ".join(parts) or None
 
 
 def settings_text(rep_or_opts) -> str:
@@ -259,17 +324,25 @@ def to_markdown(rep: dict) -> str:
     lines = ["# asap bench", "",
              f"Machine: {machine_text(rep)}", "",
              f"Model: {rep['model'].get('description') or rep['model'].get('bundle', '')} (S={rep['model'].get('S')})", "",
-             f"Timing: {rep['timing']}. Settings: {settings_text(rep)}. Baseline: the authors' forward, measured "
-             "in the same run; 'time vs authors' = median / authors' median (lower is better), speed-up = its "
-             "inverse. Peak MiB: resident high-water mark growth during the row (lower bound). "
+             f"Timing: {rep['timing']}. Settings: {settings_text(rep)}. Baseline: the authors' forward (fp32), "
+             "measured once in the same run; every row, of any precision, is compared with it: 'time vs authors' = "
+             "median / authors' median (lower is better), speed-up = its inverse, 'speed-up best' = authors' min / "
+             f"the row's min; '{NOISY_BASELINE_MARK}' marks a ratio to a noisy baseline row. "
+             "Peak MiB: resident high-water mark growth during the row (lower bound). "
              f"cv: coefficient of variation (std / mean); '!' marks a noisy row (cv above {rep['noisy_cv']:.0%}). "
              f"Fidelity: {rep['fidelity']}; PSNR 'inf' = identical, '>=100' = above the 100 dB cap of `asap validate` yet not identical, '!' = below the threshold; max abs in "
              "8-bit levels (parameter units for the predictor).", ""]
+    if sgemm_text(rep):
+        lines += [sgemm_text(rep) + ".", ""]
     if rep.get("warnings"):
         lines += ["**Warnings**", ""] + [f"- {w}" for w in rep["warnings"]] + [""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in table_rows(rep):
         lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    if footnotes(rep):
+        lines += [""] + footnotes(rep)
+    if rep.get("skipped"):
+        lines += ["", "Skipped (`--precision all`):", ""] + [f"- {t}" for t in skipped_lines(rep)]
     split = [r for r in rep["rows"] if r.get("phases_ms")]
     if split:  # GPU engines: the wall-clock latency above includes these transfers
         lines += ["", "GPU phases per call (median ms, CUDA events): host->device | GPU compute | device->host", "",

@@ -23,7 +23,7 @@ from asap_deploy.random_model import random_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(label_nc=5, crop_size=128, learned_ds_factor=8, lr_width=8, lr_max_width=8, lr_depth=1, hr_width=16)
-FAST = dict(warmup_s=0.0, min_iters=2, min_seconds=0.0)
+FAST = dict(warmup_s=0.0, min_iters=2, min_seconds=0.0, sgemm=False)  # the sgemm floor: tests/test_bench_precisions.py
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +359,7 @@ def test_failed_row_exits_13_with_the_whole_reason(bundle, tmp_path):
 def test_default_folder_is_numbered_per_run(bundle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["bench", "--bundle", str(bundle.path), "--size", "16", "-b", "onnxruntime", "--warmup",
-            "0", "--iterations", "1", "--duration", "0", "--no-memory"]
+            "0", "--iterations", "1", "--duration", "0", "--no-memory", "--no-sgemm"]
     for _ in range(3):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0, r.output

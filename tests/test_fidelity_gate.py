@@ -136,7 +136,7 @@ def stand_ins(monkeypatch):
     ov = dataclasses.replace(registry.ONNXRUNTIME, name="openvino", engine="openvino", label="openvino", providers=(),
                              precisions=("fp32", "bf16", "int8"), auto_rank=5, check=lambda d, p: (True, "stand-in"),
                              opener=lambda b, bundle, p, **o: _stand_in("openvino")(bundle, p))
-    table = tuple(ort if b.name == "onnxruntime" else b for b in registry.BACKENDS) + (ov,)
+    table = tuple(ort if b.name == "onnxruntime" else b for b in registry.BACKENDS if b.name != "openvino") + (ov,)
     monkeypatch.setattr(registry, "BACKENDS", table)
     monkeypatch.setattr(registry, "BY_NAME", {b.name: b for b in table})
     monkeypatch.setattr(registry, "ENGINE_NAMES", tuple(b.name for b in table if b.selectable))

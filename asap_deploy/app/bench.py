@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 # the reporting helpers `asap bench` prints with (engines/bench_report.py)
-from ..engines.bench_report import (TERMINAL_COLUMNS, failure_lines, machine_text, row_line,  # noqa: F401
-                                    settings_text, table_rows, write_reports)
+from ..engines.bench_report import (TERMINAL_COLUMNS, failure_lines, footnotes, machine_text, row_line,  # noqa: F401
+                                    settings_text, sgemm_text, skipped_lines, table_rows, write_reports)
 
 DEFAULT_OUT = Path("asap_bench")  # the default report folder (a new one per run: asap_bench2, ...)
 
@@ -56,7 +56,7 @@ def bench_bundle(model: Path | None = None, bundle_dir: Path | None = None, engi
 
 def bench_options(names: Sequence[str], sizes: Sequence[str], batches: Sequence[int], precisions: Sequence[str], *,
                   warmup: float, iterations: int, duration: float, memory: bool, seed: int, max_pixels: int,
-                  threads: int | None):
+                  threads: int | None, sgemm: bool = True):
     """engines.bench.BenchOptions of the command's options, checked (no backend named: the defaults,
     narrowed to those usable here once the bundle is known)."""
     from ..engines.bench import DEFAULT_BACKENDS, BenchOptions, parse_size
@@ -65,7 +65,8 @@ def bench_options(names: Sequence[str], sizes: Sequence[str], batches: Sequence[
     check_max_pixels("--max-pixels", max_pixels)
     opts = BenchOptions(backends=list(names) or list(DEFAULT_BACKENDS), sizes=[parse_size(s) for s in sizes],
                         batches=batches, precisions=list(precisions), warmup_s=warmup, min_iters=iterations,
-                        min_seconds=duration, memory=memory, seed=seed, max_pixels=max_pixels, threads=threads)
+                        min_seconds=duration, memory=memory, seed=seed, max_pixels=max_pixels, threads=threads,
+                        sgemm=sgemm)
     opts.check()
     return opts
 
@@ -92,11 +93,13 @@ def run_rows(opts, default_backends: bool, precisions: Sequence[str], model: Pat
     """Measure every row of `opts` on the bundle of --model / --bundle / --engine (or a random model);
     default_backends: the backends usable here replace opts.backends. planned(n) gets the row count
     before the first row; the report."""
-    from ..engines.bench import default_backends as usable_backends, planned_rows, run_bench
+    from ..engines.bench import ALL, default_backends as usable_backends, planned_rows, run_bench
 
-    with bench_bundle(model, bundle_dir, engine_file, "fp16" in precisions, seed, say) as (bundle, info):
+    every = ALL in precisions  # --precision all: a model exported here gets its fp16 graphs too
+    with bench_bundle(model, bundle_dir, engine_file, every or "fp16" in precisions, seed, say) as (bundle, info):
         if default_backends:
-            opts.backends = usable_backends(bundle.path, precisions[0], engine_given=engine_file is not None)
+            opts.backends = usable_backends(bundle.path, ALL if every else precisions[0],
+                                            engine_given=engine_file is not None)
         if planned is not None:
-            planned(planned_rows(opts))
+            planned(planned_rows(opts, bundle))
         return run_bench(bundle, opts, progress=progress, model_info=info, on_row=on_row)
