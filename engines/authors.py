@@ -14,6 +14,15 @@ purpose, because that is what costs them time and memory:
 The low-res stream is our `LowResStream` module: same layers, same weights, same computation.
 One deviation: their encoding cache is never invalidated (a later call at another size fails);
 here it is rebuilt when the size changes, so one instance can serve tests at several sizes.
+
+What `asap bench` times as "the authors' forward" (checked against their generator.py): exactly
+their generator's forward, `get_lowres` (a fresh tent module) -> `lowres_stream` ->
+`highres_stream`, in fp32 under torch.no_grad() as their Pix2PixModel runs inference. What it
+does NOT time, in their favour: their caller's preprocessing (Pix2PixModel.preprocess_input: the
+one-hot, `scatter_` into a zeroed fp32 (N, C, H, W) tensor, and the instance edges), built once
+per input by `encode` outside the timed calls. tests/test_authors_baseline.py checks this
+restatement's outputs (image and parameter grid) against the outputs the authors' own code
+computed for the generators of tests/fixtures/authors.
 """
 
 from __future__ import annotations

@@ -564,7 +564,8 @@ def run_bench(bundle, opts: BenchOptions, progress: Callable[[str], None] | None
         "threads": threads,
         "baseline": BASELINE,
         "timing": ("wall clock per call through the Engine interface (host arrays in and out; on GPUs H2D/D2H "
-                   "included); authors: their forward on the full-res fp32 one-hot (one-hot not timed); "
+                   "included); authors: their generator's two streams (low-res + high-res, as their forward calls them) "
+                   "on the full-res fp32 one-hot, fp32, torch.no_grad (their caller's one-hot building not timed); "
                    "percentiles: trtexec rule; throughput: images / timed wall time"),
         "noisy_cv": NOISY_CV,
         "fidelity": ("each row's first output vs the torch fp32 engine's output of the same stage on the same label "

@@ -94,3 +94,35 @@ def test_pixelwise_gradient_equals_baseline(chunk):
     ours = pixelwise(idx, params, cfg, chunk_pixels=chunk)
     (got,) = torch.autograd.grad((ours.permute(0, 3, 1, 2) * weight).sum(), params)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # both encodings are fp32 tables
+
+
+@pytest.mark.parametrize("name", ["facades_s64", "cityscapes_s16", "dontcare_s32"])
+def test_authors_baseline_reproduces_the_authors_own_outputs(name):
+    """The restatement that `asap bench` times as the authors' forward, on the generators the authors'
+    own code built and ran (tests/fixtures/authors): its OUTPUTS (image and parameter grid) equal
+    what their code computed from the same checkpoint and label maps."""
+    from asap_deploy.checkpoints import load_generator
+    from asap_deploy.io import read_instance_map, read_label_map
+    from conftest import authors_fixture_dir, authors_fixture_meta
+
+    d, meta = authors_fixture_dir(name), authors_fixture_meta(name)
+    model, _ = load_generator(d / "latest_net_G.pth")
+    cfg = model.cfg
+    labels = torch.from_numpy(np.stack([read_label_map(d / f"label_{i}.png") for i in range(meta["batch"])]).astype(np.int64))
+    inst = (torch.from_numpy(np.stack([read_instance_map(d / f"instance_{i}.png") for i in range(meta["batch"])]))
+            if cfg.instance_edges else None)
+    base = authors_forward.AuthorsForward(model)
+    with torch.no_grad():
+        onehot = base.encode(labels, inst)
+        image, params = base(onehot)
+        # their caller's one-hot: channel = label id, id 255 (don't care) the last channel; + edge channel
+        assert onehot.shape == (meta["batch"], cfg.n_label_channels + cfg.instance_edges, meta["height"], meta["width"])
+        ids = torch.where(labels == 255, cfg.n_label_channels - 1, labels)  # 255 only in the don't-care fixture
+        assert torch.equal(onehot[:, :cfg.n_label_channels].argmax(1), ids)
+        assert torch.equal(onehot[:, :cfg.n_label_channels].sum(1), torch.ones_like(ids, dtype=onehot.dtype))
+    np.testing.assert_allclose(params.numpy(), np.load(d / "params.npy"), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(image.numpy(), np.load(d / "output.npy"), atol=1e-4, rtol=0)
+    # the stages as bench times them, one at a time, give the same
+    with torch.no_grad():
+        np.testing.assert_allclose(base.pixelwise(onehot, base.lowres(onehot)).numpy(), np.load(d / "output.npy"),
+                                   atol=1e-4, rtol=0)
