@@ -28,6 +28,20 @@ DEFAULT_CHUNK_PIXELS = 2**12
 
 
 # ---- fixed, parameter-free pieces ----------------------------------------------------------
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def device_constant(name: str, arg: int, make, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The numpy table `make()` as a tensor on `device`, made once per (name, arg, device, dtype).
+    Taken from here, a forward pass does no host-to-device copy after its first call, so it can be
+    captured in a CUDA graph (a copy from pageable host memory cannot be captured)."""
+    key = (name, arg, str(torch.device(device)), dtype)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.from_numpy(make()).to(device=device, dtype=dtype)
+    return t
+
+
 def tent_kernel(stride: int) -> np.ndarray:
     """1-D separable bilinear "tent" kernel [1,3,..,2s-1,2s-1,..,3,1]/sum (length 2s)."""
     ramp = np.arange(1, 2 * stride + 1, 2, dtype=np.float64)
@@ -93,7 +107,7 @@ def tent_downsample_ids(channel_idx: torch.Tensor, n: int, stride: int) -> torch
     result. Equals `TentDownsample(stride, n)(one_hot(channel_idx, n))` up to float rounding."""
     b, _, W = channel_idx.shape  # noqa: N806
     pad = stride // 2
-    k = torch.from_numpy(tent_kernel(stride)).to(channel_idx.device)
+    k = device_constant("tent", stride, lambda: tent_kernel(stride), channel_idx.device)
     col = torch.arange(-pad, W + pad, device=channel_idx.device).abs()  # reflect padding of the columns
     col = torch.where(col >= W, 2 * (W - 1) - col, col)
     w_out = (W + 2 * pad - 2 * stride) // stride + 1
@@ -203,11 +217,14 @@ def pixelwise(channel_idx: torch.Tensor, params: torch.Tensor, cfg: ModelConfig,
     w1 = mats[0]
     table = torch.cat([torch.ones_like(w1[:, :n_lab, :1]), w1[:, 1:n_lab + 1] + w1[:, :1]], 2)
     table = table.reshape(n_tiles * n_lab, c1 + 1)
-    pe = torch.from_numpy(positional_encoding_table(S)).to(dev, dt)  # rows (y, x), cols [x x y y]*
-    is_x = (torch.arange(pe.shape[1]) % 4) < 2
-    pe_x, pe_y = pe[:S, is_x], pe[::S, ~is_x]  # x along the first tile row, y down its first column
-    w1_pe = w1[:, 1 + n_lab:]
-    w1_x, w1_y = w1_pe[:, is_x], w1_pe[:, ~is_x]
+    pe = device_constant("pe", S, lambda: positional_encoding_table(S), dev, dt)  # rows (y, x), cols [x x y y]*
+    # columns (frequency, [cos x, sin x, cos y, sin y]) split by views, not by a boolean mask
+    # (a host mask indexing a device tensor is copied to it: that call could not be captured)
+    n_f = pe.shape[1] // 4
+    pe_x = pe[:S].view(S, n_f, 4)[..., :2].reshape(S, 2 * n_f)  # x along the first tile row
+    pe_y = pe[::S].view(S, n_f, 4)[..., 2:].reshape(S, 2 * n_f)  # y down its first column
+    w1_pe = w1[:, 1 + n_lab:].reshape(n_tiles, n_f, 4, c1)
+    w1_x, w1_y = w1_pe[:, :, :2].reshape(n_tiles, 2 * n_f, c1), w1_pe[:, :, 2:].reshape(n_tiles, 2 * n_f, c1)
     last_t = mats[-1].transpose(1, 2)  # (T, c_out, c+1)
     rows = channel_idx.reshape(n * h, S, w, S)
     fast = not (torch.is_grad_enabled() and params.requires_grad)

@@ -41,26 +41,8 @@ class TorchEngine(Engine):
     def from_bundle(cls, bundle, device: str = "cpu") -> "TorchEngine":
         """The generator rebuilt from the bundle: config from the manifest, weights read back from
         predictor.onnx and checked bit for bit against the manifest's weights_sha256."""
-        torch = require_torch("the torch backend")
-        from asap_deploy.model import ASAPNetGenerator
-        from asap_deploy.errors import BundleError
-        from asap_deploy.export.bundle import state_dict_from_bundle
-
-        with torch.device("meta"):  # shapes of the manifest's model, nothing allocated yet
-            skeleton = ASAPNetGenerator(bundle.config)
-        specs = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in skeleton.state_dict().items()}
-        del skeleton
-        # every weight checked (shape, dtype, finite, weights_sha256) before the real model is built
-        state = state_dict_from_bundle(bundle, specs)
-        model = ASAPNetGenerator(bundle.config)
-        try:
-            model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
-        except RuntimeError as exc:  # pragma: no cover - the checks above leave nothing for torch to refuse
-            first = (str(exc).strip().splitlines() or ["RuntimeError"])[0]
-            raise BundleError(f"{bundle.path / 'predictor.onnx'}: its weights do not fit the model of the "
-                              f"manifest's config: {first}") from exc
-        eng = cls(model, device)
-        eng.source = f"bundle {bundle.path} (weights from predictor.onnx, sha256-checked)"
+        eng = cls(model_from_bundle(bundle), device)
+        eng.source = bundle_source(bundle)
         return eng
 
     def describe(self) -> dict:
@@ -115,3 +97,31 @@ def _kernel_supports(cfg) -> bool:
     except ConfigError:
         return False
     return True
+
+
+def bundle_source(bundle) -> str:
+    return f"bundle {bundle.path} (weights from predictor.onnx, sha256-checked)"
+
+
+def model_from_bundle(bundle):
+    """The generator of `bundle` (fp32, CPU): config from the manifest, weights read back from
+    predictor.onnx and checked bit for bit against the manifest's weights_sha256."""
+    torch = require_torch("the torch backend")
+    from asap_deploy.errors import BundleError
+    from asap_deploy.export.bundle import state_dict_from_bundle
+    from asap_deploy.model import ASAPNetGenerator
+
+    with torch.device("meta"):  # shapes of the manifest's model, nothing allocated yet
+        skeleton = ASAPNetGenerator(bundle.config)
+    specs = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in skeleton.state_dict().items()}
+    del skeleton
+    # every weight checked (shape, dtype, finite, weights_sha256) before the real model is built
+    state = state_dict_from_bundle(bundle, specs)
+    model = ASAPNetGenerator(bundle.config)
+    try:
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:  # pragma: no cover - the checks above leave nothing for torch to refuse
+        first = (str(exc).strip().splitlines() or ["RuntimeError"])[0]
+        raise BundleError(f"{bundle.path / 'predictor.onnx'}: its weights do not fit the model of the "
+                          f"manifest's config: {first}") from exc
+    return model
