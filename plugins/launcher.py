@@ -93,6 +93,26 @@ def grid_for(meta: Mapping, **sizes: int) -> tuple[int, int, int]:
     return (n * (h // s) * (w // s) * rule["programs_per_tile"], 1, 1)
 
 
+def bind_context(device: int = 0) -> tuple[int, int]:
+    """(context, device ordinal) current on the calling thread: the current context, else `device`'s
+    primary context, retained and made current. Whoever caches per context (the plugin's kernels)
+    asks this BEFORE taking its key, so the key names the context the module is loaded into."""
+    drv = driver()
+    try:
+        res = drv.cuInit(0)
+    except Exception as exc:  # noqa: BLE001 - cuda-python raises a loader error when no driver exists
+        raise KernelError(f"no CUDA driver on this machine ({type(exc).__name__}): the driver-only launcher "
+                          f"needs an NVIDIA GPU and its driver") from exc
+    check(drv, res, "cuInit")
+    ctx = check(drv, drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    if not int(ctx):
+        dev = check(drv, drv.cuDeviceGet(device), "cuDeviceGet")
+        ctx = check(drv, drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+        check(drv, drv.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    dev = check(drv, drv.cuCtxGetDevice(), "cuCtxGetDevice")
+    return int(ctx), int(dev)
+
+
 class DriverKernel:
     """One compiled kernel loaded into the current CUDA context (or the primary context of
     `device` when none is current)."""
@@ -117,17 +137,7 @@ class DriverKernel:
         if self._function is not None:
             return self
         drv = driver()
-        try:
-            res = drv.cuInit(0)
-        except Exception as exc:  # noqa: BLE001 - cuda-python raises a loader error when no driver exists
-            raise KernelError(f"no CUDA driver on this machine ({type(exc).__name__}): the driver-only launcher "
-                              f"needs an NVIDIA GPU and its driver") from exc
-        check(drv, res, "cuInit")
-        ctx = check(drv, drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        if not int(ctx):
-            dev = check(drv, drv.cuDeviceGet(self.device), "cuDeviceGet")
-            ctx = check(drv, drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-            check(drv, drv.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        bind_context(self.device)
         self._module = check(drv, drv.cuModuleLoadData(self.image), f"cuModuleLoadData({self.meta['kernel_name']})")
         self._function = check(drv, drv.cuModuleGetFunction(self._module, self.meta["kernel_name"].encode()),
                                 "cuModuleGetFunction")

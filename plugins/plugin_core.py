@@ -263,14 +263,14 @@ class SpatialMLPCore:
         return c
 
     def kernel_for(self, params_dtype: str, out_dtype: str):
-        """The DriverKernel for the current context's device, loaded on first use."""
+        """The DriverKernel for the current context's device (device 0's primary context when none
+        is current), loaded once per context: the context is bound BEFORE the cache key is taken."""
         from .cuda_driver import check, driver
-        from .launcher import DriverKernel
+        from .launcher import DriverKernel, bind_context
 
         drv = driver()
-        ctx = check(drv, drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        dev = check(drv, drv.cuCtxGetDevice(), "cuCtxGetDevice") if int(ctx) else 0
-        key = (int(ctx), int(dev), params_dtype, out_dtype)
+        ctx, dev = bind_context(0)
+        key = (ctx, dev, params_dtype, out_dtype)
         if key not in self._loaded:
             attr = drv.CUdevice_attribute
             major = check(drv, drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cc")

@@ -1,0 +1,81 @@
+"""Loading and launching AOT kernels through the CUDA driver (plugins/launcher.py, the plugin's
+enqueue in plugins/plugin_core.py) on CPU, with a fake driver module (tests/fake_cuda.py): the
+checks made before anything reaches the driver, and how often modules are loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+import pytest
+
+from asap_deploy.errors import KernelError
+from asap_deploy.plugins import cuda_driver, launcher
+from asap_deploy.plugins.plugin_core import KernelPack, PackedKernel, SpatialMLPCore
+from fake_cuda import FakeKernelDriver
+
+ATTRS = {"tile_size": 16, "label_count": 5, "pe_channels": 16, "depth": 3, "num_params": 675,
+         "channels": [21, 16, 16, 3], "leaky_slope": 0.01}
+
+
+def kernel_meta(cc: int = 86, **over) -> dict:
+    """Metadata of the shape aot.py writes (the launcher reads only what it launches with)."""
+    from asap_deploy.plugins.kernel import OUTPUT_ARGS, POINTER_ARGS, SCALAR_ARGS
+
+    meta = {"schema": 1, "kind": "spatial_mlp", "kernel_name": "asap_spatial_mlp", "arch": f"sm_{cc}", "cc": cc,
+            "ptx_target": f"sm_{cc}", "ptx_version": "8.7", "cuda_version": "12.8", "triton_version": "3.6.0",
+            "variant": {"params_dtype": "fp16", "out_dtype": "fp16"}, "num_warps": 4, "block": [128, 1, 1],
+            "shared": 45056, "num_ctas": 1, "launch_pdl": False, "launch_cooperative_grid": False,
+            "pointer_align": 16, "grid_rule": {"S": 16, "programs_per_tile": 1},
+            "args": [{"name": a, "type": "*fp16", "bytes": 8} for a in POINTER_ARGS]
+            + [{"name": a, "type": "i32", "bytes": 4} for a in SCALAR_ARGS]
+            + [{"name": a, "type": "*fp16", "bytes": 8} for a in OUTPUT_ARGS],
+            "hidden_args": [{"name": "global_scratch", "type": "*i8", "value": 0}]}
+    meta.update(over)
+    return meta
+
+
+def packed(cc: int = 86, **over) -> PackedKernel:
+    cubin = b"\x7fELF" + bytes([cc]) * 64
+    ptx = f"//\n.version 8.7\n.target sm_{cc}\n.entry asap_spatial_mlp(\n)".encode()
+    meta = kernel_meta(cc, **over)
+    meta["sha256"] = {"cubin": hashlib.sha256(cubin).hexdigest(), "ptx": hashlib.sha256(ptx).hexdigest()}
+    return PackedKernel(meta, cubin, ptx)
+
+
+@pytest.fixture
+def drv(monkeypatch):
+    fake = FakeKernelDriver(cc=86)
+    monkeypatch.setattr(cuda_driver, "driver", lambda: fake)
+    monkeypatch.setattr(launcher, "driver", lambda: fake)
+    return fake
+
+
+def enqueue(core: SpatialMLPCore, n=1, h=32, w=32) -> str:
+    return core.enqueue(0x10000, 0x20000, 0x30000, n, h, w, "fp16", "fp16", stream=0x77)
+
+
+# ---- defect 7: the module cache key is taken after the context is bound ---------------------------
+def test_plugin_loads_its_module_once_when_no_context_was_current(drv):
+    core = SpatialMLPCore(ATTRS, pack=KernelPack([packed(86)]))
+    assert not drv.current  # nothing current: the first load binds the device's primary context
+    for _ in range(3):
+        assert enqueue(core) == "cubin"
+    assert len(drv.modules) == 1, f"the module was loaded {len(drv.modules)} times"
+    assert len(drv.launches) == 3 and {launch[4] for launch in drv.launches} == {0x77}
+    assert drv.modules[0] == core.pack.kernels[0].cubin
+
+
+def test_plugin_loads_once_per_context(drv):
+    core = SpatialMLPCore(ATTRS, pack=KernelPack([packed(86)]))
+    enqueue(core)
+    drv.cuCtxSetCurrent(0xD0)  # another context on this thread: its own module
+    enqueue(core)
+    enqueue(core)
+    assert len(drv.modules) == 2
+    box = []
+    t = threading.Thread(target=lambda: box.append(enqueue(core)))  # a thread with no context: the primary one
+    t.start()
+    t.join(10)
+    assert box == ["cubin"] and len(drv.modules) == 2  # the primary context's module is reused
