@@ -93,6 +93,23 @@ def grid_for(meta: Mapping, **sizes: int) -> tuple[int, int, int]:
     return (n * (h // s) * (w // s) * rule["programs_per_tile"], 1, 1)
 
 
+# Launch options Triton records in the metadata (aot.py) and their only values cuLaunchKernel gives:
+# a kernel compiled for thread-block clusters (num_ctas > 1), programmatic dependent launch or a
+# cooperative grid needs cuLaunchKernelEx with launch attributes, which this launcher does not use.
+DEFAULT_LAUNCH_OPTIONS = {"num_ctas": 1, "launch_pdl": False, "launch_cooperative_grid": False}
+
+
+def check_launch_options(meta: Mapping) -> None:
+    """KernelError naming the first launch option in `meta` that plain cuLaunchKernel cannot honour
+    (metadata without the field means the default)."""
+    for name, default in DEFAULT_LAUNCH_OPTIONS.items():
+        value = meta.get(name, default)
+        if value != default:
+            raise KernelError(f"{meta.get('kernel_name')} ({meta.get('arch')}): compiled with {name}={value!r}; the "
+                              f"driver-only launcher uses cuLaunchKernel, which launches only {name}={default!r}. "
+                              f"Recompile it without that option (asap compile-kernels / asap build-engine)")
+
+
 def bind_context(device: int = 0) -> tuple[int, int]:
     """(context, device ordinal) current on the calling thread: the current context, else `device`'s
     primary context, retained and made current. Whoever caches per context (the plugin's kernels)
@@ -136,6 +153,7 @@ class DriverKernel:
     def load(self) -> "DriverKernel":
         if self._function is not None:
             return self
+        check_launch_options(self.meta)  # before the driver: a kernel it would launch wrongly is never loaded
         drv = driver()
         bind_context(self.device)
         self._module = check(drv, drv.cuModuleLoadData(self.image), f"cuModuleLoadData({self.meta['kernel_name']})")

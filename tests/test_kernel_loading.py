@@ -79,3 +79,23 @@ def test_plugin_loads_once_per_context(drv):
     t.start()
     t.join(10)
     assert box == ["cubin"] and len(drv.modules) == 2  # the primary context's module is reused
+
+
+# ---- defect 6: launch options the driver-only launcher does not implement are refused at load -----
+@pytest.mark.parametrize("option,value", [("num_ctas", 2), ("launch_pdl", True), ("launch_cooperative_grid", True)])
+def test_load_refuses_launch_options_it_cannot_honour(drv, option, value):
+    k = launcher.DriverKernel(kernel_meta(86, **{option: value}), b"\x7fELF")
+    with pytest.raises(KernelError, match=rf"{option}.*cuLaunchKernel"):
+        k.load()
+    assert "cuModuleLoadData" not in drv.calls  # refused before anything reaches the driver
+    core = SpatialMLPCore(ATTRS, pack=KernelPack([packed(86, **{option: value})]))
+    with pytest.raises(KernelError, match=option):
+        enqueue(core)
+    assert not drv.launches
+
+
+def test_load_accepts_default_launch_options_and_older_metadata(drv):
+    launcher.DriverKernel(kernel_meta(86), b"\x7fELF").load()
+    old = {k: v for k, v in kernel_meta(86).items() if k not in ("num_ctas", "launch_pdl", "launch_cooperative_grid")}
+    launcher.DriverKernel(old, b"\x7fELF").load()
+    assert len(drv.modules) == 2
