@@ -1075,7 +1075,8 @@ def bench(
     duration: float = typer.Option(2.0, "--duration", help="Minimum timed seconds per row (0..600): a longer "
                                    "duration buys more samples."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of every CPU backend (torch, the "
-                                          "authors' forward, ONNX Runtime); each row records it (1..4 x the cores "
+                                          "authors' forward, ONNX Runtime, OpenVINO); each row records it (1..4 x the "
+                                          "cores "
                                           "here; default: the cores this process may use)."),
     max_pixels: int = typer.Option(64 * 1024 * 1024, "--max-pixels", help="Largest batch x H x W of a row "
                                    "(1..1073741824; default 64 Mpx), checked before any work."),

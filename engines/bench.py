@@ -36,7 +36,7 @@ min, max, mean, std, median, p90, p95, p99 with trtexec's percentile rule
 calls; coefficient of variation `cv` = std / mean: a row above NOISY_CV is flagged `noisy` (its
 median is not to be trusted; trtexec warns the same way), and the report's `warnings` say so and
 whether the machine was busy (load average before and after the run).
-Threads: every CPU backend (torch, the authors' forward, ONNX Runtime) runs with the same
+Threads: every CPU backend (torch, the authors' forward, ONNX Runtime, OpenVINO) runs with the same
 `threads` (default: the cores this process may use); each row records it (null on TensorRT).
 Fidelity: each row's output (the first call's) is compared with the torch fp32 engine's output
 of the same stage on the same label map: PSNR on the 8-bit image and max abs (8-bit levels) for

@@ -239,7 +239,8 @@ def settings_text(rep_or_opts) -> str:
     """The settings a run used, in words (the demo says them too)."""
     o = rep_or_opts["options"] if "options" in rep_or_opts else rep_or_opts
     threads = rep_or_opts.get("threads") or o.get("threads")
-    return (f"{threads} CPU thread(s) for torch, the authors' forward and ONNX Runtime; warm-up {o['warmup_s']:g} s, "
+    return (f"{threads} CPU thread(s) for every CPU backend (torch, the authors' forward, ONNX Runtime, OpenVINO); "
+            f"warm-up {o['warmup_s']:g} s, "
             f"then >= {o['min_iters']} calls and >= {o['min_seconds']:g} s per row")
 
 

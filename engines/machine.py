@@ -70,7 +70,7 @@ def gpu_info() -> dict:
 
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("asap-deploy", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "torch", "triton", "tensorrt",
+    for dist in ("asap-deploy", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "torch", "triton", "tensorrt",
                  "tensorrt-rtx-cu13", "cuda-python", "pillow", "opencv-python-headless"):
         v = dist_version(dist)
         if v:
@@ -98,7 +98,8 @@ def machine_line(info: dict) -> str:
     load = info.get("load_avg")
     return (f"{info['cpu']} ({info['cores']} cores{', load ' + ' '.join(map(str, load)) if load else ''}); {gpu}; "
             + ", ".join(f"{k} {v}" for k, v in info["libraries"].items() if k in ("torch", "onnxruntime", "onnxruntime-gpu",
-                                                                                 "tensorrt", "tensorrt-rtx-cu13", "numpy")))
+                                                                                 "openvino", "tensorrt", "tensorrt-rtx-cu13",
+                                                                                 "numpy")))
 
 
 # ---- what the CPU offers: its flags and its single-precision GEMM rate (the pixelwise stage's floor) ----
