@@ -197,6 +197,52 @@ def output_shape(ids_shape: Sequence, out_channels: int) -> list:
     return [ids_shape[0], ids_shape[1], ids_shape[2], out_channels]
 
 
+def _dims(d) -> list[int]:
+    return [int(d[i]) for i in range(len(d))]
+
+
+def check_shapes(ids, params, attrs: Mapping[str, Any], out=None) -> tuple[int, int, int]:
+    """(N, H, W) when ids is (N, H, W), params (N, P, H/S, W/S) with P = num_params and, if given,
+    out (N, H, W, C): the kernel reads params and writes out at indices computed from the ids'
+    (N, H, W), so any other combination would read or write out of bounds. KernelError naming the
+    mismatch otherwise. Sizes are concrete (run time: on_shape_change, enqueue)."""
+    ids, params = _dims(ids), _dims(params)
+    S, P, C = attrs["tile_size"], attrs["num_params"], attrs["channels"][-1]  # noqa: N806
+    if len(ids) != 3 or len(params) != 4:
+        raise KernelError(f"SpatialMLP: ids must be (N, H, W) and params (N, P, H/S, W/S); got ranks "
+                          f"{len(ids)} and {len(params)}")
+    n, h, w = ids
+    if padded_size(h, w, S) != (h, w):
+        raise KernelError(f"SpatialMLP: ids {h}x{w} is not a multiple of S={S}")
+    want = [n, P, h // S, w // S]
+    if params != want:
+        raise KernelError(f"SpatialMLP: params has shape {tuple(params)}, but ids {tuple(ids)} need "
+                          f"(N, P, H/S, W/S) = {tuple(want)} (P = num_params, S = {S}); the kernel would read "
+                          f"outside the parameter grid")
+    if out is not None and _dims(out) != [n, h, w, C]:
+        raise KernelError(f"SpatialMLP: rgb has shape {tuple(_dims(out))}, not (N, H, W, C) = {(n, h, w, C)}")
+    return n, h, w
+
+
+def check_shape_ranges(ids: tuple, params: tuple, attrs: Mapping[str, Any]) -> None:
+    """Build time (configure_plugin): `ids` and `params` are (min, max) dims of the profile. KernelError
+    when no shape of the profile can satisfy check_shapes: wrong ranks, a parameter count other than
+    num_params, or an N / H / W range of the ids that the params' range cannot match."""
+    (ids_lo, ids_hi), (p_lo, p_hi) = [(_dims(a), _dims(b)) for a, b in (ids, params)]
+    S, P = attrs["tile_size"], attrs["num_params"]  # noqa: N806
+    if len(ids_lo) != 3 or len(p_lo) != 4:
+        raise KernelError(f"SpatialMLP: ids must be (N, H, W) and params (N, P, H/S, W/S); got ranks "
+                          f"{len(ids_lo)} and {len(p_lo)}")
+    if p_lo[1] != P or p_hi[1] != P:
+        raise KernelError(f"SpatialMLP: params dimension 1 ranges {p_lo[1]}..{p_hi[1]}, but this plugin takes "
+                          f"exactly num_params = {P} parameters per tile")
+    for axis, i, j, scale in (("N", 0, 0, 1), ("H", 1, 2, S), ("W", 2, 3, S)):
+        if ids_hi[i] < p_lo[j] * scale or ids_lo[i] > p_hi[j] * scale:
+            raise KernelError(f"SpatialMLP: the profile's ids {axis} range {ids_lo[i]}..{ids_hi[i]} cannot match its "
+                              f"params range {p_lo[j]}..{p_hi[j]} (x{scale}); tie the params profile to the labels' "
+                              f"(N, P, H/S, W/S)")
+
+
 def output_dtype(params_dtype: str) -> str:
     """The RGB output has the parameters' element type (as the ONNX function body: CastLike)."""
     return params_dtype
@@ -301,8 +347,7 @@ def enqueue_from_descs(state: SpatialMLPCore, input_desc, output_desc, inputs, o
     """What IPluginV3OneRuntime.enqueue does: descriptors (`.dims`, `.type`) + raw device pointers +
     raw stream -> a launch. `type_name` maps a descriptor's type to 'fp32'/'fp16'/'int32'.
     Shared by the TensorRT plugin and the GPU harness (benchmarks/gpu_plugin.py)."""
-    d = input_desc[0].dims
-    n, h, w = int(d[0]), int(d[1]), int(d[2])
+    n, h, w = check_shapes(input_desc[0].dims, input_desc[1].dims, state.attrs, output_desc[0].dims)
     if type_name(input_desc[0].type) != "int32":
         raise KernelError(f"SpatialMLP: ids must be int32, got {type_name(input_desc[0].type)}")
     return state.enqueue(int(inputs[0]), int(inputs[1]), int(outputs[0]), n, h, w, type_name(input_desc[1].type),

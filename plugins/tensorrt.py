@@ -108,10 +108,16 @@ def plugin_classes(trt) -> tuple[type, type]:
                 return [input_types[1]]
 
             def get_output_shapes(self, inputs, shape_inputs, expr_builder):
-                ids = inputs[0]
+                # (N, H, W) of the ids where the params agree ((N, P, H/S, W/S)), else 0: a mismatch
+                # that reached enqueue (which refuses it) would find an empty output, never a short one
+                ids, params = inputs[0], inputs[1]
+                op = trt.DimensionOperation
+                s = expr_builder.constant(int(self.state.attrs["tile_size"]))
                 out = trt.DimsExprs(4)
-                for i in range(3):
-                    out[i] = ids[i]
+                for i, p_dim in ((0, params[0]), (1, expr_builder.operation(op.PROD, params[2], s)),
+                                 (2, expr_builder.operation(op.PROD, params[3], s))):
+                    same = expr_builder.operation(op.EQUAL, ids[i], p_dim)
+                    out[i] = expr_builder.operation(op.PROD, ids[i], same)
                 out[3] = expr_builder.constant(int(self.state.attrs["channels"][-1]))
                 return [out]
 
@@ -122,7 +128,8 @@ def plugin_classes(trt) -> tuple[type, type]:
                 return core.supported_combination(pos, names, linear, self.state.available())
 
             def configure_plugin(self, inp, out):
-                pass
+                # build time: a profile no shape of which the kernel can run is refused (-1 to TensorRT)
+                core.check_shape_ranges((inp[0].min, inp[0].max), (inp[1].min, inp[1].max), self.state.attrs)
 
             def get_valid_tactics(self):
                 return []
@@ -135,8 +142,8 @@ def plugin_classes(trt) -> tuple[type, type]:
                 pass
 
             def on_shape_change(self, inp, out):
-                d = inp[0].dims
-                self._dims = (int(d[0]), int(d[1]), int(d[2]))
+                # run time: ids, params and rgb must agree before enqueue (raising fails the execution)
+                self._dims = core.check_shapes(inp[0].dims, inp[1].dims, self.state.attrs, out[0].dims)
                 self._types = (to_name.get(inp[1].type), to_name.get(out[0].type))
 
             def attach_to_context(self, context):

@@ -99,3 +99,54 @@ def test_load_accepts_default_launch_options_and_older_metadata(drv):
     old = {k: v for k, v in kernel_meta(86).items() if k not in ("num_ctas", "launch_pdl", "launch_cooperative_grid")}
     launcher.DriverKernel(old, b"\x7fELF").load()
     assert len(drv.modules) == 2
+
+
+# ---- defect 5: ids, params and rgb must agree before the kernel runs -------------------------------
+class _Desc:
+    """A TensorRT PluginTensorDesc stand-in: .dims and .type."""
+
+    def __init__(self, dims, type_="fp16"):
+        self.dims, self.type = tuple(dims), type_
+
+
+P = ATTRS["num_params"]
+
+
+@pytest.mark.parametrize("params,out,message", [
+    ((1, P, 2, 2), (1, 32, 32, 3), None),
+    ((2, P, 2, 2), (1, 32, 32, 3), r"params has shape \(2, 675, 2, 2\).*\(1, 675, 2, 2\)"),  # N
+    ((1, P, 1, 2), (1, 32, 32, 3), r"\(1, 675, 2, 2\)"),  # H/S smaller: the kernel would read past it
+    ((1, P, 2, 4), (1, 32, 32, 3), r"\(1, 675, 2, 2\)"),  # W/S
+    ((1, P - 1, 2, 2), (1, 32, 32, 3), "num_params"),     # P
+    ((1, P, 2, 2), (1, 32, 16, 3), r"rgb has shape \(1, 32, 16, 3\)"),
+    ((1, P, 2), (1, 32, 32, 3), "ranks 3 and 3"),
+])
+def test_enqueue_refuses_params_that_do_not_fit_the_ids(drv, params, out, message):
+    core = SpatialMLPCore(ATTRS, pack=KernelPack([packed(86)]))
+    call = lambda: core_enqueue_from_descs(core, (1, 32, 32), params, out)  # noqa: E731
+    if message is None:
+        assert call() == "cubin" and len(drv.launches) == 1
+        return
+    with pytest.raises(KernelError, match=message):
+        call()
+    assert not drv.launches and "cuModuleLoadData" not in drv.calls  # refused before the driver
+
+
+def core_enqueue_from_descs(core, ids, params, out):
+    from asap_deploy.plugins.plugin_core import enqueue_from_descs
+
+    return enqueue_from_descs(core, [_Desc(ids, "int32"), _Desc(params)], [_Desc(out)], [0x10000, 0x20000],
+                              [0x30000], 0x77, lambda t: t)
+
+
+def test_shape_ranges_refused_at_build_time():
+    from asap_deploy.plugins.plugin_core import check_shape_ranges, normalize_attributes
+
+    a = normalize_attributes(ATTRS)
+    check_shape_ranges(((1, 16, 16), (4, 256, 128)), ((1, P, 1, 1), (4, P, 16, 8)), a)  # the build's own profile
+    with pytest.raises(KernelError, match="num_params = 675"):
+        check_shape_ranges(((1, 16, 16), (4, 256, 128)), ((1, 1, 1, 1), (4, P, 16, 8)), a)
+    with pytest.raises(KernelError, match=r"ids H range 16..256 cannot match its params range 32..64"):
+        check_shape_ranges(((1, 16, 16), (4, 256, 128)), ((1, P, 32, 1), (4, P, 64, 8)), a)
+    with pytest.raises(KernelError, match="ranks"):
+        check_shape_ranges(((1, 16), (4, 256)), ((1, P, 1, 1), (4, P, 16, 8)), a)

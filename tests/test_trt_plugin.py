@@ -242,3 +242,30 @@ def test_output_types_and_formats(trt, pack):
         "n", _fields(trt, core.field_arrays(ATTRS, KernelPack([pack.kernels[1]]))), trt.TensorRTPhase.BUILD)
     assert not fp16_only.supports_format_combination(1, ok32, 2)
     json.dumps(fp16_only.state.attrs)  # plain python values
+
+
+def test_configure_and_shape_change_refuse_params_that_do_not_fit_the_ids(trt, pack):
+    """Build time (configure_plugin, profile ranges) and run time (on_shape_change, concrete shapes):
+    params must be (N, P, H/S, W/S) for the ids, else TensorRT gets an error before enqueue."""
+    from asap_deploy.plugins.tensorrt import register
+
+    p = register(trt).create_plugin("n", _fields(trt, core.field_arrays(ATTRS, pack)), trt.TensorRTPhase.BUILD)
+    P = ATTRS["num_params"]  # noqa: N806
+
+    def dyn(lo, hi):
+        d = trt.DynamicPluginTensorDesc()
+        d.min, d.max = trt.Dims(lo), trt.Dims(hi)
+        return d
+
+    def desc(dims):
+        d = trt.PluginTensorDesc()
+        d.dims = trt.Dims(dims)
+        return d
+
+    p.configure_plugin([dyn((1, 16, 16), (2, 128, 96)), dyn((1, P, 1, 1), (2, P, 8, 6))], [dyn((1, 16, 16, 3), (2, 128, 96, 3))])
+    with pytest.raises(KernelError, match="num_params"):
+        p.configure_plugin([dyn((1, 16, 16), (2, 128, 96)), dyn((1, 7, 1, 1), (2, 7, 8, 6))], [dyn((1, 16, 16, 3), (2, 128, 96, 3))])
+    p.on_shape_change([desc((2, 64, 32)), desc((2, P, 4, 2))], [desc((2, 64, 32, 3))])
+    for params in ((2, P, 2, 2), (1, P, 4, 2), (2, P + 1, 4, 2)):
+        with pytest.raises(KernelError, match="params"):
+            p.on_shape_change([desc((2, 64, 32)), desc(params)], [desc((2, 64, 32, 3))])
