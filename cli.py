@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from asap_deploy.app.options import ENGINE_NAMES  # the backends validate (and infer) accept, for --help
+from asap_deploy.app.options import BACKEND_NAMES, auto_order_text  # bench's backends, auto's order, for --help
 from asap_deploy.app.options import PRECISION_NOTE, PRECISIONS, precision_choices  # --precision, for --help
 from asap_deploy.errors import AsapError
 
@@ -965,8 +966,8 @@ def infer(
     model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (.pt, a regular file): runs on torch."),
     bundle_dir: Optional[Path] = typer.Option(None, "--bundle", help="Bundle folder written by `asap export`."),
     engine_file: Optional[Path] = typer.Option(None, "--engine", help="TensorRT engine written by `asap build-engine`."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="auto, torch, onnxruntime or tensorrt (auto: TensorRT > "
-                                "ONNX Runtime CUDA > ONNX Runtime CPU > torch)."),
+    backend: str = typer.Option("auto", "--backend", "-b", help=f"auto, {', '.join(ENGINE_NAMES)} (auto: the first "
+                                f"usable backend that runs --precision, fastest first: {auto_order_text()})."),
     out: Path = typer.Option(Path("asap_out"), "-o", "--out", help="Output folder: one PNG per input, same base name."),
     palette: Optional[str] = typer.Option(None, "--palette", help="Colour label maps: cityscapes, facades, ade20k or "
                                           "FILE.json (default: the bundle's palette)."),
@@ -1060,7 +1061,7 @@ def bench(
     model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (.pt): exported to a temporary bundle first."),
     bundle_dir: Optional[Path] = typer.Option(None, "--bundle", help="Bundle folder written by `asap export`."),
     engine_file: Optional[Path] = typer.Option(None, "--engine", help="A TensorRT engine (its folder is the bundle)."),
-    backends: list[str] = typer.Option([], "--backends", "-b", help="torch, onnxruntime, onnxruntime-cuda, tensorrt "
+    backends: list[str] = typer.Option([], "--backends", "-b", help=f"{', '.join(BACKEND_NAMES)} "
                                        "(repeat or comma-separate; default: all usable here). The authors' forward is "
                                        "always included as the baseline."),
     size: list[str] = typer.Option(["1024x1024"], "--size", help="HxW or N (repeatable; sides 1..65536, multiples "
@@ -1218,7 +1219,8 @@ def doctor(
 @cli_errors
 def serve(
     source: Path = typer.Argument(..., help="Bundle folder (asap export) or TensorRT engine file (asap build-engine)."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="auto, onnxruntime, tensorrt or torch."),
+    backend: str = typer.Option("auto", "--backend", "-b", help=f"auto, {', '.join(ENGINE_NAMES)} (auto: as in "
+                                "asap infer)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default loopback only; 0.0.0.0 for all)."),
     port: int = typer.Option(8000, "--port", help="HTTP port (1..65535; gRPC: --grpc-port, metrics: --metrics-port)."),
     grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port (1..65535)."),

@@ -105,6 +105,7 @@ EXTRAS = {
     "tensorrt": "tensorrt", "tensorrt_rtx": "rtx",
     "pytriton": "serve", "tritonclient": "serve",
     "ray": "ray",
+    "openvino": "openvino",
 }
 
 

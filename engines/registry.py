@@ -3,25 +3,30 @@ availability here with the reason, precisions, stages, whether it renders `--sca
 open it. Every command reads it: `auto` (choose_backend), infer/serve (open_engine), validate
 (check_backend/create_engine), bench (bench_backends), doctor (ort_providers).
 
-    name              engine        providers   precisions  --scale  GPU            auto tries it
-    torch             torch         -           fp32        yes      where present  4th
-    onnxruntime       onnxruntime   CPU         fp32, fp16  yes      no             3rd
-    onnxruntime-cuda  onnxruntime   CUDA, CPU   fp32, fp16  yes      yes            2nd
-    tensorrt          tensorrt      -           fp32, fp16  no       yes            1st (fastest)
+    name              engine        providers   precisions        --scale  GPU            auto tries it
+    torch             torch         -           fp32              yes      where present  5th
+    onnxruntime       onnxruntime   CPU         fp32, fp16        yes      no             3rd
+    onnxruntime-cuda  onnxruntime   CUDA, CPU   fp32, fp16        yes      yes            2nd
+    tensorrt          tensorrt      -           fp32, fp16        no       yes            1st (fastest)
+    openvino          openvino      -           fp32, bf16, int8  yes      no             4th; int8: before
+                                                                                          onnxruntime (CPU)
 
-A backend whose name is its engine's is one a user names with --backend (infer, serve, validate);
-onnxruntime-cuda is a variant that `auto` picks and bench measures. Nothing here imports a runtime
-at import time: availability checks import lazily and never raise.
+`auto` tries only the backends whose row lists the precision asked for (bf16: openvino alone), in
+the order of their rank at that precision (Backend.rank). A backend whose name is its engine's is
+one a user names with --backend (infer, serve, validate); onnxruntime-cuda is a variant that `auto`
+picks and bench measures. Nothing here imports a runtime at import time: availability checks
+import lazily and never raise.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from asap_deploy.errors import InputError, MissingDependencyError, UsageError, did_you_mean
+from asap_deploy.errors import AsapError, InputError, MissingDependencyError, UsageError, did_you_mean
 from asap_deploy.export.stages import Stage
 
 from .engine_file import EngineFile, engine_glob
@@ -74,6 +79,66 @@ def tensorrt_usable(bundle_dir: Path, precision: str) -> tuple[bool, str]:
     return True, f"{len(engines)} engine(s) in {bundle_dir}, GPU present"
 
 
+def _openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _openvino_capabilities() -> tuple[str, ...]:
+    """OpenVINO's OPTIMIZATION_CAPABILITIES of the CPU (BF16, INT8, FP32, ...); empty where
+    openvino does not load."""
+    from .openvino_engine import cpu_capabilities
+
+    try:
+        return tuple(cpu_capabilities())
+    except (ImportError, OSError, RuntimeError, AsapError):
+        return ()
+
+
+def openvino_capabilities() -> list[str]:
+    """OpenVINO's OPTIMIZATION_CAPABILITIES of the CPU (empty without openvino; never raises)."""
+    return list(_openvino_capabilities()) if _openvino_installed() else []
+
+
+def bundle_holds(bundle_dir: Path, precision: str) -> tuple[bool, str]:
+    """Whether the bundle in `bundle_dir` holds the graph files `precision` reads (its manifest,
+    read without hashing the files; never raises)."""
+    from asap_deploy.export.bundle import load_bundle
+    from asap_deploy.precisions import QUANTIZED, graph_precision
+
+    files = graph_precision(precision)
+    try:
+        held = load_bundle(bundle_dir, verify=False).precisions
+    except AsapError as exc:
+        return False, exc.message
+    if files in held:
+        return True, f"{files} graphs in {bundle_dir}"
+    hint = f"; write them with: asap quantize {bundle_dir} --calib MAPS" if files == QUANTIZED else ""
+    return False, f"no {files} graphs in {bundle_dir} (it holds {', '.join(held)}){hint}"
+
+
+def _check_openvino(bundle_dir: Path | None, precision: str) -> tuple[bool, str]:
+    """openvino installed; bf16: the CPU has bf16 units; int8: the bundle (when given) holds int8 graphs."""
+    if precision not in OPENVINO.precisions:
+        return False, f"runs {', '.join(OPENVINO.precisions)}, not {precision}"
+    if not _openvino_installed():
+        return False, "not installed (pip install 'asap-deploy[openvino]')"
+    why = "openvino installed"
+    if precision == "bf16":
+        from .openvino_engine import bf16_support
+
+        ok, why = bf16_support(list(_openvino_capabilities()))
+        if not ok:
+            return False, why
+    if bundle_dir is not None:
+        ok, held = bundle_holds(bundle_dir, precision)
+        if not ok:
+            return False, held
+        if precision != "bf16":
+            why = held
+    return True, why
+
+
 def _check_torch(bundle_dir: Path | None, precision: str) -> tuple[bool, str]:
     return _torch_ok()
 
@@ -109,6 +174,12 @@ def _open_ort(backend: "Backend", bundle, precision: str, **options):
     return OnnxRuntimeEngine(bundle, precision, **options)
 
 
+def _open_openvino(backend: "Backend", bundle, precision: str, **options):
+    from .openvino_engine import OpenVinoEngine
+
+    return OpenVinoEngine(bundle, precision, **options)
+
+
 def _open_tensorrt(backend: "Backend", bundle, precision: str, **options):
     from .tensorrt import TensorRTEngine  # engines built by `asap build-engine`; needs a GPU
 
@@ -129,6 +200,11 @@ class Backend:
     opener: Callable[..., object] = field(repr=False)
     stages: tuple[Stage, ...] = tuple(Stage)
     gpu: bool | None = False  # runs on a GPU: always, never, or (None) where one is here
+    auto_ranks: tuple[tuple[str, int], ...] = ()  # (precision, rank) where its rank differs from auto_rank
+
+    def rank(self, precision: str = "fp32") -> int:
+        """Its place in `auto`'s order at `precision` (lower: tried first)."""
+        return dict(self.auto_ranks).get(precision, self.auto_rank)
 
     @property
     def selectable(self) -> bool:
@@ -146,23 +222,36 @@ class Backend:
 
 # Listing order (help texts, error messages, bench's table); `auto` goes by auto_rank.
 BACKENDS: tuple[Backend, ...] = (
-    Backend("torch", "torch", "torch", (), ("fp32",), True, 4, "PyTorch (no ONNX Runtime here)",
+    Backend("torch", "torch", "torch", (), ("fp32",), True, 50, "PyTorch (no ONNX Runtime here)",
             _check_torch, _open_torch, gpu=None),
-    Backend("onnxruntime", "onnxruntime", "onnxruntime", (CPU_PROVIDER,), ("fp32", "fp16"), True, 3,
+    Backend("onnxruntime", "onnxruntime", "onnxruntime", (CPU_PROVIDER,), ("fp32", "fp16"), True, 30,
             "ONNX Runtime on the CPU (no TensorRT engine / GPU here)", _check_ort, _open_ort),
     Backend("onnxruntime-cuda", "onnxruntime", "onnxruntime CUDA", (CUDA_PROVIDER, CPU_PROVIDER), ("fp32", "fp16"),
-            True, 2, "ONNX Runtime with the CUDA provider is available", _check_ort_cuda, _open_ort, gpu=True),
-    Backend("tensorrt", "tensorrt", "tensorrt", (), ("fp32", "fp16"), False, 1, "TensorRT is fastest and usable: {why}",
+            True, 20, "ONNX Runtime with the CUDA provider is available", _check_ort_cuda, _open_ort, gpu=True),
+    Backend("tensorrt", "tensorrt", "tensorrt", (), ("fp32", "fp16"), False, 10, "TensorRT is fastest and usable: {why}",
             _check_tensorrt, _open_tensorrt, gpu=True),
+    # OpenVINO after ONNX Runtime in fp32 (2-core Xeon, AVX-512 + avx512_bf16, no AMX, facades
+    # 1024x1024 end to end: ONNX Runtime's tiled engine ~563 ms, OpenVINO f32 ~586 ms); the only
+    # bf16 backend; in int8 ahead of ONNX Runtime (same machine, predictor.onnx's 15 Conv nodes as
+    # QDQ int8, interleaved runs at load ~5: OpenVINO 377 ms median vs ONNX Runtime 508 ms).
+    Backend("openvino", "openvino", "openvino", (), ("fp32", "bf16", "int8"), True, 40,
+            "OpenVINO on the CPU: {why}", _check_openvino, _open_openvino, auto_ranks=(("int8", 25),)),
 )
 BY_NAME = {b.name: b for b in BACKENDS}
 NAMES = tuple(BY_NAME)
-ENGINE_NAMES = tuple(b.name for b in BACKENDS if b.selectable)  # torch, onnxruntime, tensorrt
-AUTO_ORDER = tuple(sorted(BACKENDS, key=lambda b: b.auto_rank))
+ENGINE_NAMES = tuple(b.name for b in BACKENDS if b.selectable)  # torch, onnxruntime, tensorrt, openvino
+
+
+def auto_order(precision: str = "fp32") -> tuple[Backend, ...]:
+    """Every backend in the order `auto` tries them at `precision` (fastest first)."""
+    return tuple(sorted(BACKENDS, key=lambda b: b.rank(precision)))
+
+
+AUTO_ORDER = auto_order()  # at fp32
 AUTO = "auto"
 CHOICES = (AUTO, *ENGINE_NAMES)  # --backend of infer and serve
 SCALE_ENGINES = tuple(b.name for b in BACKENDS if b.scale and b.selectable)
-TORCH, ONNXRUNTIME, TENSORRT = BY_NAME["torch"], BY_NAME["onnxruntime"], BY_NAME["tensorrt"]
+TORCH, ONNXRUNTIME, TENSORRT, OPENVINO = BY_NAME["torch"], BY_NAME["onnxruntime"], BY_NAME["tensorrt"], BY_NAME["openvino"]
 
 
 def backend(name: str) -> Backend:
@@ -185,9 +274,15 @@ def create_engine(name: str, bundle, precision: str = "fp32", **options):
     return BY_NAME[check_backend(name)].open(bundle, precision, **options)
 
 
+def _and(names) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def scale_backends_text() -> str:
-    """'the torch and onnxruntime backends': the backends that render --scale."""
-    return f"the {' and '.join(SCALE_ENGINES)} backends"
+    """'the torch, onnxruntime and openvino backends': the backends that render --scale."""
+    return f"the {_and(SCALE_ENGINES)} backends"
 
 
 def check_scale_capable(engine_name: str) -> None:
@@ -227,8 +322,9 @@ class Choice:
 
 
 def choose_backend(requested: str, source: Source, precision: str = "fp32", scale: float | None = None) -> Choice:
-    """auto: the registry's backends by auto_rank (TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU >
-    torch), the first usable one, with the reason and what was skipped and why."""
+    """auto: the registry's backends that run `precision`, by their rank at it (fp32: TensorRT >
+    ONNX Runtime CUDA > ONNX Runtime CPU > OpenVINO > torch; int8: OpenVINO before ONNX Runtime CPU;
+    bf16: OpenVINO), the first usable one, with the reason and what was skipped and why."""
     if requested not in CHOICES:
         raise UsageError(f"unknown backend {requested!r}{did_you_mean(requested, CHOICES)} "
                          f"(choose from: {', '.join(CHOICES)})")
@@ -254,9 +350,17 @@ def choose_backend(requested: str, source: Source, precision: str = "fp32", scal
     if requested != AUTO:
         if scaled and not BY_NAME[requested].scale:
             raise UsageError(f"--scale runs on {scale_backends_text()}, not {requested}")
+        if precision not in BY_NAME[requested].precisions:
+            able = [b.name for b in BACKENDS if b.selectable and precision in b.precisions]
+            raise UsageError(f"--precision {precision}: the {requested} backend runs "
+                             f"{', '.join(BY_NAME[requested].precisions)}"
+                             + (f"; {precision} runs on {_and(able)}" if able else ""))
         return Choice(requested, "--backend " + requested)
     skipped = []
-    for b in AUTO_ORDER:
+    for b in auto_order(precision):
+        if precision not in b.precisions:
+            skipped.append(f"{b.label}: runs {', '.join(b.precisions)}, not {precision}")
+            continue
         if scaled and not b.scale:
             skipped.append(f"{b.label}: --scale runs on {'/'.join(SCALE_ENGINES)} only")
             continue
@@ -268,8 +372,9 @@ def choose_backend(requested: str, source: Source, precision: str = "fp32", scal
 
 
 def open_engine(choice: Choice, source: Source, precision: str = "fp32", cpu_threads: int | None = None):
-    """(Engine, bundle or None) for a Choice. `cpu_threads` caps the CPU threads of a torch or ONNX
-    Runtime engine (a process sharing the machine with others, e.g. one of several Ray actors)."""
+    """(Engine, bundle or None) for a Choice. `cpu_threads` caps the CPU threads of a torch, ONNX
+    Runtime or OpenVINO engine (a process sharing the machine with others, e.g. one of several Ray
+    actors)."""
     from asap_deploy.export.bundle import load_bundle
 
     b = backend(choice.backend)
@@ -289,6 +394,6 @@ def open_engine(choice: Choice, source: Source, precision: str = "fp32", cpu_thr
         bundle = load_bundle(eng_path.parent)
         return TENSORRT.open(bundle, ef.precision, flavor=ef.flavor, graphs=ef.graphs), bundle
     bundle = load_bundle(source.bundle)
-    if b.providers:
+    if b.providers or b.gpu is False:  # ONNX Runtime and the CPU backends take intra_op_threads
         return b.open(bundle, precision, intra_op_threads=cpu_threads), bundle
     return b.open(bundle, precision), bundle

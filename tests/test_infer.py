@@ -233,19 +233,25 @@ def test_auto_backend_says_why(bundle_dir):
     assert choose_backend("auto", Source(model=Path("m.pt"))).backend == "torch"
 
 
-@pytest.mark.parametrize("trt_ok,providers,torch_ok,want,skipped", [
-    (True, ["CUDAExecutionProvider", "CPUExecutionProvider"], True, "tensorrt", []),
-    (False, ["CUDAExecutionProvider", "CPUExecutionProvider"], True, "onnxruntime-cuda", ["tensorrt: WHY"]),
-    (False, ["CPUExecutionProvider"], True, "onnxruntime", ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider"]),
-    (False, [], True, "torch", ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider", "onnxruntime: not installed"]),
-    (False, [], False, None, ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider", "onnxruntime: not installed",
-                              "torch: PyTorch is not installed"]),
+@pytest.mark.parametrize("trt_ok,providers,ov_ok,torch_ok,want,skipped", [
+    (True, ["CUDAExecutionProvider", "CPUExecutionProvider"], True, True, "tensorrt", []),
+    (False, ["CUDAExecutionProvider", "CPUExecutionProvider"], True, True, "onnxruntime-cuda", ["tensorrt: WHY"]),
+    (False, ["CPUExecutionProvider"], True, True, "onnxruntime", ["tensorrt: WHY",
+                                                                  "onnxruntime CUDA: CUDAExecutionProvider"]),
+    (False, [], True, True, "openvino", ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider",
+                                         "onnxruntime: not installed"]),
+    (False, [], False, True, "torch", ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider",
+                                       "onnxruntime: not installed", "openvino: not installed"]),
+    (False, [], False, False, None, ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider",
+                                     "onnxruntime: not installed", "openvino: not installed",
+                                     "torch: PyTorch is not installed"]),
 ])
-def test_auto_backend_order_and_reasons(bundle_dir, monkeypatch, trt_ok, providers, torch_ok, want, skipped):
+def test_auto_backend_order_and_reasons(bundle_dir, monkeypatch, trt_ok, providers, ov_ok, torch_ok, want, skipped):
     """Each machine auto can meet: the backend it picks and, in order, what it skipped and why."""
     inf = sys.modules[choose_backend.__module__]
     monkeypatch.setattr(inf, "tensorrt_usable", lambda b, p: (trt_ok, "OK" if trt_ok else "WHY"))
     monkeypatch.setattr(inf, "_ort_providers", lambda: list(providers))
+    monkeypatch.setattr(inf, "_openvino_installed", lambda: ov_ok)
     monkeypatch.setattr(inf, "_torch_ok", lambda: (torch_ok, "" if torch_ok else "PyTorch is not installed (pip ...)"))
     if want is None:
         with pytest.raises(UsageError, match="no backend can run this bundle") as ei:
@@ -258,7 +264,7 @@ def test_auto_backend_order_and_reasons(bundle_dir, monkeypatch, trt_ok, provide
     assert len(got) == len(skipped) and all(g.startswith(s) for g, s in zip(got, skipped)), got
     scaled = choose_backend("auto", Source(bundle=bundle_dir), scale=2.0) if want else None
     if scaled is not None:  # --scale: TensorRT is skipped for that reason, even where it is usable
-        assert scaled.backend != "tensorrt" and scaled.skipped[0] == "tensorrt: --scale runs on torch/onnxruntime only"
+        assert scaled.backend != "tensorrt" and scaled.skipped[0] == "tensorrt: --scale runs on torch/onnxruntime/openvino only"
 
 
 def test_discover_inputs(tmp_path):

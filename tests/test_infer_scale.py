@@ -1,8 +1,10 @@
 """--scale K: the renderer against an independent per-pixel oracle at fractional coordinates
-(ASAPNET.md formula with real-valued x, y), K = 1 equal to the normal output, torch and ONNX Runtime."""
+(ASAPNET.md formula with real-valued x, y), K = 1 equal to the normal output, torch, ONNX Runtime and
+OpenVINO."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -19,10 +21,14 @@ CFG = ModelConfig(label_nc=5, contain_dontcare_label=True, crop_size=128, learne
                   lr_max_width=8, lr_depth=1, hr_width=16)  # S=8
 
 
+# every backend with the scaled stage (openvino: where it is installed, as in CI's [test] extra)
+BACKENDS = ["torch", "onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+
+
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     b = load_bundle(export_model(random_generator(CFG, 4), tmp_path_factory.mktemp("s") / "b", fp16=False).path)
-    return {n: create_engine(n, b) for n in ("torch", "onnxruntime")}
+    return {n: create_engine(n, b) for n in BACKENDS}
 
 
 def oracle(labels: np.ndarray, params: np.ndarray, k: float, height: int, width: int, cfg: ModelConfig,
@@ -57,7 +63,7 @@ def oracle(labels: np.ndarray, params: np.ndarray, k: float, height: int, width:
     return out
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_k1_equals_normal_output(engines, backend):
     e = engines[backend]
     labels, _ = random_label_maps(CFG, 2, 24, 32, seed=5)
@@ -67,7 +73,7 @@ def test_k1_equals_normal_output(engines, backend):
     np.testing.assert_allclose(got, normal, atol=2e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k,h,w", [(2.0, 16, 24), (1.5, 13, 21), (2.75, 9, 16)])
 def test_scaled_matches_fractional_oracle(engines, backend, k, h, w):
     e = engines[backend]
@@ -84,7 +90,7 @@ def test_scaled_matches_fractional_oracle(engines, backend, k, h, w):
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_hires_labels_against_oracle(engines, backend):
     e = engines[backend]
     rng = np.random.default_rng(9)

@@ -30,6 +30,7 @@ MODULES = {
     "tritonclient": "serve",
     "pytriton": "serve",
     "ray": "ray",
+    "openvino": "openvino",
 }
 
 # (command, blocked module) pairs that cannot work and must name this extra
@@ -50,6 +51,7 @@ MUST_NAME = {
     ("serve", "pytriton"): "serve",
     ("loadtest", "tritonclient"): "serve",
     ("triton-repo", "tritonclient"): "serve",
+    ("infer-openvino", "openvino"): "openvino",
 }
 
 # commands too slow to run under every block: only under these (and with nothing blocked)
@@ -115,6 +117,8 @@ def commands(w: Path, out: Path) -> dict[str, list[str]]:
         "infer-bundle": ["infer", s(w / "a.png"), "--bundle", s(w / "bundle"), "-b", "onnxruntime", "-o",
                          s(out / "inf")],
         "infer-model": ["infer", s(w / "a.png"), "--model", s(w / "m.pt"), "-o", s(out / "inf-m")],
+        "infer-openvino": ["infer", s(w / "a.png"), "--bundle", s(w / "bundle"), "-b", "openvino", "-o",
+                           s(out / "inf-ov")],
         "infer-ray": ["infer", s(w / "a.png"), "--bundle", s(w / "bundle"), "-b", "onnxruntime", "--ray", "local",
                       "-o", s(out / "inf-r")],
         "bench": ["bench", "--bundle", s(w / "bundle"), "-b", "onnxruntime", "--size", "16x16", "--iterations", "1",
@@ -167,6 +171,6 @@ def test_each_command_names_the_missing_extra(inputs, baseline, blocked):
 def test_baseline_commands_work(baseline):
     """The commands of the matrix do their work when nothing is blocked (else the matrix proves little)."""
     ok = {"inspect", "export", "triton-repo", "validate", "compile-kernels", "build-engine", "make-data", "train",
-          "demo", "infer-bundle", "infer-model", "bench", "doctor"}
+          "demo", "infer-bundle", "infer-model", "infer-openvino", "bench", "doctor"}
     bad = {k: (v["code"], v["output"][-300:]) for k, v in baseline.items() if k in ok and v["code"] != 0}
     assert not bad, bad

@@ -12,27 +12,33 @@ from asap_deploy.engines import registry
 from asap_deploy.engines.engine_file import EngineFile, engine_glob, engine_name
 from asap_deploy.errors import UsageError
 from asap_deploy.export.stages import GRAPHS, KEYS, Stage
+from asap_deploy.precisions import PRECISIONS
 
 
 def test_every_backend_has_every_field():
-    assert registry.NAMES == ("torch", "onnxruntime", "onnxruntime-cuda", "tensorrt")
+    assert registry.NAMES == ("torch", "onnxruntime", "onnxruntime-cuda", "tensorrt", "openvino")
     for b in registry.BACKENDS:
         assert b.name and b.label and b.engine in registry.ENGINE_NAMES, b
-        assert b.precisions and set(b.precisions) <= {"fp32", "fp16"} and "fp32" in b.precisions, b
+        assert b.precisions and set(b.precisions) <= set(PRECISIONS) and "fp32" in b.precisions, b
         assert b.stages == tuple(Stage), b
         assert isinstance(b.scale, bool) and b.gpu in (True, False, None), b
         assert callable(b.check) and callable(b.opener) and b.auto_reason, b
         assert b.providers == () or b.engine == "onnxruntime", b  # providers are ONNX Runtime's
-    assert registry.ENGINE_NAMES == ("torch", "onnxruntime", "tensorrt")
-    assert registry.CHOICES == ("auto", "torch", "onnxruntime", "tensorrt")
-    assert registry.SCALE_ENGINES == ("torch", "onnxruntime")
+    assert registry.ENGINE_NAMES == ("torch", "onnxruntime", "tensorrt", "openvino")
+    assert registry.CHOICES == ("auto", "torch", "onnxruntime", "tensorrt", "openvino")
+    assert registry.SCALE_ENGINES == ("torch", "onnxruntime", "openvino")
     assert registry.BY_NAME["onnxruntime-cuda"].providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert registry.BY_NAME["torch"].precisions == ("fp32",)
+    assert registry.BY_NAME["openvino"].precisions == ("fp32", "bf16", "int8")  # bf16: the fp32 graphs + a hint
 
 
 def test_auto_order_is_fastest_first():
-    assert [b.name for b in registry.AUTO_ORDER] == ["tensorrt", "onnxruntime-cuda", "onnxruntime", "torch"]
-    assert len({b.auto_rank for b in registry.BACKENDS}) == len(registry.BACKENDS)  # no ties
+    assert [b.name for b in registry.AUTO_ORDER] == ["tensorrt", "onnxruntime-cuda", "onnxruntime", "openvino", "torch"]
+    # int8: OpenVINO ahead of ONNX Runtime on the CPU (measured; the registry's comment)
+    assert [b.name for b in registry.auto_order("int8")] == ["tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime",
+                                                             "torch"]
+    for p in PRECISIONS:
+        assert len({b.rank(p) for b in registry.BACKENDS}) == len(registry.BACKENDS)  # no ties
 
 
 def test_availability_reasons_on_this_machine(tmp_path):
@@ -61,13 +67,15 @@ def test_availability_reasons_on_this_machine(tmp_path):
 
 
 def test_names_and_capabilities_are_checked():
-    with pytest.raises(UsageError, match=r"did you mean 'onnxruntime'.*choose from: torch, onnxruntime, tensorrt"):
+    with pytest.raises(UsageError, match=r"did you mean 'onnxruntime'.*choose from: torch, onnxruntime, tensorrt, "
+                                         r"openvino"):
         registry.check_backend("onnxruntme")
-    with pytest.raises(UsageError, match="choose from: torch, onnxruntime, onnxruntime-cuda, tensorrt"):
+    with pytest.raises(UsageError, match="choose from: torch, onnxruntime, onnxruntime-cuda, tensorrt, openvino"):
         registry.backend("tvm")
     registry.check_scale_capable("onnxruntime")
-    with pytest.raises(UsageError, match=r"^--scale runs on the torch and onnxruntime backends, not tensorrt "
-                                         r"\(pass --backend onnxruntime or --backend torch\)$"):
+    with pytest.raises(UsageError, match=r"^--scale runs on the torch, onnxruntime and openvino backends, not "
+                                         r"tensorrt \(pass --backend openvino or --backend onnxruntime or --backend "
+                                         r"torch\)$"):
         registry.check_scale_capable("tensorrt")
 
 

@@ -54,12 +54,24 @@ def check_onnxruntime() -> Check:
                  "" if has_cuda else "for the CUDA provider: pip uninstall onnxruntime && pip install onnxruntime-gpu")
 
 
+def check_openvino() -> Check:
+    from asap_deploy.engines import registry
+
+    if not registry.OPENVINO.available()[0]:
+        return Check("openvino", "missing", detail="the openvino CPU backend (fp32, bf16, int8)",
+                     fix="pip install 'asap-deploy[openvino]'")
+    caps = registry.openvino_capabilities()
+    ok, why = registry.OPENVINO.available(None, "bf16")
+    detail = f"CPU capabilities: {', '.join(caps) or 'none reported'}; bf16: " + ("yes" if ok else f"no ({why})")
+    return Check("openvino", "ok", dist_version("openvino") or "?", detail)
+
+
 def check_cuda() -> list[Check]:
     g = gpu_info()
     if "error" in g:
         fix = ("pip install cuda-python" if "cuda-python" in g["error"] else
-               "install the NVIDIA driver on a machine with an NVIDIA GPU (CPU-only machines: the torch and "
-               "onnxruntime backends run on the CPU; TensorRT-RTX engines can still be built)")
+               "install the NVIDIA driver on a machine with an NVIDIA GPU (CPU-only machines: the torch, onnxruntime "
+               "and openvino backends run on the CPU; TensorRT-RTX engines can still be built)")
         return [Check("CUDA driver/device", "missing", detail=g["error"], fix=fix)]
     out = []
     for d in g["devices"]:
@@ -161,7 +173,7 @@ def check_matplotlib() -> Check:
 
 
 def run_checks(cache_dir: Path | None = None) -> list[Check]:
-    checks = [check_torch(), check_onnxruntime(), check_pillow(), check_matplotlib()]
+    checks = [check_torch(), check_onnxruntime(), check_openvino(), check_pillow(), check_matplotlib()]
     checks += check_cuda()
     checks += check_tensorrt()
     checks += [check_triton(), check_kernels(cache_dir)]
@@ -175,6 +187,9 @@ def usable_backends(checks: list[Check]) -> dict[str, str]:
     out = {"torch": "yes" if st.get("torch") == "ok" else "no (install torch)"}
     ort = next((c for c in checks if c.name == "onnxruntime"), None)
     out["onnxruntime"] = ("yes (" + ort.detail.removeprefix("providers: ") + ")") if ort and ort.status == "ok" else "no"
+    ov = next((c for c in checks if c.name == "openvino"), None)
+    out["openvino"] = (("yes (fp32, bf16, int8)" if "bf16: yes" in ov.detail else "yes (fp32, int8; no bf16 on this CPU)")
+                       if ov and ov.status == "ok" else "no (pip install 'asap-deploy[openvino]')")
     trt = st.get("TensorRT") == "ok" or st.get("TensorRT-RTX") == "ok"
     out["tensorrt"] = "yes" if trt and gpu else ("build only (no GPU)" if trt else "no")
     return out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import config_from
 from ..engines.registry import ENGINE_NAMES  # noqa: F401 - the backends validate (and infer) accept
+from ..engines.registry import NAMES as BACKEND_NAMES  # noqa: F401 - every backend bench measures (variants too)
 from ..errors import CheckpointError, InputError, UsageError
 from ..limits import (MAX_BATCH, MAX_PIXELS_CAP, MAX_SIDE, check_file_arg, check_max_pixels,  # noqa: F401
                       check_optional, check_output_file, check_pixels, check_range, check_seed, check_threads)
@@ -24,6 +25,15 @@ def precision_choices() -> str:
         names = [b.name for b in BACKENDS if b.selectable and p in b.precisions]
         parts.append(f"{p} ({', '.join(names) or 'no backend'})")
     return ", ".join(parts)
+
+
+def auto_order_text() -> str:
+    """The order `auto` tries the backends in at each precision, for --help:
+    'fp32: tensorrt > onnxruntime CUDA > onnxruntime > openvino > torch; fp16: ...'."""
+    from ..engines.registry import auto_order
+
+    return "; ".join(f"{p}: {' > '.join(b.label for b in auto_order(p) if p in b.precisions) or 'none'}"
+                     for p in PRECISIONS)
 
 
 PRECISION_NOTE = "bf16 runs the fp32 graphs with the runtime's bf16 hint; int8 runs the graphs `asap quantize` wrote"
