@@ -256,11 +256,44 @@ def rebuild_command(sc: dict) -> str:
             "--overwrite")
 
 
+def sidecar_kernels(pack) -> list[dict]:
+    """Per kernel the engine's plugin carries: what the runner checks against the GPU and its driver
+    before deserializing (architecture, dtypes, PTX ISA, ptxas CUDA release, shared memory)."""
+    keys = ("arch", "cc", "ptx_target", "ptx_version", "cuda_version", "triton_version", "shared", "kernel_name")
+    return [{**{k: m.get(k) for k in keys}, "params_dtype": m["variant"]["params_dtype"],
+             "out_dtype": m["variant"]["out_dtype"]} for m in (k.meta for k in pack.kernels)]
+
+
+def check_plugin_kernels(sc: dict, sm: int, driver_cuda: tuple[int, int]) -> None:
+    """EngineError (with the fix) when the kernel the plugin would load on an sm_<sm> GPU cannot be
+    loaded by a driver of CUDA version `driver_cuda`: a cubin made by a ptxas of a newer major CUDA,
+    or PTX of a newer ISA than the driver JIT-compiles. Sidecars without the kernel list (older
+    asap-deploy) are not checked here (the plugin checks again when it loads the kernel)."""
+    from asap_deploy.plugins.cuda_driver import check_driver_can_load
+    from asap_deploy.plugins.plugin_core import KernelPack, PackedKernel
+
+    pl = sc.get("plugin") or {}
+    entries = pl.get("kernels")
+    if not isinstance(entries, list) or not entries:
+        return
+    metas = [dict(e, variant={"params_dtype": e.get("params_dtype"), "out_dtype": e.get("out_dtype")})
+             for e in entries if isinstance(e, dict) and isinstance(e.get("cc"), int)]
+    pack = KernelPack([PackedKernel(m, b"", b"") for m in metas])
+    name = sc.get("engine", {}).get("file", "the engine")
+    for pd, od in pack.dtypes():
+        try:
+            k, how = pack.select(sm, pd, od)
+            check_driver_can_load(k.meta, how, driver_cuda)
+        except KernelError as exc:
+            raise EngineError(f"{name}: {exc.message}") from exc
+
+
 def check_sidecar(sc: dict, engine_bytes: bytes | None = None, *, trt_version: str | None = None,
-                  flavor: str | None = None, sm: int | None = None, bundle=None, plugin_version: str | None = None
-                  ) -> None:
+                  flavor: str | None = None, sm: int | None = None, bundle=None, plugin_version: str | None = None,
+                  driver_cuda: tuple[int, int] | None = None) -> None:
     """EngineError naming the first mismatch and the command that rebuilds the engine. Only the
-    facts given are checked (the runner gives all of them)."""
+    facts given are checked (the runner gives all of them); `driver_cuda` (with `sm`): the plugin's
+    kernel for that GPU must be loadable by a driver of that CUDA version (check_plugin_kernels)."""
     from asap_deploy.plugins.spec import PLUGIN_VERSION
 
     fix = f"rebuild it: {rebuild_command(sc)}"
@@ -284,6 +317,8 @@ def check_sidecar(sc: dict, engine_bytes: bytes | None = None, *, trt_version: s
     if pl is not None and pl.get("version") != want_pv:
         raise EngineError(f"{name}: its SpatialMLP plugin is version {pl.get('version')}, this asap-deploy has "
                           f"version {want_pv}; {fix}")
+    if sm is not None and driver_cuda is not None:
+        check_plugin_kernels(sc, sm, driver_cuda)
     if bundle is not None:
         src = sc.get("source_onnx", {})
         listed = bundle.manifest.get("files", {}).get(src.get("file"), {})
@@ -608,6 +643,7 @@ def _sidecar(job: _Job, graph: str, eng_path: Path, src: Path, src_sha: str, bui
                     "layers": built.plugin_layers, "kernel_archs": pack.archs(),
                     "kernel_dtypes": [list(d) for d in pack.dtypes()],
                     "triton_version": pack.kernels[0].meta.get("triton_version"),
+                    "kernels": sidecar_kernels(pack),
                     "kernel_pack_sha256": sha256_bytes(pack.to_bytes())} if graph in PLUGIN_GRAPHS else None),
         "profile": {"labels_NHW": plan.profile.to_dict(), "inputs": built.profile_io},
         "io": bundle.manifest.get("graphs", {}).get(graph, {}),

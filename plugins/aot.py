@@ -177,6 +177,28 @@ def _compile(fn, signature: dict, constexprs: dict, cc: int, num_warps: int, num
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
+def _ptxas_cuda_version(cc: int) -> str | None:
+    """'X.Y': the CUDA release of the ptxas this Triton uses for sm_<cc> (Triton 3.9 uses one for
+    sm < 90 and another for newer targets); None if this Triton cannot say."""
+    try:
+        from triton.backends.nvidia import compiler as nv
+    except ImportError:  # pragma: no cover - a Triton without the NVIDIA backend cannot compile for it
+        return None
+    text = None
+    try:
+        if hasattr(nv, "get_ptxas"):
+            text = getattr(nv.get_ptxas(cc), "version", None)
+        if not text and hasattr(nv, "get_ptxas_version"):
+            try:
+                text = nv.get_ptxas_version(cc)
+            except TypeError:  # older Tritons take no architecture
+                text = nv.get_ptxas_version()
+    except Exception:  # noqa: BLE001 - a missing or unrunnable ptxas: the version stays unknown
+        return None
+    m = re.search(r"release (\d+\.\d+)", str(text or "")) or re.match(r"\s*(\d+\.\d+)", str(text or ""))
+    return m.group(1) if m else None
+
+
 def _describe(ck, signature: dict, constexprs: dict, cc: int, grid_rule: dict, kind: str) -> dict:
     triton, _, _ = _triton()
     md = ck.metadata
@@ -193,6 +215,7 @@ def _describe(ck, signature: dict, constexprs: dict, cc: int, grid_rule: dict, k
         if (8 if arg["type"].startswith("*") else arg.get("bytes", 8)) != p["bytes"]:
             raise KernelError(f"{md.name}: argument {arg['name']} is {p['bytes']} bytes in the PTX")
     ptx_ver = re.search(r"^\.version\s+(\S+)", ptx, re.M)
+    cuda_ver = _ptxas_cuda_version(cc)
     return {
         "schema": SCHEMA_VERSION,
         "kind": kind,
@@ -201,7 +224,8 @@ def _describe(ck, signature: dict, constexprs: dict, cc: int, grid_rule: dict, k
         "cc": cc,
         "target": {"backend": "cuda", "arch": cc, "warp_size": 32},
         "triton_version": triton.__version__,
-        "ptx_version": ptx_ver.group(1) if ptx_ver else None,
+        "ptx_version": ptx_ver.group(1) if ptx_ver else None,  # PTX ISA: a driver JIT-compiles it from CUDA ...
+        "cuda_version": cuda_ver,  # the CUDA release of the ptxas that made the cubin (launcher: driver check)
         "ptx_target": (re.search(r"^\.target\s+(\S+)", ptx, re.M) or [None, None])[1],
         "args": runtime,
         "hidden_args": hidden,
@@ -432,8 +456,9 @@ def check_metadata(meta, where) -> dict:
         _plain_name(files.get(key), f"{key} file", Path(str(where)))
         if not _is_sha(sha.get(key)):
             raise bad(f"has no sha256 of its {key}")
-    if meta.get("ptx_target") is not None and not isinstance(meta["ptx_target"], str):
-        raise bad("ptx_target is not a string")
+    for key in ("ptx_target", "ptx_version", "cuda_version"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(f"{key} is not a string")
     return meta
 
 

@@ -16,7 +16,7 @@ from asap_deploy.config import padded_size
 from asap_deploy.errors import KernelError
 
 from .aot import load_index, load_metadata, read_images
-from .cuda_driver import check, driver
+from .cuda_driver import check, check_driver_can_load, driver, driver_version
 
 _CTYPES = {"i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
            "fp32": ctypes.c_float, "i1": ctypes.c_int32}
@@ -156,6 +156,8 @@ class DriverKernel:
         check_launch_options(self.meta)  # before the driver: a kernel it would launch wrongly is never loaded
         drv = driver()
         bind_context(self.device)
+        # an image this driver cannot load is refused with the fix, not left to fail inside the driver
+        check_driver_can_load(self.meta, self.image_kind, driver_version(drv))
         self._module = check(drv, drv.cuModuleLoadData(self.image), f"cuModuleLoadData({self.meta['kernel_name']})")
         self._function = check(drv, drv.cuModuleGetFunction(self._module, self.meta["kernel_name"].encode()),
                                 "cuModuleGetFunction")
@@ -164,6 +166,11 @@ class DriverKernel:
             attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             check(drv, drv.cuFuncSetAttribute(self._function, attr, shared), "cuFuncSetAttribute(shared)")
         return self
+
+    @property
+    def image_kind(self) -> str:
+        """'cubin' (an ELF image) or 'ptx' (text the driver JIT-compiles)."""
+        return "cubin" if bytes(self.image[:4]) == b"\x7fELF" else "ptx"
 
     def launch(self, grid: Sequence[int], values: Mapping[str, int | float], stream: int = 0) -> None:
         self.load()

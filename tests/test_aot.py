@@ -116,3 +116,24 @@ def test_default_variants_compile_for_sm90(tmp_path):
     vs = aot.variants_for([preset("facades")], params_dtypes=["fp16", "fp32"], out_dtypes=["fp32", "fp16", "u8"])
     index = aot.compile_kernels([90], tmp_path, vs, repack_dtypes=["fp16"])
     assert len(index["kernels"]) == 7
+
+
+def test_metadata_records_ptx_isa_and_cuda_version(compiled):
+    """What the driver at load compares with (issue 15, defect 4): the PTX ISA of the .ptx and the
+    CUDA release of the ptxas that made the cubin, per architecture (Triton may use a different
+    ptxas per architecture)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    from asap_deploy.plugins import cuda_driver
+
+    out, index = compiled
+    for e in index["kernels"]:
+        meta = aot.load_metadata(out / e["json"])
+        ptx = (out / meta["files"]["ptx"]).read_text()
+        assert f".version {meta['ptx_version']}\n" in ptx
+        assert meta["cuda_version"] == get_ptxas(meta["cc"]).version  # this Triton's ptxas for that arch
+        need = cuda_driver.min_cuda_for_ptx(meta["ptx_version"])
+        assert need <= cuda_driver.parse_cuda_version(meta["cuda_version"])  # a ptxas reads its own ISA
+    bad = aot.load_metadata(out / index["kernels"][0]["json"])
+    with pytest.raises(KernelError, match="cuda_version"):
+        aot.check_metadata(dict(bad, cuda_version=13.4), "x.json")

@@ -150,3 +150,42 @@ def test_shape_ranges_refused_at_build_time():
         check_shape_ranges(((1, 16, 16), (4, 256, 128)), ((1, P, 32, 1), (4, P, 64, 8)), a)
     with pytest.raises(KernelError, match="ranks"):
         check_shape_ranges(((1, 16), (4, 256)), ((1, P, 1, 1), (4, P, 16, 8)), a)
+
+
+# ---- defect 4: the driver's CUDA version against the PTX ISA / ptxas a kernel was made with --------
+@pytest.mark.parametrize("image,ptx_isa,cuda,driver_cuda,needs", [
+    ("ptx", "9.4", "13.4", 13000, "13.4"),    # Triton 3.9's sm_90 PTX on the H200's CUDA 13.0 driver
+    ("ptx", "8.8", "12.9", 12080, "12.9"),
+    ("ptx", "9.0", "13.0", 13000, None),
+    ("ptx", "8.7", "12.8", 12080, None),
+    ("cubin", "9.4", "13.4", 12090, "13"),    # a CUDA 13 cubin on a CUDA 12 driver
+    ("cubin", "9.4", "13.4", 13000, None),    # same major: minor-version compatibility
+    ("cubin", "8.7", "12.8", 13000, None),
+    ("cubin", "8.8", None, 12080, None),      # older metadata: the PTX ISA's CUDA major
+    ("ptx", "8.8", None, 12080, "12.9"),
+])
+def test_load_checks_the_driver_cuda_version(drv, image, ptx_isa, cuda, driver_cuda, needs):
+    drv.cuda_version = driver_cuda
+    meta = kernel_meta(86, ptx_version=ptx_isa, cuda_version=cuda)
+    data = b"\x7fELF" + b"\0" * 16 if image == "cubin" else f".version {ptx_isa}\n.target sm_86\n\0".encode()
+    k = launcher.DriverKernel(meta, data)
+    if needs is None:
+        k.load()
+        assert len(drv.modules) == 1
+        return
+    have = f"{driver_cuda // 1000}.{driver_cuda % 1000 // 10}"
+    with pytest.raises(KernelError) as info:
+        k.load()
+    msg = str(info.value)
+    assert f"CUDA {have}" in msg and needs in msg and "Triton" in msg and "GPU host" in msg, msg
+    assert "cuModuleLoadData" not in drv.calls  # refused before the driver sees the image
+
+
+def test_plugin_refuses_ptx_jit_on_an_older_driver_naming_the_fix(drv):
+    drv.cc, drv.cuda_version = 90, 13000  # H200, driver 580 (CUDA 13.0)
+    core = SpatialMLPCore(ATTRS, pack=KernelPack([packed(80, ptx_version="9.4", cuda_version="13.4")]))
+    with pytest.raises(KernelError, match=r"PTX ISA 9.4.*CUDA >= 13.4.*this driver supports CUDA 13.0"):
+        enqueue(core)  # no sm_90 cubin: the sm_80 PTX would be JIT-compiled by the driver
+    assert not drv.modules
+    ok = SpatialMLPCore(ATTRS, pack=KernelPack([packed(90, ptx_version="9.4", cuda_version="13.4")]))
+    assert enqueue(ok) == "cubin" and len(drv.modules) == 1

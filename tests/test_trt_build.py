@@ -209,6 +209,30 @@ def test_sidecar_gpu_check_names_the_arch(built):
         eb.check_sidecar(sc, sm=89)
 
 
+def test_sidecar_records_the_kernels_and_refuses_a_driver_that_cannot_load_them(built):
+    """Issue 15, defect 4: the sidecar lists the plugin's kernels with their PTX ISA and ptxas CUDA
+    release; the runner (check_sidecar with the driver's version) refuses an engine whose kernel for
+    this GPU the driver cannot load, saying how to fix it, before any TensorRT object exists."""
+    from asap_deploy.plugins import cuda_driver as cd
+
+    sc = eb.read_sidecar(built.path / "asap.fp16.rtx.engine")
+    (k,) = sc["plugin"]["kernels"]
+    assert (k["arch"], k["params_dtype"], k["out_dtype"]) == ("sm_86", "fp16", "fp16")
+    pack = _pack_in((built.path / "asap.fp16.rtx.engine").read_bytes())
+    assert (k["ptx_version"], k["cuda_version"]) == (pack.kernels[0].meta["ptx_version"], pack.kernels[0].meta["cuda_version"])
+    made = cd.parse_cuda_version(k["cuda_version"])
+    eb.check_sidecar(sc, sm=86, driver_cuda=(made[0], 0))  # minor-version compatibility: the cubin loads
+    with pytest.raises(EngineError, match=rf"asap.fp16.rtx.engine: .*cubin needs a driver for CUDA {made[0]}.x.*GPU host"):
+        eb.check_sidecar(sc, sm=86, driver_cuda=(made[0] - 1, 9))
+    need = cd.min_cuda_for_ptx(k["ptx_version"])  # an sm_90 GPU would JIT the sm_86 PTX
+    eb.check_plugin_kernels(sc, 90, need)
+    older = (need[0], need[1] - 1) if need[1] else (need[0] - 1, 9)
+    with pytest.raises(EngineError, match=rf"PTX \(ISA {k['ptx_version']}\).*Triton"):
+        eb.check_plugin_kernels(sc, 90, older)
+    old = dict(sc, plugin={kk: v for kk, v in sc["plugin"].items() if kk != "kernels"})
+    eb.check_sidecar(old, sm=86, driver_cuda=(1, 0))  # an older sidecar: checked when the kernel loads
+
+
 def test_runner_checks_the_gpu_before_any_tensorrt_object(built):
     n, why = cuda_driver.cuda_device_count()
     if n:
