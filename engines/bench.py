@@ -27,7 +27,8 @@ the pixelwise shape, per-tile (S*S x width) @ (width x width)), the stage's FLOP
 CPU gets `vs_sgemm_floor` = its median / the floor (1.0 = as fast as the machine's sgemm allows).
 `--precision all`: every precision each backend's registry row lists, skipping (with the reason, in
 the report's `skipped`) those the bundle has no graphs for (int8 before `asap quantize`, fp16 of a
-bundle exported with --no-fp16) or the backend cannot run here while it runs another.
+bundle exported with --no-fp16) or the backend cannot run here while it runs another. Any run
+skips (with the reason) a backend at a precision its registry row does not list (torch at fp16).
 Per item: warm-up for `warmup_s` (at least one call), then at least `min_iters` calls AND
 `min_seconds` (defaults 0.2 s, 3 calls, 2 s: a default run at 1024x1024 fits about two minutes on
 a 2-core CPU; trtexec's are 200 ms, 10, 3 s; a longer --duration buys more samples). Statistics:
@@ -451,14 +452,24 @@ def skip_reason(backend: str, precision: str, bundle) -> str | None:
 
 def plan(opts: BenchOptions, bundle=None) -> tuple[list[tuple[str, str]], list[dict]]:
     """((precision, backend) in measuring order, skipped): the authors' fp32 baseline first, always,
-    once; then each precision's backends (`all`: every precision each backend lists, in
-    precisions.py's order; with a bundle, those skip_reason leaves out go to `skipped` as
-    {backend, precision, reason})."""
+    once; then each precision's backends. A backend whose registry row does not list a precision
+    asked for is skipped (nothing to measure: `asap bench --precision fp16` measures onnxruntime's
+    fp16, not a torch row that cannot exist). `all`: every precision each backend lists, in
+    precisions.py's order; with a bundle, those skip_reason leaves out are skipped too. Skipped:
+    [{backend, precision, reason}]."""
     backends = [b for b in dict.fromkeys(opts.backends) if b != BASELINE]
     pairs: list[tuple[str, str]] = [("fp32", BASELINE)]
     skipped: list[dict] = []
     if ALL not in opts.precisions:
-        return pairs + [(p, b) for p in dict.fromkeys(opts.precisions) for b in backends], skipped
+        for p in dict.fromkeys(opts.precisions):
+            for b in backends:
+                listed = registry.backend(b).precisions
+                if p in listed:
+                    pairs.append((p, b))
+                else:
+                    skipped.append({"backend": b, "precision": p,
+                                    "reason": f"the {b} backend runs {', '.join(listed)}, not {p}"})
+        return pairs, skipped
     for p in PRECISIONS:
         for b in backends:
             if p not in registry.backend(b).precisions:

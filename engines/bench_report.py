@@ -213,7 +213,8 @@ def footnotes(rep: dict) -> list[str]:
 
 
 def skipped_lines(rep: dict) -> list[str]:
-    """One line per (backend, precision) that `--precision all` left out, with the reason."""
+    """One line per (backend, precision) left out, with the reason (a precision its registry row does
+    not list; with `--precision all`, graphs the bundle lacks)."""
     return [f"{s['backend']} {s['precision']}: {s['reason']}" for s in rep.get("skipped", [])]
 
 
@@ -343,7 +344,7 @@ def to_markdown(rep: dict) -> str:
     if footnotes(rep):
         lines += [""] + footnotes(rep)
     if rep.get("skipped"):
-        lines += ["", "Skipped (`--precision all`):", ""] + [f"- {t}" for t in skipped_lines(rep)]
+        lines += ["", "Skipped (nothing to measure):", ""] + [f"- {t}" for t in skipped_lines(rep)]
     split = [r for r in rep["rows"] if r.get("phases_ms")]
     if split:  # GPU engines: the wall-clock latency above includes these transfers
         lines += ["", "GPU phases per call (median ms, CUDA events): host->device | GPU compute | device->host", "",
