@@ -264,7 +264,8 @@ def test_auto_backend_order_and_reasons(bundle_dir, monkeypatch, trt_ok, provide
     assert len(got) == len(skipped) and all(g.startswith(s) for g, s in zip(got, skipped)), got
     scaled = choose_backend("auto", Source(bundle=bundle_dir), scale=2.0) if want else None
     if scaled is not None:  # --scale: TensorRT is skipped for that reason, even where it is usable
-        assert scaled.backend != "tensorrt" and scaled.skipped[0] == "tensorrt: --scale runs on torch/onnxruntime/openvino only"
+        assert scaled.backend != "tensorrt"
+        assert scaled.skipped[0] == "tensorrt: --scale runs on torch/onnxruntime/openvino only"
 
 
 def test_discover_inputs(tmp_path):

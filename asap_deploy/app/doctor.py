@@ -188,8 +188,10 @@ def usable_backends(checks: list[Check]) -> dict[str, str]:
     ort = next((c for c in checks if c.name == "onnxruntime"), None)
     out["onnxruntime"] = ("yes (" + ort.detail.removeprefix("providers: ") + ")") if ort and ort.status == "ok" else "no"
     ov = next((c for c in checks if c.name == "openvino"), None)
-    out["openvino"] = (("yes (fp32, bf16, int8)" if "bf16: yes" in ov.detail else "yes (fp32, int8; no bf16 on this CPU)")
-                       if ov and ov.status == "ok" else "no (pip install 'asap-deploy[openvino]')")
+    if ov and ov.status == "ok":
+        out["openvino"] = "yes (fp32, bf16, int8)" if "bf16: yes" in ov.detail else "yes (fp32, int8; no bf16 here)"
+    else:
+        out["openvino"] = "no (pip install 'asap-deploy[openvino]')"
     trt = st.get("TensorRT") == "ok" or st.get("TensorRT-RTX") == "ok"
     out["tensorrt"] = "yes" if trt and gpu else ("build only (no GPU)" if trt else "no")
     return out
