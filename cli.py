@@ -1087,9 +1087,9 @@ def bench(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON report here (its folder must "
                                              "exist)."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak memory per row."),
-    seed: int = seed_option("Seed of the random model (no model given) and the label maps"),
     sgemm: bool = typer.Option(True, "--sgemm/--no-sgemm", help="Measure the machine's fp32 GEMM rate first (about "
                                "2 s) and give each pixelwise CPU row its ratio to the stage's sgemm floor."),
+    seed: int = seed_option("Seed of the random model (no model given) and the label maps"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace report.json/report.md/latency.png (and --json) if they exist (checked before measuring)."),
 ) -> None:
     """Latency per backend, precision, size and stage (min/mean/median/p90/p95/p99, cv, throughput, memory) vs the
@@ -1120,18 +1120,18 @@ def bench(
         style = "bold" if row[0] == "authors" else None
         table.add_row(*[escape(c) for c in row], style=style)
     console.print(table)
-    for line in failure_lines(rep):  # whole, wrapped to the terminal
     for note in footnotes(rep):
         console.print(escape(note), highlight=False)
+    for line in failure_lines(rep):  # whole, wrapped to the terminal
         console.print("[red]failed:[/] " + escape(line), highlight=False)
-    for w in rep["warnings"]:
     for line in skipped_lines(rep):
         console.print("[dim]skipped:[/] " + escape(line), highlight=False)
+    for w in rep["warnings"]:
         console.print("[yellow]warning:[/] " + escape(w), highlight=False)
     console.print("machine: " + escape(machine_text(rep)), highlight=False)
-    console.print(f"[dim]{escape(rep['timing'])}; settings: {escape(settings_text(rep))}; cv = std / mean, "
     if sgemm_text(rep):
         console.print(escape(sgemm_text(rep)), highlight=False)
+    console.print(f"[dim]{escape(rep['timing'])}; settings: {escape(settings_text(rep))}; cv = std / mean, "
                   f"noisy above {rep['noisy_cv']:.0%}; PSNR / max abs (8-bit levels; cos / parameter units for the "
                   "predictor) vs the torch fp32 reference[/]", highlight=False)
     paths = write_reports(rep, out, json_file, numbered=numbered)
