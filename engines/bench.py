@@ -265,7 +265,7 @@ class _Item:
             self.authors = AuthorsForward(ctx.torch_model())
         else:
             self.engine = ctx.engine(backend, precision, threads)
-            if backend == "torch" and getattr(self.engine, "device", None) is not None and self.engine.device.type == "cuda":
+            if getattr(getattr(self.engine, "device", None), "type", None) == "cuda":  # torch, torch-cuda on a GPU
                 import torch
 
                 self.device_peak = lambda: torch.cuda.max_memory_allocated() / 2**20

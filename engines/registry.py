@@ -4,12 +4,13 @@ open it. Every command reads it: `auto` (choose_backend), infer/serve (open_engi
 (check_backend/create_engine), bench (bench_backends), doctor (ort_providers).
 
     name              engine        providers   precisions        --scale  GPU            auto tries it
-    torch             torch         -           fp32              yes      where present  5th
-    onnxruntime       onnxruntime   CPU         fp32, fp16        yes      no             3rd
-    onnxruntime-cuda  onnxruntime   CUDA, CPU   fp32, fp16        yes      yes            2nd
+    torch             torch         -           fp32              yes      where present  6th
+    onnxruntime       onnxruntime   CPU         fp32, fp16        yes      no             4th
+    onnxruntime-cuda  onnxruntime   CUDA, CPU   fp32, fp16        yes      yes            3rd
     tensorrt          tensorrt      -           fp32, fp16        no       yes            1st (fastest)
-    openvino          openvino      -           fp32, bf16, int8  yes      no             4th; int8: before
+    openvino          openvino      -           fp32, bf16, int8  yes      no             5th; int8: before
                                                                                           onnxruntime (CPU)
+    torch-cuda        torch-cuda    -           fp32, fp16        no       yes            2nd
 
 `auto` tries only the backends whose row lists the precision asked for (bf16: openvino alone), in
 the order of their rank at that precision (Backend.rank). A backend whose name is its engine's is
@@ -143,6 +144,17 @@ def _check_torch(bundle_dir: Path | None, precision: str) -> tuple[bool, str]:
     return _torch_ok()
 
 
+def torch_cuda_runtime() -> tuple[bool, str]:
+    """Whether PyTorch with CUDA, a device and Triton are here (never raises)."""
+    from .torch_cuda import torch_cuda_runtime as runtime
+
+    return runtime()
+
+
+def _check_torch_cuda(bundle_dir: Path | None, precision: str) -> tuple[bool, str]:
+    return torch_cuda_runtime()
+
+
 def _check_ort(bundle_dir: Path | None, precision: str) -> tuple[bool, str]:
     ok = CPU_PROVIDER in _ort_providers()
     return ok, f"{CPU_PROVIDER} available" if ok else "not installed"
@@ -165,6 +177,12 @@ def _open_torch(backend: "Backend", bundle, precision: str, **options):
     from .torch_engine import TorchEngine
 
     return TorchEngine.from_bundle(bundle, **options)
+
+
+def _open_torch_cuda(backend: "Backend", bundle, precision: str, **options):
+    from .torch_cuda import TorchCudaEngine  # PyTorch on a CUDA GPU: fused kernel, CUDA graphs
+
+    return TorchCudaEngine.from_bundle(bundle, precision, **options)
 
 
 def _open_ort(backend: "Backend", bundle, precision: str, **options):
@@ -236,10 +254,17 @@ BACKENDS: tuple[Backend, ...] = (
     # QDQ int8, interleaved runs at load ~5: OpenVINO 377 ms median vs ONNX Runtime 508 ms).
     Backend("openvino", "openvino", "openvino", (), ("fp32", "bf16", "int8"), True, 40,
             "OpenVINO on the CPU: {why}", _check_openvino, _open_openvino, auto_ranks=(("int8", 25),)),
+    # torch-cuda after TensorRT and before ONNX Runtime CUDA, reasoned, not measured (no GPU has run
+    # either yet): it runs the pixelwise stage as ONE fused kernel with no full-resolution tensor,
+    # where ONNX Runtime CUDA runs the SpatialMLP node's standard-op body (full-resolution one-hot,
+    # encoding and per-layer activations in memory), and it replays each call as one CUDA graph;
+    # TensorRT does the same with the plugin plus fused convolutions and no Python per call.
+    Backend("torch-cuda", "torch-cuda", "torch CUDA", (), ("fp32", "fp16"), False, 15,
+            "PyTorch on the GPU (fused kernel, CUDA graphs): {why}", _check_torch_cuda, _open_torch_cuda, gpu=True),
 )
 BY_NAME = {b.name: b for b in BACKENDS}
 NAMES = tuple(BY_NAME)
-ENGINE_NAMES = tuple(b.name for b in BACKENDS if b.selectable)  # torch, onnxruntime, tensorrt, openvino
+ENGINE_NAMES = tuple(b.name for b in BACKENDS if b.selectable)  # torch, onnxruntime, tensorrt, openvino, torch-cuda
 
 
 def auto_order(precision: str = "fp32") -> tuple[Backend, ...]:
@@ -252,6 +277,7 @@ AUTO = "auto"
 CHOICES = (AUTO, *ENGINE_NAMES)  # --backend of infer and serve
 SCALE_ENGINES = tuple(b.name for b in BACKENDS if b.scale and b.selectable)
 TORCH, ONNXRUNTIME, TENSORRT, OPENVINO = BY_NAME["torch"], BY_NAME["onnxruntime"], BY_NAME["tensorrt"], BY_NAME["openvino"]
+TORCH_CUDA = BY_NAME["torch-cuda"]
 
 
 def backend(name: str) -> Backend:
@@ -323,7 +349,7 @@ class Choice:
 
 def choose_backend(requested: str, source: Source, precision: str = "fp32", scale: float | None = None) -> Choice:
     """auto: the registry's backends that run `precision`, by their rank at it (fp32: TensorRT >
-    ONNX Runtime CUDA > ONNX Runtime CPU > OpenVINO > torch; int8: OpenVINO before ONNX Runtime CPU;
+    torch-cuda > ONNX Runtime CUDA > ONNX Runtime CPU > OpenVINO > torch; int8: OpenVINO before ONNX Runtime CPU;
     bf16: OpenVINO), the first usable one, with the reason and what was skipped and why."""
     if requested not in CHOICES:
         raise UsageError(f"unknown backend {requested!r}{did_you_mean(requested, CHOICES)} "
@@ -332,13 +358,14 @@ def choose_backend(requested: str, source: Source, precision: str = "fp32", scal
     scaled = scale is not None and scale != 1
     torch, trt = TORCH.name, TENSORRT.name
     if source.model is not None:
-        if requested not in (AUTO, torch):
-            raise UsageError(f"--model runs on the {torch} backend only; for {requested} export a bundle first "
-                             f"(asap export {source.model} -o BUNDLE) and pass --bundle")
-        ok, why = TORCH.available()
+        if requested not in (AUTO, torch, TORCH_CUDA.name):
+            raise UsageError(f"--model runs on the {torch} (or {TORCH_CUDA.name}) backend only; for {requested} "
+                             f"export a bundle first (asap export {source.model} -o BUNDLE) and pass --bundle")
+        chosen = TORCH_CUDA if requested == TORCH_CUDA.name else TORCH
+        ok, why = chosen.available(None, precision)
         if not ok:
-            raise MissingDependencyError(f"--model needs the {torch} backend: {why}")
-        return Choice(torch, "a checkpoint (--model) runs on the PyTorch backend")
+            raise MissingDependencyError(f"--model needs the {chosen.name} backend: {why}")
+        return Choice(chosen.name, f"a checkpoint (--model) runs on the PyTorch backend ({chosen.name})")
     if source.engine is not None:
         if requested not in (AUTO, trt):
             raise UsageError(f"--engine runs on the {trt} backend; for {requested} pass --bundle "
@@ -383,6 +410,10 @@ def open_engine(choice: Choice, source: Source, precision: str = "fp32", cpu_thr
 
         torch.set_num_threads(cpu_threads)
     if source.model is not None:
+        if b is TORCH_CUDA:
+            from .torch_cuda import TorchCudaEngine
+
+            return TorchCudaEngine.from_checkpoint(source.model, precision=precision), None
         from .torch_engine import TorchEngine
 
         return TorchEngine.from_checkpoint(source.model), None

@@ -46,7 +46,7 @@ import numpy as np
 
 from asap_deploy.errors import MissingDependencyError, UsageError, require_torch
 
-from .base import IMAGE, IMAGE_FLOAT
+from .base import IMAGE, IMAGE_FLOAT, Engine
 from .torch_engine import TorchEngine, _kernel_supports, bundle_source, model_from_bundle
 
 PRECISIONS = ("fp32", "fp16")  # the registry row's (engines/registry.py)
@@ -517,6 +517,9 @@ class TorchCudaEngine(TorchEngine):
 
     def _pixelwise(self, labels, params):
         return self._call("pixelwise", {"labels": labels, "params": np.ascontiguousarray(params, np.float32)})
+
+    # no scaled pixelwise stage (asap infer --scale runs on torch, onnxruntime, openvino: the registry)
+    scaled_mlp = Engine.scaled_mlp
 
     def close(self) -> None:
         with self._lock:

@@ -235,14 +235,15 @@ def test_auto_backend_says_why(bundle_dir):
 
 @pytest.mark.parametrize("trt_ok,providers,ov_ok,torch_ok,want,skipped", [
     (True, ["CUDAExecutionProvider", "CPUExecutionProvider"], True, True, "tensorrt", []),
-    (False, ["CUDAExecutionProvider", "CPUExecutionProvider"], True, True, "onnxruntime-cuda", ["tensorrt: WHY"]),
-    (False, ["CPUExecutionProvider"], True, True, "onnxruntime", ["tensorrt: WHY",
+    (False, ["CUDAExecutionProvider", "CPUExecutionProvider"], True, True, "onnxruntime-cuda",
+     ["tensorrt: WHY", "torch CUDA: NO GPU"]),
+    (False, ["CPUExecutionProvider"], True, True, "onnxruntime", ["tensorrt: WHY", "torch CUDA: NO GPU",
                                                                   "onnxruntime CUDA: CUDAExecutionProvider"]),
-    (False, [], True, True, "openvino", ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider",
+    (False, [], True, True, "openvino", ["tensorrt: WHY", "torch CUDA: NO GPU", "onnxruntime CUDA: CUDAExecutionProvider",
                                          "onnxruntime: not installed"]),
-    (False, [], False, True, "torch", ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider",
+    (False, [], False, True, "torch", ["tensorrt: WHY", "torch CUDA: NO GPU", "onnxruntime CUDA: CUDAExecutionProvider",
                                        "onnxruntime: not installed", "openvino: not installed"]),
-    (False, [], False, False, None, ["tensorrt: WHY", "onnxruntime CUDA: CUDAExecutionProvider",
+    (False, [], False, False, None, ["tensorrt: WHY", "torch CUDA: NO GPU", "onnxruntime CUDA: CUDAExecutionProvider",
                                      "onnxruntime: not installed", "openvino: not installed",
                                      "torch: PyTorch is not installed"]),
 ])
@@ -252,6 +253,7 @@ def test_auto_backend_order_and_reasons(bundle_dir, monkeypatch, trt_ok, provide
     monkeypatch.setattr(inf, "tensorrt_usable", lambda b, p: (trt_ok, "OK" if trt_ok else "WHY"))
     monkeypatch.setattr(inf, "_ort_providers", lambda: list(providers))
     monkeypatch.setattr(inf, "_openvino_installed", lambda: ov_ok)
+    monkeypatch.setattr(inf, "torch_cuda_runtime", lambda: (False, "NO GPU"))  # (a GPU: tests/test_torch_cuda.py)
     monkeypatch.setattr(inf, "_torch_ok", lambda: (torch_ok, "" if torch_ok else "PyTorch is not installed (pip ...)"))
     if want is None:
         with pytest.raises(UsageError, match="no backend can run this bundle") as ei:

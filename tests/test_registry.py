@@ -16,7 +16,7 @@ from asap_deploy.precisions import PRECISIONS
 
 
 def test_every_backend_has_every_field():
-    assert registry.NAMES == ("torch", "onnxruntime", "onnxruntime-cuda", "tensorrt", "openvino")
+    assert registry.NAMES == ("torch", "onnxruntime", "onnxruntime-cuda", "tensorrt", "openvino", "torch-cuda")
     for b in registry.BACKENDS:
         assert b.name and b.label and b.engine in registry.ENGINE_NAMES, b
         assert b.precisions and set(b.precisions) <= set(PRECISIONS) and "fp32" in b.precisions, b
@@ -24,8 +24,8 @@ def test_every_backend_has_every_field():
         assert isinstance(b.scale, bool) and b.gpu in (True, False, None), b
         assert callable(b.check) and callable(b.opener) and b.auto_reason, b
         assert b.providers == () or b.engine == "onnxruntime", b  # providers are ONNX Runtime's
-    assert registry.ENGINE_NAMES == ("torch", "onnxruntime", "tensorrt", "openvino")
-    assert registry.CHOICES == ("auto", "torch", "onnxruntime", "tensorrt", "openvino")
+    assert registry.ENGINE_NAMES == ("torch", "onnxruntime", "tensorrt", "openvino", "torch-cuda")
+    assert registry.CHOICES == ("auto", "torch", "onnxruntime", "tensorrt", "openvino", "torch-cuda")
     assert registry.SCALE_ENGINES == ("torch", "onnxruntime", "openvino")
     assert registry.BY_NAME["onnxruntime-cuda"].providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert registry.BY_NAME["torch"].precisions == ("fp32",)
@@ -33,10 +33,11 @@ def test_every_backend_has_every_field():
 
 
 def test_auto_order_is_fastest_first():
-    assert [b.name for b in registry.AUTO_ORDER] == ["tensorrt", "onnxruntime-cuda", "onnxruntime", "openvino", "torch"]
+    assert [b.name for b in registry.AUTO_ORDER] == ["tensorrt", "torch-cuda", "onnxruntime-cuda", "onnxruntime", "openvino",
+                                                    "torch"]
     # int8: OpenVINO ahead of ONNX Runtime on the CPU (measured; the registry's comment)
-    assert [b.name for b in registry.auto_order("int8")] == ["tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime",
-                                                             "torch"]
+    assert [b.name for b in registry.auto_order("int8")] == ["tensorrt", "torch-cuda", "onnxruntime-cuda", "openvino",
+                                                             "onnxruntime", "torch"]
     for p in PRECISIONS:
         assert len({b.rank(p) for b in registry.BACKENDS}) == len(registry.BACKENDS)  # no ties
 
@@ -68,9 +69,9 @@ def test_availability_reasons_on_this_machine(tmp_path):
 
 def test_names_and_capabilities_are_checked():
     with pytest.raises(UsageError, match=r"did you mean 'onnxruntime'.*choose from: torch, onnxruntime, tensorrt, "
-                                         r"openvino"):
+                                         r"openvino, torch-cuda"):
         registry.check_backend("onnxruntme")
-    with pytest.raises(UsageError, match="choose from: torch, onnxruntime, onnxruntime-cuda, tensorrt, openvino"):
+    with pytest.raises(UsageError, match="choose from: torch, onnxruntime, onnxruntime-cuda, tensorrt, openvino, torch-cuda"):
         registry.backend("tvm")
     registry.check_scale_capable("onnxruntime")
     with pytest.raises(UsageError, match=r"^--scale runs on the torch, onnxruntime and openvino backends, not "
