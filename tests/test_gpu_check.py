@@ -1,0 +1,87 @@
+"""benchmarks/gpu_check.py --smoke in CI: the one prepared GPU check must not rot. On the CPU it
+runs the fused kernel through the Triton interpreter against the fp32 reference (random inputs and
+an authors' fixture), compiles the kernel ahead of time for sm_90 without a GPU, round-trips the
+plugin's fields, times the CPU stages, and marks every GPU-only section skipped with the reason.
+The script is run as a user runs it: a separate process, from another folder, PYTHONPATH = the
+repository root."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+SECTIONS = ["environment", "kernel", "torch_cuda", "latency", "plugin_enqueue", "graph_capture", "capture_failure",
+            "threads"]
+GPU_ONLY = ["torch_cuda", "graph_capture", "capture_failure", "threads"]
+
+
+def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "ASAP_KERNEL_CACHE", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_smoke_run_writes_its_report_and_passes(tmp_path):
+    out = tmp_path / "report"
+    p = run(tmp_path, "--smoke", "--out", str(out))
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "PASSED" in p.stdout.splitlines()[-1]
+    rep = json.loads((out / "gpu_check.json").read_text())
+    assert rep["schema"] == "asap-deploy/gpu-check" and rep["mode"] == "smoke" and rep["verdict"] == "PASSED"
+    assert sorted(rep["sections"]) == sorted(SECTIONS) and rep["isolated"] is False
+    secs = rep["sections"]
+    for name in GPU_ONLY:
+        assert secs[name]["status"] == "skipped" and "needs a CUDA GPU" in secs[name]["reason"], name
+    # the numerical checks that run on the CPU ran and passed
+    k = secs["kernel"]
+    assert k["status"] == "passed"
+    names = [c["name"] for c in k["checks"] if c["passed"] is True]
+    assert any(n.startswith("JIT kernel (interpreter), fp16 params vs fp32 reference (random 64x64") for n in names)
+    assert any("authors' fixture cityscapes_s16" in n for n in names)
+    psnr = [c["psnr_db"] for c in k["checks"] if "psnr_db" in c]
+    assert psnr and min(psnr) >= 40.0
+    assert not [c for s in secs.values() for c in s["checks"] if c["passed"] is False]
+    aot = [c for c in k["checks"] if c["name"].startswith("AOT kernel sm_90")]
+    assert aot and aot[0]["cubin_bytes"] > 0
+    pe = secs["plugin_enqueue"]
+    assert pe["status"] == "passed" and "needs a CUDA GPU" in pe["reason"] and len(pe["checks"]) == 2
+    lat = secs["latency"]["data"]["rows"]
+    assert {(r["backend"], r["stage"]) for r in lat} >= {("torch fp32 (CPU)", "end_to_end"),
+                                                          ("authors fp32 (CPU)", "pixelwise")}
+    assert all(r["median_ms"] > 0 and r["p99_ms"] >= r["median_ms"] for r in lat)
+    assert secs["environment"]["data"]["environment"]["torch"]
+    md = (out / "gpu_check.md").read_text()
+    assert md.startswith("# GPU check (smoke run on the CPU)") and "**PASSED**" in md
+    for name in SECTIONS:
+        assert f"(`{name}`)" in md and f"| {name} |" in md
+    assert "| backend | stage | median us |" in md
+    marker = json.loads((out / ".asap-deploy.json").read_text())
+    assert marker["kind"] == "gpu-check" and marker["files"] == ["gpu_check.json", "gpu_check.md"]
+
+    # again into the same folder, one section in its own process: its own files are replaced
+    p = run(tmp_path, "--smoke", "--out", str(out), "--only", "environment", "--isolate", "yes")
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    rep = json.loads((out / "gpu_check.json").read_text())
+    assert list(rep["sections"]) == ["environment"] and rep["isolated"] is True
+    assert rep["sections"]["environment"]["status"] == "passed"
+
+
+def test_refuses_a_folder_of_other_files_and_bad_options(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    p = run(tmp_path, "--smoke", "--out", str(tmp_path / "mine"), "--only", "environment")
+    assert p.returncode == 2 and "holds files asap did not write" in p.stderr
+    assert sorted(x.name for x in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    p = run(tmp_path, "--only", "kernal")
+    assert p.returncode == 2 and "unknown section(s) kernal" in p.stderr
