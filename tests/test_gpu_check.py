@@ -85,3 +85,64 @@ def test_refuses_a_folder_of_other_files_and_bad_options(tmp_path):
     assert sorted(x.name for x in (tmp_path / "mine").iterdir()) == ["notes.txt"]
     p = run(tmp_path, "--only", "kernal")
     assert p.returncode == 2 and "unknown section(s) kernal" in p.stderr
+
+
+# ---- the GPU sections' harness around engines/tensorrt.py's runner, on a stand-in driver ------------
+class RecordingCore:
+    """The plugin state as enqueue_from_descs sees it: attributes, and an enqueue that records."""
+
+    def __init__(self, cfg):
+        from asap_deploy.plugins.plugin_core import normalize_attributes
+        from asap_deploy.plugins.spec import node_attributes
+
+        self.attrs, self.calls = normalize_attributes(node_attributes(cfg)), []
+
+    def enqueue(self, *args):
+        self.calls.append(args)
+        return "cubin"
+
+
+def test_runner_harness_on_a_stand_in_driver(monkeypatch):
+    """What graph_capture, capture_failure and threads build around the real _GraphRunner (a stand-in
+    TensorRT engine whose enqueue is the plugin's) is checked here with the fake driver of
+    tests/test_trt_runtime_driver.py: shapes, addresses and dtypes reach the plugin's enqueue, graphs
+    capture once and replay, both injected capture failures end in one note."""
+    import numpy as np
+
+    from asap_deploy.config import ModelConfig
+    from asap_deploy.plugins import cuda_driver
+    from test_trt_runtime_driver import FakeDriver
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check as gc
+
+    drv = FakeDriver()
+    monkeypatch.setattr(cuda_driver, "driver", lambda: drv)
+    cfg = ModelConfig(label_nc=6, crop_size=256)  # S = 16
+    ctx = drv.cuDevicePrimaryCtxRetain(drv.cuDeviceGet(0)[1])[1]
+    drv.cuCtxSetCurrent(ctx)
+    stream = drv.cuStreamCreate(1)[1]
+    labels = gc.make_labels(cfg, 2, 64, 48, 0)
+    params = gc.make_params(cfg, 2, 4, 3, 0)
+
+    core, notes = RecordingCore(cfg), []
+    runner, context = gc.make_runner(core, cfg, 2, 64, 48, "fp16", ctx, stream, notes, cuda_graph=True)
+    for _ in range(4):
+        out = runner.run(gc.runner_feeds(cfg, labels, params, "fp16"))
+    assert out["rgb"].shape == (2, 64, 48, 3) and out["rgb"].dtype == np.float16
+    assert context.executions == 2 and len(core.calls) == 2 and not notes  # plain, captured; then replays
+    assert drv.names().count("cuGraphLaunch") == 3 and not drv.capturing  # runs 2 (after its capture), 3, 4
+    ids, prm, rgb, n, h, w, pd, od, s = core.calls[0]
+    assert (n, h, w, pd, od, s) == (2, 64, 48, "fp16", "fp16", int(stream))
+    assert [ids, prm, rgb] == [context.addr[k] for k in ("ids", "params", "rgb")] and len({ids, prm, rgb}) == 3
+    assert context.shapes == {"ids": (2, 64, 48), "params": (2, cfg.num_params, 4, 3)}
+    runner.close()
+
+    for fail, said in (("raise", "injected"), ("sync", "STREAM_CAPTURE_INVALIDATED")):
+        core, notes = RecordingCore(cfg), []
+        runner, context = gc.make_runner(core, cfg, 2, 64, 48, "fp32", ctx, stream, notes, cuda_graph=True, fail=fail)
+        for _ in range(4):
+            runner.run(gc.runner_feeds(cfg, labels, params, "fp32"))
+        assert len(notes) == 1 and said in notes[0] and not runner.cuda_graph and not drv.capturing, (fail, notes)
+        assert context.executions == 5 and core.calls[-1][6:8] == ("fp32", "fp32")  # plain from then on
+        runner.close()
