@@ -180,11 +180,14 @@ def _cached_kernel(folder: Path, variant, cc: int, triton_version: str) -> tuple
     if not stat.S_ISDIR(st.st_mode):
         raise KernelError(f"{folder}: the kernel cache entry is not a folder (a symbolic link or special file)")
     index = aot.load_index(folder)
-    name = f"{variant.stem}_sm{cc}.json"
-    if [e.get("json") for e in index["kernels"]] != [name] or not index["kernels"][0].get("sha256"):
-        raise KernelError(f"{folder / aot.INDEX}: does not list exactly {name} with its sha256")
+    # the request, or the same kernel re-reading its weights when the request's shared memory does
+    # not fit sm_<cc> (aot.fit_variant decides, the same way every time)
+    names = {f"{v.stem}_sm{cc}.json": v for v in variant.candidates()}
+    listed = [e.get("json") for e in index["kernels"]]
+    if len(listed) != 1 or listed[0] not in names or not index["kernels"][0].get("sha256"):
+        raise KernelError(f"{folder / aot.INDEX}: does not list exactly one of {', '.join(names)} with its sha256")
     meta, cubin, ptx = aot.load_kernel(folder, index["kernels"][0])
-    aot.check_variant(meta, variant, cc, triton_version, folder / name)
+    aot.check_variant(meta, names[listed[0]], cc, triton_version, folder / listed[0])
     return meta, cubin, ptx
 
 
@@ -264,12 +267,14 @@ def sidecar_kernels(pack) -> list[dict]:
              "out_dtype": m["variant"]["out_dtype"]} for m in (k.meta for k in pack.kernels)]
 
 
-def check_plugin_kernels(sc: dict, sm: int, driver_cuda: tuple[int, int]) -> None:
+def check_plugin_kernels(sc: dict, sm: int, driver_cuda: tuple[int, int] | None,
+                         shared_optin: int | None = None) -> None:
     """EngineError (with the fix) when the kernel the plugin would load on an sm_<sm> GPU cannot be
-    loaded by a driver of CUDA version `driver_cuda`: a cubin made by a ptxas of a newer major CUDA,
-    or PTX of a newer ISA than the driver JIT-compiles. Sidecars without the kernel list (older
-    asap-deploy) are not checked here (the plugin checks again when it loads the kernel)."""
-    from asap_deploy.plugins.cuda_driver import check_driver_can_load
+    loaded by a driver of CUDA version `driver_cuda` (a cubin made by a ptxas of a newer major CUDA,
+    or PTX of a newer ISA than the driver JIT-compiles) or needs more shared memory per block than
+    the GPU's opt-in limit `shared_optin`. Sidecars without the kernel list (older asap-deploy) are
+    not checked here (the plugin checks again when it loads the kernel)."""
+    from asap_deploy.plugins.cuda_driver import check_driver_can_load, check_shared_fits
     from asap_deploy.plugins.plugin_core import KernelPack, PackedKernel
 
     pl = sc.get("plugin") or {}
@@ -283,17 +288,21 @@ def check_plugin_kernels(sc: dict, sm: int, driver_cuda: tuple[int, int]) -> Non
     for pd, od in pack.dtypes():
         try:
             k, how = pack.select(sm, pd, od)
-            check_driver_can_load(k.meta, how, driver_cuda)
+            if driver_cuda is not None:
+                check_driver_can_load(k.meta, how, driver_cuda)
+            if shared_optin is not None and isinstance(k.meta.get("shared"), int):
+                check_shared_fits(k.meta, shared_optin)
         except KernelError as exc:
             raise EngineError(f"{name}: {exc.message}") from exc
 
 
 def check_sidecar(sc: dict, engine_bytes: bytes | None = None, *, trt_version: str | None = None,
                   flavor: str | None = None, sm: int | None = None, bundle=None, plugin_version: str | None = None,
-                  driver_cuda: tuple[int, int] | None = None) -> None:
+                  driver_cuda: tuple[int, int] | None = None, shared_optin: int | None = None) -> None:
     """EngineError naming the first mismatch and the command that rebuilds the engine. Only the
-    facts given are checked (the runner gives all of them); `driver_cuda` (with `sm`): the plugin's
-    kernel for that GPU must be loadable by a driver of that CUDA version (check_plugin_kernels)."""
+    facts given are checked (the runner gives all of them); `driver_cuda` / `shared_optin` (with
+    `sm`): the plugin's kernel for that GPU must be loadable by a driver of that CUDA version and fit
+    the GPU's shared memory per block (check_plugin_kernels)."""
     from asap_deploy.plugins.spec import PLUGIN_VERSION
 
     fix = f"rebuild it: {rebuild_command(sc)}"
@@ -317,8 +326,8 @@ def check_sidecar(sc: dict, engine_bytes: bytes | None = None, *, trt_version: s
     if pl is not None and pl.get("version") != want_pv:
         raise EngineError(f"{name}: its SpatialMLP plugin is version {pl.get('version')}, this asap-deploy has "
                           f"version {want_pv}; {fix}")
-    if sm is not None and driver_cuda is not None:
-        check_plugin_kernels(sc, sm, driver_cuda)
+    if sm is not None and (driver_cuda is not None or shared_optin is not None):
+        check_plugin_kernels(sc, sm, driver_cuda, shared_optin)
     if bundle is not None:
         src = sc.get("source_onnx", {})
         listed = bundle.manifest.get("files", {}).get(src.get("file"), {})

@@ -9,7 +9,8 @@ Opening an engine, in this order (each step refuses with a message saying what t
      logs error 35 and then segfaults on deserialize;
   3. the GPU's SM against the sidecar's targets, and the plugin's kernel for that SM against the
      driver's CUDA version (a cubin of a newer major CUDA, or PTX of a newer ISA, is refused with
-     the fix); then the plugin is registered and the engine deserialized.
+     the fix) and the GPU's shared memory per block; then the plugin is registered and the engine
+     deserialized.
 Running: device buffers are allocated once per input shape and reused; only label ids (and
 instance ids) are uploaded (the one-hot lives in the engine); with `cuda_graph=True` the
 execution for a fixed shape is captured once and replayed; if the capture fails, the capture is
@@ -276,9 +277,9 @@ class TensorRTEngine(Engine):
         # 2. driver + device before any TensorRT object
         trt_compat.require_gpu("running a TensorRT engine")
         self.sm, self.gpu = cuda_driver.device_sm(device)
-        driver_cuda = cuda_driver.driver_version()
-        for g, (_, sc, blob) in self._files.items():
-            check_sidecar(sc, sm=self.sm, driver_cuda=driver_cuda)  # the GPU, and kernels its driver can load
+        driver_cuda, smem = cuda_driver.driver_version(), cuda_driver.device_shared_optin(device)
+        for g, (_, sc, blob) in self._files.items():  # the GPU, and kernels its driver can load and it can fit
+            check_sidecar(sc, sm=self.sm, driver_cuda=driver_cuda, shared_optin=smem)
         # 3. plugin, runtime, stream
         from asap_deploy.plugins import tensorrt as trt_plugin
 

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -48,6 +48,14 @@ MAX_ENTRIES = 10_000
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}")  # a plain name inside the folder, never hidden
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# Largest shared memory one thread block may use, per architecture, after opting in with
+# cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) (the CUDA programming guide's table; NVIDIA's
+# libcu++ cuda::arch_traits: per-SM shared memory less the 1 KB the driver reserves per block from
+# sm_80 on). A kernel above its target's limit compiles but cannot launch there.
+MAX_SHARED_OPTIN = {
+    70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 88: 99 * 1024, 89: 99 * 1024,
+    90: 227 * 1024, 100: 227 * 1024, 103: 227 * 1024, 110: 227 * 1024, 120: 99 * 1024, 121: 99 * 1024,
+}
 _ARG_TYPE = re.compile(r"\*(?:i1|i8|u8|i16|i32|i64|u32|u64|fp16|bf16|fp32|fp64)|i32|u32|i64|fp32")
 
 
@@ -94,7 +102,16 @@ class Variant:
     def stem(self) -> str:
         s = self.spec
         return (f"asap_spatial_mlp_S{s.S}_h{s.HID}x{s.N_HIDDEN}_o{s.OUT}_e{s.EXTRA}_"
-                f"p{self.params_dtype}_y{self.out_dtype}_b{s.BLOCK_P}x{s.ITERS}_w{s.num_warps}")
+                f"p{self.params_dtype}_y{self.out_dtype}_b{s.BLOCK_P}x{s.ITERS}_w{s.num_warps}"
+                f"{'_reload' if s.RELOAD else ''}")
+
+    def with_reload(self) -> "Variant":
+        """The same kernel re-reading the hidden weights per block: less shared memory (kernel.py)."""
+        return replace(self, spec=replace(self.spec, RELOAD=True))
+
+    def candidates(self) -> list["Variant"]:
+        """What compile_variant may produce for this request, in the order it tries them."""
+        return [self] if self.spec.RELOAD else [self, self.with_reload()]
 
     def signature(self) -> dict[str, str]:
         from .kernel import CONSTEXPR_ARGS, SCALAR_ARGS
@@ -162,6 +179,19 @@ def _hidden_args(md) -> list[dict]:
             hidden.append({"name": name, "type": "*i8", "value": 0,
                            "size_per_program": size, "align": int(getattr(md, f"{name}_align", 1))})
     return hidden
+
+
+def shared_limit(cc: int) -> int:
+    """Opt-in shared memory per block of sm_<cc> (MAX_SHARED_OPTIN); an architecture not in the table
+    gets the smallest limit of its major (or of all) known ones: never more than it may have."""
+    if cc in MAX_SHARED_OPTIN:
+        return MAX_SHARED_OPTIN[cc]
+    same = [v for k, v in MAX_SHARED_OPTIN.items() if k // 10 == cc // 10]
+    return min(same or MAX_SHARED_OPTIN.values())
+
+
+def _kib(n: int) -> str:
+    return f"{n:,} bytes ({n / 1024:.0f} KiB)"
 
 
 def _compile(fn, signature: dict, constexprs: dict, cc: int, num_warps: int, num_stages: int):
@@ -236,6 +266,7 @@ def _describe(ck, signature: dict, constexprs: dict, cc: int, grid_rule: dict, k
         "num_stages": md.num_stages,
         "block": [md.num_warps * 32, 1, 1],
         "shared": md.shared,
+        "shared_limit": shared_limit(cc),  # opt-in bytes per block on this architecture (checked again at load)
         "grid_rule": grid_rule,
         "pointer_align": POINTER_ALIGN,
         "launch_cooperative_grid": bool(getattr(md, "launch_cooperative_grid", False)),
@@ -289,18 +320,38 @@ def compile_variant(variant: Variant, cc: int, out_dir: str | Path, replace: boo
     return _compile_variant(variant, cc, out_dir, replace)[0]
 
 
-def _compile_variant(variant: Variant, cc: int, out_dir: str | Path, replace: bool = True) -> tuple[dict, str]:
+def fit_variant(variant: Variant, cc: int) -> tuple[Variant, object]:
+    """(the variant to use on sm_<cc>, its compiled kernel): `variant` if its shared memory fits the
+    architecture's opt-in limit per block (MAX_SHARED_OPTIN), else the same kernel re-reading its
+    hidden weights per block (RELOAD, a fraction of the shared memory); KernelError naming the limit
+    when neither fits. A kernel above the limit would compile and then fail at its first launch."""
     from .kernel import spatial_mlp
 
+    limit, tried = shared_limit(cc), []
+    for v in variant.candidates():
+        s = v.spec
+        ck = _compile(spatial_mlp, v.signature(), v.constexprs(), cc, s.num_warps, s.num_stages)
+        if int(ck.metadata.shared) <= limit:
+            return v, ck
+        tried.append(f"{_kib(int(ck.metadata.shared))}{' re-reading the weights per block' if s.RELOAD else ''}")
+    s = variant.spec
+    raise KernelError(f"the fused kernel (hr_width {s.HID}, {s.N_HIDDEN} hidden layers, S={s.S}) needs "
+                      f"{' / '.join(tried)} of shared memory per block on sm_{cc}, which allows at most "
+                      f"{_kib(limit)} per block (opt-in limit); use a smaller hr_width or hr_depth, or a GPU with "
+                      f"more shared memory per block (sm_80/sm_87: 163 KiB, sm_90/sm_100: 227 KiB)")
+
+
+def _compile_variant(variant: Variant, cc: int, out_dir: str | Path, replace: bool = True) -> tuple[dict, str]:
+    variant, ck = fit_variant(variant, cc)
     s = variant.spec
     sig, cons = variant.signature(), variant.constexprs()
-    ck = _compile(spatial_mlp, sig, cons, cc, s.num_warps, s.num_stages)
     rule = {"x": "N * (H / S) * (W / S) * programs_per_tile", "y": "1", "z": "1",
             "S": s.S, "programs_per_tile": s.programs_per_tile, "pixels_per_program": s.pixels_per_program}
     meta = _describe(ck, sig, cons, cc, rule, "spatial_mlp")
     meta["variant"] = {"params_dtype": variant.params_dtype, "out_dtype": variant.out_dtype,
                        "ids_dtype": variant.ids_dtype, "extra_dtype": variant.extra_dtype}
     meta["params_per_tile"] = {"rule": "(n_lab + EXTRA + 4*LOG2S + 1)*HID + N_HIDDEN*(HID+1)*HID + (HID+1)*OUT"}
+    meta["stem"] = variant.stem
     return _write(Path(out_dir), f"{variant.stem}_sm{cc}", ck, meta, replace)
 
 
@@ -319,6 +370,9 @@ def _compile_repack(src_dtype: str, cc: int, out_dir: str | Path, num_warps: int
            "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"}
     cons = {"BLOCK_T": REPACK_BLOCK_T, "BLOCK_C": REPACK_BLOCK_C}
     ck = _compile(repack, sig, cons, cc, num_warps, 1)
+    if int(ck.metadata.shared) > shared_limit(cc):  # pragma: no cover - a few KiB; never near a limit
+        raise KernelError(f"the re-pack kernel needs {_kib(int(ck.metadata.shared))} of shared memory per block; "
+                          f"sm_{cc} allows {_kib(shared_limit(cc))}")
     rule = {"x": f"ceil(n_tiles / {REPACK_BLOCK_T})", "y": f"ceil(P / {REPACK_BLOCK_C})", "z": "1",
             "BLOCK_T": REPACK_BLOCK_T, "BLOCK_C": REPACK_BLOCK_C}
     meta = _describe(ck, sig, cons, cc, rule, "repack")
@@ -340,7 +394,7 @@ def compile_kernels(archs: Sequence[int], out_dir: str | Path, variants: Sequenc
         raise OutputError(f"{out_dir / INDEX}: the kernel folder (index.json) already exists; pass --overwrite "
                           f"to replace it")
     check_kernel_folder(out_dir)
-    stems = [f"{v.stem}_sm{cc}" for cc in archs for v in variants]
+    stems = [f"{c.stem}_sm{cc}" for cc in archs for v in variants for c in v.candidates()]
     stems += [f"asap_repack_params_{d}_sm{cc}" for cc in archs for d in repack_dtypes]
     for name in [f"{st}{ext}" for st in stems for ext in (".cubin", ".ptx", ".json")] + [INDEX]:
         _check_writable(out_dir / name, True)  # everything that would be replaced, before any work
@@ -351,10 +405,11 @@ def compile_kernels(archs: Sequence[int], out_dir: str | Path, variants: Sequenc
         for v in variants:
             if progress:
                 progress(f"sm_{cc} {v.stem}")
-            m, jsha = _compile_variant(v, cc, out_dir)
-            entries.append({"kind": "spatial_mlp", "arch": m["arch"], "json": f"{v.stem}_sm{cc}.json",
+            m, jsha = _compile_variant(v, cc, out_dir)  # v, or v re-reading its weights (shared memory)
+            entries.append({"kind": "spatial_mlp", "arch": m["arch"], "json": f"{m['stem']}_sm{cc}.json",
                             "S": v.spec.S, "HID": v.spec.HID, "N_HIDDEN": v.spec.N_HIDDEN, "OUT": v.spec.OUT,
-                            "EXTRA": v.spec.EXTRA, **m["variant"], "sha256": {"json": jsha, **m["sha256"]}})
+                            "EXTRA": v.spec.EXTRA, "RELOAD": bool(m["constexprs"]["RELOAD"]), **m["variant"],
+                            "sha256": {"json": jsha, **m["sha256"]}})
         for d in repack_dtypes:
             if progress:
                 progress(f"sm_{cc} repack {d}")

@@ -97,6 +97,27 @@ def min_cuda_for_ptx(ptx_version: str) -> tuple[int, int]:
     raise KernelError(f"PTX ISA {v} is not in the table of PTX ISA versions this asap-deploy knows")
 
 
+def device_shared_optin(device: int | None = None, drv=None) -> int:
+    """Bytes of shared memory one block may use on `device` (the current context's device when None)
+    after opting in: CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN."""
+    drv = drv or driver()
+    dev = check(drv, drv.cuCtxGetDevice(), "cuCtxGetDevice") if device is None else \
+        check(drv, drv.cuDeviceGet(device), "cuDeviceGet")
+    attr = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    return int(check(drv, drv.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute(shared memory opt-in)"))
+
+
+def check_shared_fits(meta: Mapping[str, Any], optin: int) -> None:
+    """KernelError when the kernel of `meta` needs more shared memory per block than `optin` bytes
+    (the device's opt-in limit): cuFuncSetAttribute / the launch would fail inside the driver."""
+    need = int(meta.get("shared", 0))
+    if need > optin:
+        raise KernelError(f"{meta.get('kernel_name')} (compiled for {meta.get('arch')}) needs {need:,} bytes of "
+                          f"shared memory per block, and this GPU allows {optin:,} per block (opt-in limit): "
+                          f"recompile for this GPU's architecture (asap build-engine / asap compile-kernels --arch "
+                          f"sm_XY of this GPU), which picks a kernel variant that fits it")
+
+
 def driver_version(drv=None) -> tuple[int, int]:
     """(major, minor) CUDA version of the installed driver (`cuDriverGetVersion`: 13000 -> (13, 0))."""
     drv = drv or driver()

@@ -51,7 +51,7 @@ SCALAR_ARGS = ("H", "W", "n_tiles_h", "n_tiles_w", "n_lab", "dontcare_ch",
                "p_sn", "p_sc", "p_sy", "p_sx", "o_sn", "o_sy", "o_sx", "o_sc")
 OUTPUT_ARGS = ("out_ptr",)
 CONSTEXPR_ARGS = ("S", "LOG2S", "HID", "N_HIDDEN", "OUT", "OUT_PAD", "PE_PAD", "EXTRA",
-                  "BLOCK_P", "ITERS", "OUT_U8")
+                  "BLOCK_P", "ITERS", "OUT_U8", "RELOAD")
 # The contract (plugins/spec.py): the hidden layers are unrolled below for N_HIDDEN up to
 # spec.MAX_HIDDEN (tests/test_spec.py counts the branches); a kernel reads globals only as constexpr.
 LEAKY_SLOPE = tl.constexpr(spec.LEAKY_SLOPE)
@@ -64,7 +64,7 @@ def asap_spatial_mlp(
     out_ptr,
     S: tl.constexpr, LOG2S: tl.constexpr, HID: tl.constexpr, N_HIDDEN: tl.constexpr,
     OUT: tl.constexpr, OUT_PAD: tl.constexpr, PE_PAD: tl.constexpr, EXTRA: tl.constexpr,
-    BLOCK_P: tl.constexpr, ITERS: tl.constexpr, OUT_U8: tl.constexpr,
+    BLOCK_P: tl.constexpr, ITERS: tl.constexpr, OUT_U8: tl.constexpr, RELOAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = (S * S) // (BLOCK_P * ITERS)
@@ -81,6 +81,10 @@ def asap_spatial_mlp(
     w1 = HID  # layer-1 weight start
 
     # ---- the tile's parameters, read once per program --------------------------------------
+    # (RELOAD: the hidden layers' weight matrices are read again for every block of BLOCK_P pixels,
+    # right before their dot, instead of being held for the whole program: Triton then keeps one
+    # HID x HID operand in shared memory at a time instead of all N_HIDDEN; the AOT compiler picks
+    # it when the kernel would exceed the target's shared memory per block, plugins/aot.py)
     b1 = tl.load(pbase + hcol * p_sc).to(tl.float32)
     pe_row = tl.arange(0, PE_PAD)
     pe_w = tl.load(pbase + (w1 + (n_lab + EXTRA + pe_row[:, None]) * HID + hcol[None, :]) * p_sc,
@@ -89,19 +93,23 @@ def asap_spatial_mlp(
     hrow = tl.arange(0, HID)
     if N_HIDDEN >= 1:
         ba = tl.load(pbase + (hid0 + hcol) * p_sc).to(tl.float32)
-        wa = tl.load(pbase + (hid0 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
+        if not RELOAD:
+            wa = tl.load(pbase + (hid0 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
     if N_HIDDEN >= 2:
         o2 = hid0 + (HID + HID * HID)
         bb = tl.load(pbase + (o2 + hcol) * p_sc).to(tl.float32)
-        wb = tl.load(pbase + (o2 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
+        if not RELOAD:
+            wb = tl.load(pbase + (o2 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
     if N_HIDDEN >= 3:
         o3 = hid0 + 2 * (HID + HID * HID)
         bc = tl.load(pbase + (o3 + hcol) * p_sc).to(tl.float32)
-        wc = tl.load(pbase + (o3 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
+        if not RELOAD:
+            wc = tl.load(pbase + (o3 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
     if N_HIDDEN >= 4:
         o4 = hid0 + 3 * (HID + HID * HID)
         bd = tl.load(pbase + (o4 + hcol) * p_sc).to(tl.float32)
-        wd = tl.load(pbase + (o4 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
+        if not RELOAD:
+            wd = tl.load(pbase + (o4 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
     oo = hid0 + N_HIDDEN * (HID + HID * HID)
     ocol = tl.arange(0, OUT_PAD)
     bo = tl.load(pbase + (oo + ocol) * p_sc, mask=ocol < OUT, other=0.0).to(tl.float32)
@@ -147,15 +155,23 @@ def asap_spatial_mlp(
         # hidden layers: fp16 dots, fp32 accumulation
         if N_HIDDEN >= 1:
             h = tl.where(h > 0, h, h * LEAKY_SLOPE)
+            if RELOAD:
+                wa = tl.load(pbase + (hid0 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
             h = tl.dot(h.to(tl.float16), wa) + ba[None, :]
         if N_HIDDEN >= 2:
             h = tl.where(h > 0, h, h * LEAKY_SLOPE)
+            if RELOAD:
+                wb = tl.load(pbase + (o2 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
             h = tl.dot(h.to(tl.float16), wb) + bb[None, :]
         if N_HIDDEN >= 3:
             h = tl.where(h > 0, h, h * LEAKY_SLOPE)
+            if RELOAD:
+                wc = tl.load(pbase + (o3 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
             h = tl.dot(h.to(tl.float16), wc) + bc[None, :]
         if N_HIDDEN >= 4:
             h = tl.where(h > 0, h, h * LEAKY_SLOPE)
+            if RELOAD:
+                wd = tl.load(pbase + (o4 + HID + hrow[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float16)
             h = tl.dot(h.to(tl.float16), wd) + bd[None, :]
         h = tl.where(h > 0, h, h * LEAKY_SLOPE)
         o = tl.dot(h.to(tl.float16), wo) + bo[None, :]

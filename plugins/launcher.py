@@ -16,7 +16,7 @@ from asap_deploy.config import padded_size
 from asap_deploy.errors import KernelError
 
 from .aot import load_index, load_metadata, read_images
-from .cuda_driver import check, check_driver_can_load, driver, driver_version
+from .cuda_driver import check, check_driver_can_load, check_shared_fits, device_shared_optin, driver, driver_version
 
 _CTYPES = {"i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
            "fp32": ctypes.c_float, "i1": ctypes.c_int32}
@@ -158,10 +158,12 @@ class DriverKernel:
         bind_context(self.device)
         # an image this driver cannot load is refused with the fix, not left to fail inside the driver
         check_driver_can_load(self.meta, self.image_kind, driver_version(drv))
+        shared = int(self.meta["shared"])
+        if shared > DEFAULT_SHARED_LIMIT:  # above 48 KiB: the device's opt-in limit decides, asked before loading
+            check_shared_fits(self.meta, device_shared_optin(None, drv))
         self._module = check(drv, drv.cuModuleLoadData(self.image), f"cuModuleLoadData({self.meta['kernel_name']})")
         self._function = check(drv, drv.cuModuleGetFunction(self._module, self.meta["kernel_name"].encode()),
                                 "cuModuleGetFunction")
-        shared = int(self.meta["shared"])
         if shared > DEFAULT_SHARED_LIMIT:
             attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             check(drv, drv.cuFuncSetAttribute(self._function, attr, shared), "cuFuncSetAttribute(shared)")

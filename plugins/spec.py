@@ -77,6 +77,7 @@ class KernelSpec:
     BLOCK_P: int  # noqa: N815
     ITERS: int  # noqa: N815
     OUT_U8: bool = False  # noqa: N815
+    RELOAD: bool = False  # noqa: N815 - re-read the hidden weights per block (less shared memory, aot.py)
     num_warps: int = DEFAULT_NUM_WARPS
     num_stages: int = 1
 

@@ -47,7 +47,8 @@ def repack_params(params):
 
 def spatial_mlp(labels, params, cfg: ModelConfig, *, out_dtype=None, out=None, extra=None,
                 repack: bool | None = None, interpret: bool | None = None, validate: bool = True,
-                block_p: int | None = None, iters: int | None = None, num_warps: int = DEFAULT_NUM_WARPS):
+                block_p: int | None = None, iters: int | None = None, num_warps: int = DEFAULT_NUM_WARPS,
+                reload: bool = False):
     """labels (N, H, W) integer ids (uint8/int32/int64), params (N, P, H/S, W/S) fp16/fp32 in the
     public layout -> RGB (N, H, W, output_nc), float32 by default, or `out_dtype` float16/uint8
     (uint8 = `to_uint8` of the float result). `out` may be any (N, H, W, C)-indexed view (e.g. an
@@ -55,6 +56,8 @@ def spatial_mlp(labels, params, cfg: ModelConfig, *, out_dtype=None, out=None, e
     sit between the label rows and the PE rows of W1 (the general, non-one-hot first layer).
     With `extra`, the grid holds P = cfg.num_params + E * hr_width parameters per tile.
     `repack` (default: when the channel stride is not 1) converts params to fp16 channels-last first.
+    `reload`: the kernel variant that re-reads the hidden weights per block (less shared memory; the
+    AOT compiler picks it for GPUs whose shared memory per block the default does not fit).
     """
     torch = require_torch("the fused spatial MLP")
     if labels.dim() != 3 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -95,6 +98,8 @@ def spatial_mlp(labels, params, cfg: ModelConfig, *, out_dtype=None, out=None, e
 
     spec = kernel_spec(cfg, extra_channels=n_extra, out_u8=out_dtype == torch.uint8, block_p=block_p,
                        iters=iters, num_warps=num_warps)
+    if reload:
+        spec = replace(spec, RELOAD=True)
     from . import kernel as K
 
     if repack is None:

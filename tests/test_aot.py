@@ -137,3 +137,45 @@ def test_metadata_records_ptx_isa_and_cuda_version(compiled):
     bad = aot.load_metadata(out / index["kernels"][0]["json"])
     with pytest.raises(KernelError, match="cuda_version"):
         aot.check_metadata(dict(bad, cuda_version=13.4), "x.json")
+
+
+# ---- issue 15, defect 3: shared memory per block against the target's opt-in limit ----------------
+MID = ModelConfig(label_nc=5, crop_size=256, hr_width=32, hr_depth=4)  # 10 KiB of shared memory, 6 KiB re-reading
+
+
+def test_shared_memory_limits_per_architecture():
+    assert aot.shared_limit(86) == aot.shared_limit(89) == aot.shared_limit(120) == 101376  # 99 KiB
+    assert aot.shared_limit(80) == aot.shared_limit(87) == 166912  # 163 KiB
+    assert aot.shared_limit(90) == aot.shared_limit(100) == 232448  # 227 KiB
+    assert aot.shared_limit(75) == 65536
+    assert aot.shared_limit(85) == 99 * 1024  # unknown: the smallest of its major
+
+
+def test_compile_picks_the_reload_variant_or_refuses_naming_the_limit(tmp_path, monkeypatch):
+    (v,) = aot.variants_for([MID], params_dtypes=["fp16"], out_dtypes=["fp32"], block_p=64, iters=1)
+    full = aot.compile_variant(v, 86, tmp_path / "a")
+    assert full["constexprs"]["RELOAD"] == 0 and full["shared_limit"] == 101376
+    monkeypatch.setitem(aot.MAX_SHARED_OPTIN, 86, full["shared"] - 1)  # the full kernel no longer fits
+    index = aot.compile_kernels([86], tmp_path / "b", [v], repack_dtypes=[])
+    (e,) = index["kernels"]
+    meta = aot.load_metadata(tmp_path / "b" / e["json"])
+    assert e["RELOAD"] and meta["constexprs"]["RELOAD"] == 1 and e["json"] == f"{v.with_reload().stem}_sm86.json"
+    assert meta["shared"] < full["shared"] and meta["shared"] <= aot.MAX_SHARED_OPTIN[86]
+    aot.check_variant(meta, v.with_reload(), 86)
+    monkeypatch.setitem(aot.MAX_SHARED_OPTIN, 86, meta["shared"] - 1)  # neither fits
+    with pytest.raises(KernelError, match=rf"needs {full['shared']:,} bytes .* / {meta['shared']:,} bytes .*re-reading"
+                                          rf".*sm_86, which allows at most {meta['shared'] - 1:,} bytes"):
+        aot.compile_variant(v, 86, tmp_path / "c")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", [5, 6])
+def test_hr_width_128_fits_sm86_by_reloading_and_sm90_as_is(tmp_path, depth):
+    """The numbers of the issue: hr_width=128, depth 5/6 need 118,784 / 151,552 bytes (more than
+    sm_86/89's 99 KiB); the compiler picks the re-reading variant there, and the full one on sm_90."""
+    cfg = ModelConfig(label_nc=13, crop_size=256, hr_width=128, hr_depth=depth)
+    (v,) = aot.variants_for([cfg], params_dtypes=["fp16"], out_dtypes=["fp32"])
+    m86 = aot.compile_variant(v, 86, tmp_path)
+    assert m86["constexprs"]["RELOAD"] == 1 and m86["shared"] <= 101376
+    m90 = aot.compile_variant(v, 90, tmp_path)
+    assert m90["constexprs"]["RELOAD"] == 0 and 101376 < m90["shared"] <= 232448

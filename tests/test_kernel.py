@@ -98,6 +98,20 @@ def test_no_repack_and_fp16_output_and_layouts():
     check_close(nchw.permute(0, 2, 3, 1), ref, "NCHW output view")
 
 
+@pytest.mark.parametrize("hr_depth", [3, 6])
+def test_reload_variant_equals_the_default(hr_depth):
+    """The variant that re-reads the hidden weights per block (picked where shared memory is short,
+    issue 15 defect 3) computes exactly what the default does, for 1 to 4 hidden layers."""
+    cfg = cfg_for(16, label_nc=5, hr_width=32, hr_depth=hr_depth)
+    labels = torch.randint(0, 5, (1, 32, 16), generator=torch.Generator().manual_seed(4), dtype=torch.int32)
+    params = make_params(cfg.mlp_channels, 1, 2, 1, seed=13, dtype=torch.float16)
+    ref = pixelwise_oracle(labels.numpy(), params.float().numpy(), cfg.mlp_channels, 16)
+    default = spatial_mlp(labels, params, cfg, block_p=64, iters=2)
+    again = spatial_mlp(labels, params, cfg, block_p=64, iters=2, reload=True)
+    assert torch.equal(default, again)
+    check_close(again, ref, f"reload, hr_depth={hr_depth}")
+
+
 def test_uint8_equals_conversion_of_float():
     cfg = cfg_for(16, label_nc=7)
     labels = torch.randint(0, 7, (2, 16, 32), generator=torch.Generator().manual_seed(5), dtype=torch.int64)

@@ -189,3 +189,16 @@ def test_plugin_refuses_ptx_jit_on_an_older_driver_naming_the_fix(drv):
     assert not drv.modules
     ok = SpatialMLPCore(ATTRS, pack=KernelPack([packed(90, ptx_version="9.4", cuda_version="13.4")]))
     assert enqueue(ok) == "cubin" and len(drv.modules) == 1
+
+
+# ---- defect 3: shared memory against the device's opt-in limit, at load ------------------------------
+def test_load_refuses_a_kernel_needing_more_shared_memory_than_the_device_allows(drv):
+    drv.smem_optin = 101376  # sm_86 / sm_89: 99 KiB per block
+    k = launcher.DriverKernel(kernel_meta(86, shared=151552), b"\x7fELF")
+    with pytest.raises(KernelError, match=r"needs 151,552 bytes of shared memory per block.*allows 101,376"):
+        k.load()
+    assert "cuModuleLoadData" not in drv.calls and not drv.func_attrs
+    ok = launcher.DriverKernel(kernel_meta(86, shared=101376), b"\x7fELF").load()  # exactly the limit: opts in
+    assert drv.func_attrs == [(ok._function, "max_dyn_smem", 101376)]
+    small = launcher.DriverKernel(kernel_meta(86, shared=48 * 1024), b"\x7fELF").load()  # no opt-in needed
+    assert len(drv.func_attrs) == 1 and small._function is not None

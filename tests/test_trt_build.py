@@ -229,6 +229,10 @@ def test_sidecar_records_the_kernels_and_refuses_a_driver_that_cannot_load_them(
     older = (need[0], need[1] - 1) if need[1] else (need[0] - 1, 9)
     with pytest.raises(EngineError, match=rf"PTX \(ISA {k['ptx_version']}\).*Triton"):
         eb.check_plugin_kernels(sc, 90, older)
+    # defect 3: the kernel's shared memory against the GPU's opt-in limit per block
+    eb.check_sidecar(sc, sm=86, shared_optin=k["shared"])
+    with pytest.raises(EngineError, match=rf"needs {k['shared']:,} bytes of shared memory per block.*allows"):
+        eb.check_sidecar(sc, sm=86, shared_optin=k["shared"] - 1)
     old = dict(sc, plugin={kk: v for kk, v in sc["plugin"].items() if kk != "kernels"})
     eb.check_sidecar(old, sm=86, driver_cuda=(1, 0))  # an older sidecar: checked when the kernel loads
 
