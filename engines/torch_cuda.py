@@ -486,6 +486,14 @@ class TorchCudaEngine(TorchEngine):
         if kind not in KINDS:
             raise UsageError(f"unknown call kind {kind!r} (choose from: {', '.join(KINDS)})")
         labels, instances = self.check_inputs(labels, instances, need_instances=kind != "pixelwise")
+        if kind == "pixelwise":
+            n, h, w = labels.shape
+            want = (n, self.config.num_params, h // self.config.S, w // self.config.S)
+            if params is None or tuple(np.shape(params)) != want:
+                from asap_deploy.errors import InputError
+
+                raise InputError(f"parameter grid has shape {None if params is None else tuple(np.shape(params))}, "
+                                 f"expected {want}")
         feeds = ({"labels": labels, "params": np.ascontiguousarray(params, np.float32)} if kind == "pixelwise"
                  else self._feeds(labels, instances))
         with self._lock, self._on_device():

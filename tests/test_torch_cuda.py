@@ -22,7 +22,7 @@ from asap_deploy.engines import torch_cuda as tc  # noqa: E402
 from asap_deploy.engines.base import IMAGE, IMAGE_FLOAT  # noqa: E402
 from asap_deploy.engines.torch_engine import TorchEngine  # noqa: E402
 from asap_deploy.engines.validate import THRESHOLDS, cosine, psnr_u8  # noqa: E402
-from asap_deploy.errors import MissingDependencyError, UsageError  # noqa: E402
+from asap_deploy.errors import InputError, MissingDependencyError, UsageError  # noqa: E402
 from asap_deploy.random_model import random_generator, random_label_maps  # noqa: E402
 
 # S = 16, a small low-res stream (the predictor is not what is slow in the interpreter)
@@ -251,6 +251,24 @@ def test_options_are_checked():
     e = tc.TorchCudaEngine(m, "fp32", "cpu", cuda_graph=False)
     with pytest.raises(UsageError, match="unknown call kind"):
         e.prepared("everything", np.zeros((1, 16, 16), np.uint8))
+    with pytest.raises(InputError, match=r"parameter grid has shape \(1, 3, 1, 1\), expected"):
+        e.prepared("pixelwise", np.zeros((1, 16, 16), np.uint8), params=np.zeros((1, 3, 1, 1), np.float32))
+
+
+def test_prepared_calls_run_the_device_work_of_a_stage():
+    """What benchmarks time: inputs uploaded once, then eager / capture / replays of one stage."""
+    m = model(seed=7)
+    ref, e = TorchEngine(m), engine(m, "fp32")
+    lab, _ = random_label_maps(CFG, 1, 32, 48, seed=8)
+    run = e.prepared("image", lab)
+    outs = [run()[IMAGE].clone() for _ in range(3)]
+    assert all(torch.equal(o, outs[0]) for o in outs) and (e.cache.eager, e.cache.captures) == (1, 1)
+    assert np.array_equal(outs[0].numpy(), ref.run(lab))
+    params = ref.predict_params(lab)
+    pix = e.prepared("pixelwise", lab, params=params)
+    assert np.array_equal(pix()[IMAGE].numpy(), ref.pixelwise(lab, params)[IMAGE])
+    pred = e.prepared("predictor", lab)
+    np.testing.assert_allclose(pred()["params"].numpy(), params, atol=1e-6, rtol=0)
 
 
 # ---- a machine without a GPU -------------------------------------------------------------------------
