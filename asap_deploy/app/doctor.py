@@ -36,9 +36,13 @@ def check_torch() -> Check:
                      fix="pip install 'asap-deploy[torch]'")
     import torch
 
+    from asap_deploy.engines import registry
+
     cuda = torch.cuda.is_available()
     detail = f"CUDA build {torch.version.cuda or 'none'}; " + (f"GPU: {torch.cuda.get_device_name(0)}" if cuda
                                                                else "runs on the CPU")
+    ok, why = registry.TORCH_CUDA.available()
+    detail += "; torch-cuda backend: " + ("usable" if ok else f"not usable ({why})")
     return Check("torch", "ok", torch.__version__, detail)
 
 
