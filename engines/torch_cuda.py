@@ -51,6 +51,9 @@ from .torch_engine import TorchEngine, _kernel_supports, bundle_source, model_fr
 
 PRECISIONS = ("fp32", "fp16")  # the registry row's (engines/registry.py)
 PHASES = ("h2d_ms", "gpu_compute_ms", "d2h_ms")  # as engines/tensorrt.py reports them
+# per-tile fp32 path on a GPU: 2**18 pixels per chunk (64 tiles at S=64, two 65-channel fp32 buffers
+# of 136 MiB) instead of the CPU's cache-sized 2**12: a few large batched matmuls, not one per tile
+GPU_CHUNK_PIXELS = 1 << 18
 DEFAULT_MAX_GRAPHS = 8
 MAX_GRAPHS = 64
 PARAMS = "params"
@@ -381,7 +384,7 @@ class TorchCudaEngine(TorchEngine):
         else:
             from asap_deploy.model import pixelwise
 
-            rgb = pixelwise(idx, params.float(), self.config)
+            rgb = pixelwise(idx, params.float(), self.config, chunk_pixels=GPU_CHUNK_PIXELS)
         out[IMAGE_FLOAT] = rgb
         out[IMAGE] = to_uint8(rgb)
         return out
