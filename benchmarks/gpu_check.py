@@ -190,9 +190,82 @@ def make_params(cfg, n: int, h: int, w: int, seed: int):
 
 
 def make_labels(cfg, n: int, h: int, w: int, seed: int) -> np.ndarray:
-    from asap_deploy.random_model import random_label_maps
+    """n label maps of irregular blobs from numpy alone (the GPU machine may lack OpenCV): a coarse
+    random grid of ids read through smoothly warped coordinates, so regions have wavy borders that
+    cross tile borders."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, h, w), dtype=cfg.label_dtype)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    for i in range(n):
+        gh, gw = (int(v) for v in rng.integers(3, 10, size=2))
+        coarse = rng.integers(0, cfg.n_label_channels, (gh, gw))
+        fy, fx, py, px = rng.uniform(1, 3), rng.uniform(1, 3), rng.uniform(0, 6.3), rng.uniform(0, 6.3)
+        wy = y + 0.06 * h * np.sin(2 * np.pi * fx * x / w + px)
+        wx = x + 0.06 * w * np.sin(2 * np.pi * fy * y / h + py)
+        cy = np.clip((wy * gh / h).astype(np.int64), 0, gh - 1)
+        cx = np.clip((wx * gw / w).astype(np.int64), 0, gw - 1)
+        out[i] = coarse[cy, cx]
+    return out
 
-    return random_label_maps(cfg, n, h, w, seed=seed)[0]
+
+def read_gray_png(path: Path) -> np.ndarray:
+    """An 8/16-bit grayscale, non-interlaced PNG -> (H, W) array, with zlib alone (the fixtures'
+    label and instance maps), for a GPU machine without Pillow or OpenCV."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path}: not a PNG")
+    pos, idat, head = 8, [], None
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            head = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        pos += 12 + length
+    w, h, depth, color, _, _, interlace = head
+    if color != 0 or depth not in (8, 16) or interlace:
+        raise ValueError(f"{path}: only 8/16-bit grayscale non-interlaced PNGs are read here")
+    bpp = depth // 8
+    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8).reshape(h, 1 + w * bpp)
+    rows = np.zeros((h, w * bpp), np.int32)
+    for r in range(h):
+        f, line = raw[r, 0], raw[r, 1:].astype(np.int32)
+        prev = rows[r - 1] if r else np.zeros(w * bpp, np.int32)
+        if f in (0, 2):
+            rows[r] = (line + (prev if f == 2 else 0)) & 255
+            continue
+        cur = np.zeros(w * bpp, np.int32)
+        for i in range(w * bpp):
+            a = cur[i - bpp] if i >= bpp else 0
+            b, c = prev[i], (prev[i - bpp] if i >= bpp else 0)
+            if f == 1:
+                pred = a
+            elif f == 3:
+                pred = (a + b) // 2
+            else:  # 4: Paeth
+                pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            cur[i] = (line[i] + pred) & 255
+        rows[r] = cur
+    if bpp == 1:
+        return rows.astype(np.uint8)
+    return (rows[:, 0::2] * 256 + rows[:, 1::2]).astype(np.uint16)
+
+
+def read_map(path: Path, reader) -> np.ndarray:
+    """asap_deploy.io's reader (Pillow / OpenCV), else the zlib-only one."""
+    try:
+        return reader(path)
+    except ImportError:
+        return read_gray_png(path)
+    except Exception as exc:  # noqa: BLE001 - a MissingDependencyError when neither Pillow nor OpenCV is here
+        if type(exc).__name__ != "MissingDependencyError":
+            raise
+        return read_gray_png(path)
 
 
 def reference_pixelwise(cfg, labels: np.ndarray, params) -> np.ndarray:
@@ -232,8 +305,8 @@ def load_fixture(name: str) -> dict:
     meta = json.loads((d / "meta.json").read_text())
     model, ck = load_generator(d / "latest_net_G.pth")
     cfg = ck.config
-    labels = np.stack([read_label_map(d / f"label_{i}.png") for i in range(meta["batch"])])
-    inst = (np.stack([read_instance_map(d / f"instance_{i}.png") for i in range(meta["batch"])])
+    labels = np.stack([read_map(d / f"label_{i}.png", read_label_map) for i in range(meta["batch"])])
+    inst = (np.stack([read_map(d / f"instance_{i}.png", read_instance_map) for i in range(meta["batch"])]).astype(np.int32)
             if cfg.instance_edges else None)
     return {"name": name, "cfg": cfg, "model": model, "labels": labels, "instances": inst,
             "params": np.load(d / "params.npy"), "output": np.load(d / "output.npy").transpose(0, 2, 3, 1)}

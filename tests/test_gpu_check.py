@@ -146,3 +146,28 @@ def test_runner_harness_on_a_stand_in_driver(monkeypatch):
         assert len(notes) == 1 and said in notes[0] and not runner.cuda_graph and not drv.capturing, (fail, notes)
         assert context.executions == 5 and core.calls[-1][6:8] == ("fp32", "fp32")  # plain from then on
         runner.close()
+
+
+def test_fixture_maps_and_label_maps_need_neither_pillow_nor_opencv(monkeypatch):
+    """The GPU machine gets the checkout and may lack Pillow/OpenCV: the zlib-only PNG reader gives
+    exactly what asap_deploy.io reads from every fixture map, and random label maps are numpy-only."""
+    import numpy as np
+
+    from asap_deploy.config import preset
+    from asap_deploy.io import read_instance_map, read_label_map
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check as gc
+
+    pngs = sorted(gc.FIXTURES.glob("*/*.png"))
+    assert len(pngs) >= 7
+    for p in pngs:
+        want = read_instance_map(p) if p.name.startswith("instance") else read_label_map(p)
+        got = gc.read_gray_png(p)
+        assert got.shape == want.shape and np.array_equal(got.astype(np.int64), want.astype(np.int64)), p
+    cfg = preset("facades")
+    lab = gc.make_labels(cfg, 2, 256, 128, seed=3)
+    assert lab.dtype == np.uint8 and lab.shape == (2, 256, 128) and lab.max() < cfg.n_label_channels
+    assert not np.array_equal(lab[0], lab[1]) and len(np.unique(lab)) >= 5
+    tiles = lab[0].reshape(4, 64, 2, 64).transpose(0, 2, 1, 3).reshape(8, -1)
+    assert sum(len(np.unique(t)) > 1 for t in tiles) >= 2  # borders inside tiles: the label gather varies per pixel
