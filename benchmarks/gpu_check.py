@@ -604,26 +604,31 @@ def sec_kernel(ctx: Ctx, r: Result) -> None:
     ref = reference_pixelwise(cfg, labels, params)
     ids = torch.from_numpy(labels.astype(np.int32)).to(dev)
     where = f"random {H}x{W}, S={S}, {cfg.n_label_channels} labels"
-    jit = {}
-    for pd in ("fp16", "fp32"):
-        def run_jit(pd=pd):
-            out = spatial_mlp(ids, params.to(torch_dtype(pd)).to(dev), cfg, interpret=interp)
-            u8 = spatial_mlp(ids, params.to(torch_dtype(pd)).to(dev), cfg, out_dtype=torch.uint8, interpret=interp)
+    jit = {}  # params dtype -> the JIT kernel's output on the public (N, P, h, w) grid, as the plugin reads it
+    # fp16/fp32 params in the public layout (the plugin's), and fp32 re-packed to fp16 channels-last first
+    for pd, repack in (("fp16", False), ("fp32", False), ("fp32", True)):
+        layout = "re-packed to fp16 channels-last" if repack else "public layout"
+
+        def run_jit(pd=pd, repack=repack):
+            p = params.to(torch_dtype(pd)).to(dev)
+            out = spatial_mlp(ids, p, cfg, repack=repack, interpret=interp)
+            u8 = spatial_mlp(ids, p, cfg, out_dtype=torch.uint8, repack=repack, interpret=interp)
             return out.float().cpu().numpy(), u8.cpu().numpy()
 
-        got = r.guard(f"JIT kernel, {pd} params ({where})", run_jit)
+        got = r.guard(f"JIT kernel, {pd} params, {layout} ({where})", run_jit)
         if got is None:
             continue
         out, u8 = got
-        jit[pd] = out
+        if not repack:
+            jit[pd] = out
         m = image_compare(out, ref)
-        r.check(f"JIT kernel{' (interpreter)' if interp else ''}, {pd} params vs fp32 reference ({where})",
+        r.check(f"JIT kernel{' (interpreter)' if interp else ''}, {pd} params, {layout} vs fp32 reference ({where})",
                 kernel_ok(m), **m)
         from asap_deploy.io import to_uint8
 
         lv = int(np.abs(u8.astype(np.int32) - to_uint8(out).astype(np.int32)).max())
-        r.check(f"JIT kernel, {pd} params: 8-bit output = conversion of its float output (<= 1 level)", lv <= 1,
-                max_levels=lv)
+        r.check(f"JIT kernel, {pd} params, {layout}: 8-bit output = conversion of its float output (<= 1 level)",
+                lv <= 1, max_levels=lv)
 
     # ahead of time, without a GPU (cached), then through the driver-only launcher
     pairs = [("fp32", "fp32")] if ctx.smoke else [("fp32", "fp32"), ("fp16", "fp16")]

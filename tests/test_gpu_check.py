@@ -47,7 +47,8 @@ def test_smoke_run_writes_its_report_and_passes(tmp_path):
     k = secs["kernel"]
     assert k["status"] == "passed"
     names = [c["name"] for c in k["checks"] if c["passed"] is True]
-    assert any(n.startswith("JIT kernel (interpreter), fp16 params vs fp32 reference (random 64x64") for n in names)
+    assert any(n.startswith("JIT kernel (interpreter), fp16 params, public layout vs fp32 reference (random 64x64")
+               for n in names)
     assert any("authors' fixture cityscapes_s16" in n for n in names)
     psnr = [c["psnr_db"] for c in k["checks"] if "psnr_db" in c]
     assert psnr and min(psnr) >= 40.0
