@@ -262,7 +262,8 @@ def rebuild_command(sc: dict) -> str:
 def sidecar_kernels(pack) -> list[dict]:
     """Per kernel the engine's plugin carries: what the runner checks against the GPU and its driver
     before deserializing (architecture, dtypes, PTX ISA, ptxas CUDA release, shared memory)."""
-    keys = ("arch", "cc", "ptx_target", "ptx_version", "cuda_version", "triton_version", "shared", "kernel_name")
+    keys = ("arch", "cc", "ptx_target", "ptx_version", "cuda_version", "triton_version", "shared", "static_shared",
+            "kernel_name")
     return [{**{k: m.get(k) for k in keys}, "params_dtype": m["variant"]["params_dtype"],
              "out_dtype": m["variant"]["out_dtype"]} for m in (k.meta for k in pack.kernels)]
 

@@ -181,6 +181,141 @@ def _hidden_args(md) -> list[dict]:
     return hidden
 
 
+# Per-SM limits for the occupancy estimate, per architecture: (max resident threads, max resident
+# blocks, shared memory per SM in bytes) (the CUDA programming guide's "technical specifications
+# per compute capability"; NVIDIA libcu++ cuda::arch_traits). Every one of them has 64 K registers
+# per SM, allocated per warp in units of 256, and from sm_80 on reserves 1 KiB of shared memory
+# per block.
+SM_LIMITS = {
+    75: (1024, 16, 64 * 1024), 80: (2048, 32, 164 * 1024), 86: (1536, 16, 100 * 1024),
+    87: (1536, 16, 164 * 1024), 88: (1536, 16, 100 * 1024), 89: (1536, 24, 100 * 1024),
+    90: (2048, 32, 228 * 1024), 100: (2048, 32, 228 * 1024), 103: (2048, 32, 228 * 1024),
+    110: (1536, 24, 228 * 1024), 120: (1536, 24, 100 * 1024), 121: (1536, 24, 100 * 1024),
+}
+REGS_PER_SM, REG_UNIT, SHARED_UNIT = 65536, 256, 128
+
+
+def occupancy(cc: int, regs: int, shared: int, threads: int) -> dict:
+    """Resident blocks and warps per SM of a kernel using `regs` registers per thread, `shared`
+    bytes of shared memory and `threads` threads per block on sm_<cc>, and what limits them (the
+    CUDA occupancy calculator's rules); {} for an architecture not in SM_LIMITS."""
+    if cc not in SM_LIMITS:
+        return {}
+    max_threads, max_blocks, smem_sm = SM_LIMITS[cc]
+    warps = -(-threads // 32)
+    regs_per_warp = -(-max(regs, 1) * 32 // REG_UNIT) * REG_UNIT
+    per_block = shared + (1024 if cc >= 80 else 0)
+    per_block = -(-per_block // SHARED_UNIT) * SHARED_UNIT
+    limits = {"threads": max_threads // (warps * 32), "blocks": max_blocks,
+              "registers": (REGS_PER_SM // regs_per_warp) // warps,
+              "shared memory": smem_sm // per_block if per_block else max_blocks}
+    blocks = min(limits.values())
+    limiter = min(limits, key=lambda k: (limits[k], k != "registers"))
+    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps, "max_warps_per_sm": max_threads // 32,
+            "occupancy": round(blocks * warps / (max_threads // 32), 4), "limited_by": limiter}
+
+
+def cubin_info(cubin: bytes, kernel_name: str) -> dict:
+    """What ptxas recorded in a cubin (ELF) about `kernel_name`: {registers, stack_bytes,
+    static_shared} (registers per thread and stack frame from the `.nv.info` attributes
+    EIATTR_REGCOUNT / EIATTR_FRAME_SIZE, else the top byte of the `.text.<name>` sh_info where
+    older ptxas put the registers; static shared memory = the size of `.nv.shared.<name>`). Keys it
+    cannot find are absent; {} for an image that is not a 64-bit ELF."""
+    import struct
+
+    out: dict = {}
+    try:
+        if cubin[:4] != b"\x7fELF" or cubin[4] != 2:
+            return out
+        shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+        entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+        heads = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * entsize) for i in range(count)]
+
+        def name_at(table: int, off: int) -> str:
+            start = heads[table][4] + off
+            return cubin[start:cubin.index(b"\0", start)].decode("ascii", "replace")
+
+        secs = {name_at(names, h[0]): h for h in heads}
+        sym = None  # the kernel's symbol index, which .nv.info attributes name
+        if ".symtab" in secs and ".strtab" in secs:
+            tab, strtab = secs[".symtab"], list(secs).index(".strtab")
+            for i in range(tab[5] // 24):
+                if name_at(strtab, struct.unpack_from("<I", cubin, tab[4] + 24 * i)[0]) == kernel_name:
+                    sym = i
+        info = secs.get(".nv.info")
+        i, end = (info[4], info[4] + info[5]) if info else (0, 0)
+        while i + 2 <= end:  # entries: format byte, attribute byte, then a value by format
+            fmt, attr = cubin[i], cubin[i + 1]
+            i += 2
+            if fmt == 4:  # EIFMT_SVAL: u16 size + payload
+                (size,) = struct.unpack_from("<H", cubin, i)
+                payload, i = cubin[i + 2:i + 2 + size], i + 2 + size
+                if attr in (0x2F, 0x12) and size == 8:  # EIATTR_REGCOUNT / EIATTR_FRAME_SIZE: (symbol, value)
+                    s_idx, value = struct.unpack("<II", payload)
+                    if sym is None or s_idx == sym:
+                        out["registers" if attr == 0x2F else "stack_bytes"] = value
+            else:
+                i += {3: 2, 2: 1}.get(fmt, 0)
+        text = secs.get(f".text.{kernel_name}")
+        if "registers" not in out and text is not None and text[7] >> 24:
+            out["registers"] = text[7] >> 24
+        shared = secs.get(f".nv.shared.{kernel_name}")
+        out["static_shared"] = int(shared[5]) if shared is not None else 0
+    except (struct.error, IndexError, ValueError):
+        return out
+    return out
+
+
+def ptxas_report(ptx: str, target: str, cc: int) -> dict:
+    """Re-assemble `ptx` for `target` (e.g. sm_90a) with the ptxas this Triton uses for sm_<cc> and
+    the options Triton passes (plus -v): {registers, stack_bytes, spill_store_bytes, spill_load_bytes,
+    cubin_sha256, ptxas}. No GPU needed. KernelError if ptxas fails or prints no report."""
+    import subprocess
+    import tempfile
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError as exc:  # pragma: no cover - Triton without the NVIDIA backend
+        raise MissingDependencyError("the ptxas report needs Triton's NVIDIA backend") from exc
+    tool = get_ptxas(cc).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        src.write_text(ptx)
+        res = subprocess.run([tool, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={target}", str(src),
+                              "-o", str(out)], capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise KernelError(f"ptxas failed on the kernel's PTX for {target}: {res.stderr.strip()[-400:]}")
+        sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    log = res.stderr + res.stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not regs or not frame:
+        raise KernelError(f"ptxas printed no resource report for {target}")
+    return {"registers": int(regs.group(1)), "stack_bytes": int(frame.group(1)),
+            "spill_store_bytes": int(frame.group(2)), "spill_load_bytes": int(frame.group(3)),
+            "cubin_sha256": sha, "ptxas": tool}
+
+
+def kernel_resources(meta: dict, cubin: bytes, ptx: bytes | str) -> dict:
+    """Registers, spills, shared memory and occupancy of one compiled kernel, without a GPU:
+    registers from the cubin itself, spills from ptxas -v on its PTX (`same_cubin`: the re-assembly
+    reproduced the shipped cubin byte for byte, so the spill figures are the cubin's), occupancy
+    from SM_LIMITS."""
+    text = ptx.decode() if isinstance(ptx, bytes) else ptx
+    rep = ptxas_report(text, meta.get("ptx_target") or meta["arch"], int(meta["cc"]))
+    elf = cubin_info(cubin, meta["kernel_name"])
+    regs = elf.get("registers", rep["registers"])
+    shared = int(meta["shared"]) + elf.get("static_shared", 0)
+    threads = int(meta["block"][0])
+    return {"arch": meta["arch"], "ptx_target": meta.get("ptx_target"), "registers": regs,
+            "spill_store_bytes": rep["spill_store_bytes"], "spill_load_bytes": rep["spill_load_bytes"],
+            "stack_bytes": elf.get("stack_bytes", rep["stack_bytes"]), "shared_bytes": int(meta["shared"]),
+            "static_shared_bytes": elf.get("static_shared", 0), "shared_limit": shared_limit(int(meta["cc"])),
+            "threads": threads, "reload": bool(meta.get("constexprs", {}).get("RELOAD", 0)),
+            "same_cubin": rep["cubin_sha256"] == meta["sha256"]["cubin"],
+            **occupancy(int(meta["cc"]), regs, shared, threads)}
+
+
 def shared_limit(cc: int) -> int:
     """Opt-in shared memory per block of sm_<cc> (MAX_SHARED_OPTIN); an architecture not in the table
     gets the smallest limit of its major (or of all) known ones: never more than it may have."""
@@ -265,7 +400,9 @@ def _describe(ck, signature: dict, constexprs: dict, cc: int, grid_rule: dict, k
         "num_ctas": getattr(md, "num_ctas", 1),
         "num_stages": md.num_stages,
         "block": [md.num_warps * 32, 1, 1],
-        "shared": md.shared,
+        "shared": md.shared,  # dynamic shared memory, passed at launch
+        # static shared memory ptxas put in the cubin (ptxas 13 for sm_90: 1 KiB); the driver's limit is on the sum
+        "static_shared": cubin_info(bytes(ck.asm["cubin"]), md.name).get("static_shared", 0),
         "shared_limit": shared_limit(cc),  # opt-in bytes per block on this architecture (checked again at load)
         "grid_rule": grid_rule,
         "pointer_align": POINTER_ALIGN,
@@ -331,9 +468,10 @@ def fit_variant(variant: Variant, cc: int) -> tuple[Variant, object]:
     for v in variant.candidates():
         s = v.spec
         ck = _compile(spatial_mlp, v.signature(), v.constexprs(), cc, s.num_warps, s.num_stages)
-        if int(ck.metadata.shared) <= limit:
+        need = int(ck.metadata.shared) + cubin_info(bytes(ck.asm["cubin"]), ck.metadata.name).get("static_shared", 0)
+        if need <= limit:
             return v, ck
-        tried.append(f"{_kib(int(ck.metadata.shared))}{' re-reading the weights per block' if s.RELOAD else ''}")
+        tried.append(f"{_kib(need)}{' re-reading the weights per block' if s.RELOAD else ''}")
     s = variant.spec
     raise KernelError(f"the fused kernel (hr_width {s.HID}, {s.N_HIDDEN} hidden layers, S={s.S}) needs "
                       f"{' / '.join(tried)} of shared memory per block on sm_{cc}, which allows at most "
@@ -370,7 +508,7 @@ def _compile_repack(src_dtype: str, cc: int, out_dir: str | Path, num_warps: int
            "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"}
     cons = {"BLOCK_T": REPACK_BLOCK_T, "BLOCK_C": REPACK_BLOCK_C}
     ck = _compile(repack, sig, cons, cc, num_warps, 1)
-    if int(ck.metadata.shared) > shared_limit(cc):  # pragma: no cover - a few KiB; never near a limit
+    if int(ck.metadata.shared) > shared_limit(cc) - 1024:  # pragma: no cover - a few KiB; never near a limit
         raise KernelError(f"the re-pack kernel needs {_kib(int(ck.metadata.shared))} of shared memory per block; "
                           f"sm_{cc} allows {_kib(shared_limit(cc))}")
     rule = {"x": f"ceil(n_tiles / {REPACK_BLOCK_T})", "y": f"ceil(P / {REPACK_BLOCK_C})", "z": "1",
@@ -482,6 +620,8 @@ def check_metadata(meta, where) -> dict:
         raise bad(f"arch {meta['arch']!r} / cc {meta['cc']!r} do not agree")
     if not 1 <= meta["num_warps"] <= 32 or meta["block"] != [meta["num_warps"] * 32, 1, 1]:
         raise bad(f"block {meta['block']!r} does not fit num_warps {meta['num_warps']}")
+    if meta.get("static_shared") is not None and not (_is_int(meta["static_shared"]) and 0 <= meta["static_shared"] <= 1 << 20):
+        raise bad("static_shared is not a byte count")
     if not 0 <= meta["shared"] <= 1 << 20 or meta["pointer_align"] not in (1, 2, 4, 8, 16, 32, 64, 128):
         raise bad("shared memory size or pointer alignment out of range")
     args, hidden = meta["args"], meta["hidden_args"]

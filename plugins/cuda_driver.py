@@ -107,13 +107,17 @@ def device_shared_optin(device: int | None = None, drv=None) -> int:
     return int(check(drv, drv.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute(shared memory opt-in)"))
 
 
-def check_shared_fits(meta: Mapping[str, Any], optin: int) -> None:
+def check_shared_fits(meta: Mapping[str, Any], optin: int, static: int | None = None) -> None:
     """KernelError when the kernel of `meta` needs more shared memory per block than `optin` bytes
-    (the device's opt-in limit): cuFuncSetAttribute / the launch would fail inside the driver."""
-    need = int(meta.get("shared", 0))
-    if need > optin:
-        raise KernelError(f"{meta.get('kernel_name')} (compiled for {meta.get('arch')}) needs {need:,} bytes of "
-                          f"shared memory per block, and this GPU allows {optin:,} per block (opt-in limit): "
+    (the device's opt-in limit), counting its dynamic shared memory (`shared`, what Triton asks at
+    launch) plus its static shared memory (`static`, else the metadata's `static_shared`): the
+    driver requires their sum within the limit; cuFuncSetAttribute / the launch would fail inside it."""
+    dynamic = int(meta.get("shared", 0))
+    static = int(meta.get("static_shared", 0) if static is None else static)
+    if dynamic + static > optin:
+        extra = f" ({dynamic:,} dynamic + {static:,} static)" if static else ""
+        raise KernelError(f"{meta.get('kernel_name')} (compiled for {meta.get('arch')}) needs {dynamic + static:,} bytes "
+                          f"of shared memory per block{extra}, and this GPU allows {optin:,} per block (opt-in limit): "
                           f"recompile for this GPU's architecture (asap build-engine / asap compile-kernels --arch "
                           f"sm_XY of this GPU), which picks a kernel variant that fits it")
 

@@ -21,7 +21,7 @@ from .cuda_driver import check, check_driver_can_load, check_shared_fits, device
 _CTYPES = {"i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
            "fp32": ctypes.c_float, "i1": ctypes.c_int32}
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
-DEFAULT_SHARED_LIMIT = 48 * 1024  # above this a kernel must opt in (cuFuncSetAttribute)
+DEFAULT_SHARED_LIMIT = 48 * 1024  # static + dynamic above this: the kernel must opt in (cuFuncSetAttribute)
 
 
 def _ctype(type_str: str):
@@ -158,15 +158,25 @@ class DriverKernel:
         bind_context(self.device)
         # an image this driver cannot load is refused with the fix, not left to fail inside the driver
         check_driver_can_load(self.meta, self.image_kind, driver_version(drv))
-        shared = int(self.meta["shared"])
-        if shared > DEFAULT_SHARED_LIMIT:  # above 48 KiB: the device's opt-in limit decides, asked before loading
-            check_shared_fits(self.meta, device_shared_optin(None, drv))
+        shared = int(self.meta["shared"])  # dynamic: what the launch asks for
+        static = int(self.meta.get("static_shared", 0))  # recorded from the cubin by aot.py
+        optin = device_shared_optin(None, drv) if shared + static > DEFAULT_SHARED_LIMIT else None
+        if optin is not None:  # above 48 KiB the device's opt-in limit decides: asked before loading
+            check_shared_fits(self.meta, optin, static)
         self._module = check(drv, drv.cuModuleLoadData(self.image), f"cuModuleLoadData({self.meta['kernel_name']})")
         self._function = check(drv, drv.cuModuleGetFunction(self._module, self.meta["kernel_name"].encode()),
                                 "cuModuleGetFunction")
-        if shared > DEFAULT_SHARED_LIMIT:
-            attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            check(drv, drv.cuFuncSetAttribute(self._function, attr, shared), "cuFuncSetAttribute(shared)")
+        fattr = drv.CUfunction_attribute
+        static = int(check(drv, drv.cuFuncGetAttribute(fattr.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, self._function),
+                           "cuFuncGetAttribute(static shared)"))  # the driver's own figure
+        if shared + static > DEFAULT_SHARED_LIMIT:
+            try:
+                check_shared_fits(self.meta, optin if optin is not None else device_shared_optin(None, drv), static)
+            except KernelError:
+                self.unload()
+                raise
+            check(drv, drv.cuFuncSetAttribute(self._function, fattr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                              shared), "cuFuncSetAttribute(shared)")
         return self
 
     @property

@@ -27,10 +27,11 @@ class FakeKernelDriver:
     CUdevice_attribute = SimpleNamespace(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR="cc_major",
                                          CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR="cc_minor",
                                          CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN="smem_optin")
-    CUfunction_attribute = SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES="max_dyn_smem")
+    CUfunction_attribute = SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES="max_dyn_smem",
+                                           CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES="static_smem")
 
-    def __init__(self, cc: int = 86, smem_optin: int = 101376, cuda_version: int = 13000):
-        self.cc, self.smem_optin, self.cuda_version = cc, smem_optin, cuda_version
+    def __init__(self, cc: int = 86, smem_optin: int = 101376, cuda_version: int = 13000, static_smem: int = 0):
+        self.cc, self.smem_optin, self.cuda_version, self.static_smem = cc, smem_optin, cuda_version, static_smem
         self.current: dict[int, int] = {}  # thread -> context
         self.calls: list[str] = []
         self.modules: list[bytes] = []  # images loaded, in order
@@ -93,9 +94,13 @@ class FakeKernelDriver:
         self._call("cuModuleGetFunction")
         return OK, int(module) + 0x100
 
+    def cuFuncGetAttribute(self, attr, fn):
+        self._call(f"cuFuncGetAttribute({attr})")
+        return OK, {"static_smem": self.static_smem}[attr]
+
     def cuFuncSetAttribute(self, fn, attr, value):
         self._call("cuFuncSetAttribute")
-        if attr == "max_dyn_smem" and value > self.smem_optin:
+        if attr == "max_dyn_smem" and value + self.static_smem > self.smem_optin:
             return (CUresult.CUDA_ERROR_INVALID_VALUE,)
         self.func_attrs.append((fn, attr, value))
         return (OK,)

@@ -202,3 +202,21 @@ def test_load_refuses_a_kernel_needing_more_shared_memory_than_the_device_allows
     assert drv.func_attrs == [(ok._function, "max_dyn_smem", 101376)]
     small = launcher.DriverKernel(kernel_meta(86, shared=48 * 1024), b"\x7fELF").load()  # no opt-in needed
     assert len(drv.func_attrs) == 1 and small._function is not None
+
+
+
+def test_static_shared_memory_counts_toward_the_limit(drv):
+    """The driver's limit is on static + dynamic shared memory (ptxas 13 gives sm_90 kernels 1 KiB of
+    static shared memory): checked from the metadata before loading and from cuFuncGetAttribute
+    after; a kernel at 48 KiB dynamic + 1 KiB static still opts in."""
+    drv.smem_optin = 101376
+    meta = kernel_meta(90, shared=101376, static_shared=1024)
+    with pytest.raises(KernelError, match=r"needs 102,400 bytes .*\(101,376 dynamic \+ 1,024 static\).*allows 101,376"):
+        launcher.DriverKernel(meta, b"\x7fELF").load()
+    assert "cuModuleLoadData" not in drv.calls
+    drv.static_smem = 1024  # metadata without the figure: the driver's, after loading (the module is unloaded)
+    with pytest.raises(KernelError, match="1,024 static"):
+        launcher.DriverKernel(kernel_meta(90, shared=101376), b"\x7fELF").load()
+    assert drv.calls[-1] == "cuModuleUnload"
+    k = launcher.DriverKernel(kernel_meta(90, shared=48 * 1024, static_shared=1024), b"\x7fELF").load()
+    assert drv.func_attrs == [(k._function, "max_dyn_smem", 48 * 1024)]
