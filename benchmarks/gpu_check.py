@@ -637,10 +637,15 @@ def sec_kernel(ctx: Ctx, r: Result) -> None:
         return
     for k in pack.kernels:
         meta = k.meta
-        r.info(f"AOT kernel sm_{k.cc} {k.params_dtype}->{k.out_dtype}", shared=meta.get("shared"),
-               num_warps=meta.get("num_warps"), ptx_version=meta.get("ptx_version"), triton=meta.get("triton_version"),
-               registers=meta.get("registers", meta.get("n_regs")), spills=meta.get("spills", meta.get("n_spills")),
-               cubin_bytes=len(k.cubin))
+        info = {key: meta[key] for key in ("shared", "static_shared", "shared_limit", "num_warps", "ptx_target",
+                                           "ptx_version", "cuda_version", "triton_version") if key in meta}
+        try:  # registers / stack from the cubin itself (plugins/aot.py, where it has the reader)
+            from asap_deploy.plugins.aot import cubin_info
+
+            info.update(cubin_info(k.cubin, meta["kernel_name"]))
+        except (ImportError, Exception):  # noqa: BLE001 - information only
+            pass
+        r.info(f"AOT kernel sm_{k.cc} {k.params_dtype}->{k.out_dtype}", **info, cubin_bytes=len(k.cubin))
     if not ctx.cuda:
         r.info("driver-only launch of the AOT kernels skipped: needs a CUDA GPU (--smoke)")
     else:
