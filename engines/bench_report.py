@@ -354,6 +354,10 @@ def to_markdown(rep: dict) -> str:
             lines.append(f"| {r['backend']} | {r['precision']} | {r['size'][0]}x{r['size'][1]} | {r['batch']} | "
                          f"{r['stage']} | {ph.get('h2d_ms', 0):.3f} | {ph.get('gpu_compute_ms', 0):.3f} | "
                          f"{ph.get('d2h_ms', 0):.3f} |")
+        lines += ["", "H2D / D2H: GPU time of the copies between page-locked (pinned) host buffers and the device. "
+                  "GPU compute: GPU time from the end of the uploads to the end of the work; it includes any wait for "
+                  "the host to enqueue the work, so it is an upper bound of trtexec's GPU Compute Time. The JSON's "
+                  "`enqueue_ms` (TensorRT) is the host time of the enqueue call alone."]
     lines += ["", f"Total benchmark time {rep.get('seconds', 0):.0f} s; load average (1, 5, 15 min) at the start "
               f"{rep['machine'].get('load_avg_start')}, at the end {rep['machine'].get('load_avg_end')} (a shared "
               "CPU makes rows noisy).", ""]

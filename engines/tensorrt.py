@@ -11,8 +11,10 @@ Opening an engine, in this order (each step refuses with a message saying what t
      driver's CUDA version (a cubin of a newer major CUDA, or PTX of a newer ISA, is refused with
      the fix) and the GPU's shared memory per block; then the plugin is registered and the engine
      deserialized.
-Running: device buffers are allocated once per input shape and reused; only label ids (and
-instance ids) are uploaded (the one-hot lives in the engine); with `cuda_graph=True` the
+Running: device buffers and page-locked (pinned) host buffers are allocated once per input shape
+and reused (freed on a new shape and on close): inputs are staged into the pinned buffers and
+uploaded asynchronously, outputs come back into pinned buffers and are returned as copies; only
+label ids (and instance ids) are uploaded (the one-hot lives in the engine); with `cuda_graph=True` the
 execution for a fixed shape is captured once and replayed; if the capture fails, the capture is
 ended, the graph dropped, and that engine runs without graphs from then on (one note, `notes`).
 Threads: the driver's current context is per thread and only `__init__`'s thread has it set, so
@@ -22,10 +24,11 @@ every method that calls the driver pushes the engine's context and pops it in a 
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +81,20 @@ def check_input_range(name: str, shape: tuple[int, ...], profile: dict) -> None:
                           f"min {tuple(lo)} .. max {tuple(hi)}; rebuild with wider --min/--max")
 
 
-PHASES = ("h2d_ms", "gpu_compute_ms", "d2h_ms")  # what `last_phases` reports, as trtexec splits latency
+PHASES = ("h2d_ms", "gpu_compute_ms", "d2h_ms")  # GPU-timed phases of `last_phases`, as trtexec splits latency
+# What each figure of `last_phases` spans (also in `describe()` and the bench report).
+PHASE_SPANS = {
+    "h2d_ms": "GPU time of the input copies host->device from page-locked (pinned) host buffers (CUDA events "
+              "around the copies; the host's copy into the pinned buffer is not in it)",
+    "gpu_compute_ms": "GPU time from the end of the input copies to the end of the engine's work (CUDA events). "
+                      "It also counts any time the GPU waited for the host to enqueue that work (execute_async_v3, "
+                      "the plugin's Python enqueue; with CUDA graphs one cuGraphLaunch), so it is an upper bound of "
+                      "trtexec's 'GPU Compute Time'",
+    "d2h_ms": "GPU time of the output copies device->pinned host buffers (CUDA events; the copy out of the pinned "
+              "buffer that the caller receives is not in it)",
+    "enqueue_ms": "host wall time of the enqueue call alone (execute_async_v3 or cuGraphLaunch), as trtexec's "
+                  "'Enqueue Time'",
+}
 
 
 def _drv():
@@ -108,13 +124,26 @@ def _current(ctx) -> Iterator[Any]:
 
 @dataclass
 class _Bound:
-    """Device buffers + output arrays for one input-shape signature (and its CUDA graph)."""
+    """Device buffers, pinned host buffers (and numpy views of them) for one input-shape signature
+    (and its CUDA graph)."""
 
     ptrs: dict[str, int]
     sizes: dict[str, int]
     out_shapes: dict[str, tuple[int, ...]]
+    host_ptrs: dict[str, int] = field(default_factory=dict)  # cuMemHostAlloc'd, one per I/O tensor
+    host: dict[str, np.ndarray] = field(default_factory=dict)  # views of host_ptrs, the tensor's shape and dtype
     graph_exec: Any = None
     runs: int = 0
+
+
+def _host_view(ptr: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A numpy array over `ptr` (page-locked host memory the engine owns)."""
+    import ctypes
+
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    buf = (ctypes.c_char * max(count * dtype.itemsize, 1)).from_address(ptr)
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 class _GraphRunner:
@@ -156,10 +185,18 @@ class _GraphRunner:
         shapes = {n: tuple(feeds[n].shape) for n in self.inputs}
         shapes.update({n: tuple(self.context.get_tensor_shape(n)) for n in self.outputs})
         sizes = buffer_plan(shapes, self.dtypes)
-        ptrs = {n: int(_ck(_drv().cuMemAlloc(sizes[n]), f"cuMemAlloc({n}, {sizes[n]} B)")) for n in sizes}
-        for n, p in ptrs.items():
+        b = _Bound({}, sizes, {n: shapes[n] for n in self.outputs})
+        try:
+            for n in sizes:
+                b.ptrs[n] = int(_ck(_drv().cuMemAlloc(sizes[n]), f"cuMemAlloc({n}, {sizes[n]} B)"))
+                # page-locked host side: truly asynchronous copies, timed like trtexec's (not pageable ones)
+                b.host_ptrs[n] = int(_ck(_drv().cuMemHostAlloc(sizes[n], 0), f"cuMemHostAlloc({n}, {sizes[n]} B)"))
+                b.host[n] = _host_view(b.host_ptrs[n], shapes[n], self.dtypes[n])
+        except BaseException:
+            self._free(b)
+            raise
+        for n, p in b.ptrs.items():
             self.context.set_tensor_address(n, p)
-        b = _Bound(ptrs, sizes, {n: shapes[n] for n in self.outputs})
         self._bound[key] = b
         return b
 
@@ -169,6 +206,10 @@ class _GraphRunner:
             drv.cuGraphExecDestroy(b.graph_exec)
         for p in b.ptrs.values():
             drv.cuMemFree(p)
+        b.host.clear()  # the views die before their memory
+        for p in b.host_ptrs.values():
+            drv.cuMemFreeHost(p)
+        b.ptrs, b.host_ptrs = {}, {}
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(int(self.stream)):
@@ -212,29 +253,31 @@ class _GraphRunner:
             raise EngineError(f"{self.path.name}: inputs {missing} not given")
         feeds = {n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.inputs}
         b = self._bind(feeds)
+        for n in self.inputs:  # host copy into the pinned staging buffer (not part of h2d_ms)
+            np.copyto(b.host[n], feeds[n], casting="no")
         ev = self._events
         _ck(drv.cuEventRecord(ev[0], self.stream), "cuEventRecord")
         for n in self.inputs:
-            a = feeds[n]
-            _ck(drv.cuMemcpyHtoDAsync(b.ptrs[n], a.ctypes.data, a.nbytes, self.stream), f"upload {n}")
+            _ck(drv.cuMemcpyHtoDAsync(b.ptrs[n], b.host_ptrs[n], b.host[n].nbytes, self.stream), f"upload {n}")
         _ck(drv.cuEventRecord(ev[1], self.stream), "cuEventRecord")
         # capture after one plain run (plugins initialise on first enqueue)
+        t0 = time.perf_counter()
         if self.cuda_graph and b.runs >= 1 and (b.graph_exec is not None or self._capture(drv, b)):
+            t0 = time.perf_counter()  # a capture is not an enqueue
             _ck(drv.cuGraphLaunch(b.graph_exec, self.stream), "cuGraphLaunch")
         else:
             self._execute()
+        enqueue_ms = (time.perf_counter() - t0) * 1e3
         b.runs += 1
         _ck(drv.cuEventRecord(ev[2], self.stream), "cuEventRecord")
-        out = {}
         for n in self.outputs:
-            a = np.empty(b.out_shapes[n], self.dtypes[n])
-            _ck(drv.cuMemcpyDtoHAsync(a.ctypes.data, b.ptrs[n], a.nbytes, self.stream), f"download {n}")
-            out[n] = a
+            _ck(drv.cuMemcpyDtoHAsync(b.host_ptrs[n], b.ptrs[n], b.host[n].nbytes, self.stream), f"download {n}")
         _ck(drv.cuEventRecord(ev[3], self.stream), "cuEventRecord")
         _ck(drv.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
         self.last_phases = {name: float(_ck(drv.cuEventElapsedTime(ev[i], ev[i + 1]), "cuEventElapsedTime"))
                             for i, name in enumerate(PHASES)}
-        return out
+        self.last_phases["enqueue_ms"] = enqueue_ms
+        return {n: b.host[n].copy() for n in self.outputs}  # copies: the pinned buffers serve the next call
 
     def close(self) -> None:
         with _current(self.ctx) as drv:
@@ -316,8 +359,9 @@ class TensorRTEngine(Engine):
         return self._runners[graph]
 
     def last_phases(self) -> dict[str, float]:
-        """H2D / GPU compute / D2H milliseconds of the last call (summed over its engines)."""
-        out = dict.fromkeys(PHASES, 0.0)
+        """H2D / GPU compute / D2H (GPU time, CUDA events) and enqueue (host time) milliseconds of the
+        last call, summed over its engines; PHASE_SPANS says what each spans."""
+        out = dict.fromkeys((*PHASES, "enqueue_ms"), 0.0)
         for r in self._runners.values():
             for k, v in r.last_phases.items():
                 out[k] += v
@@ -327,6 +371,7 @@ class TensorRTEngine(Engine):
     def describe(self) -> dict:
         return {**super().describe(), "flavor": self.flavor, "tensorrt": self.trt.__version__, "gpu": self.gpu,
                 "sm": self.sm, "cuda_graph": self.cuda_graph, "engines": {g: str(p) for g, (p, _, _) in self._files.items()},
+                "host_buffers": "pinned (cuMemHostAlloc), reused per input shape", "phases": dict(PHASE_SPANS),
                 "notes": self.notes}
 
     def _feeds(self, graph: str, **arrays) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ to plain execution with one note."""
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import threading
 import warnings
@@ -49,6 +50,10 @@ class FakeDriver:
         self.stacks: dict[int, list[int]] = {}
         self.capturing: dict[int, bool] = {}  # stream -> capturing (False: capture invalidated)
         self.allocated: set[int] = set()
+        self.device_mem: dict[int, bytearray] = {}  # device buffer -> its bytes (copies really move data)
+        self.pinned: dict[int, object] = {}  # page-locked host buffer address -> its ctypes storage
+        self.freed_host: list[object] = []
+        self.copies: list[tuple[str, int, int, int]] = []  # (direction, host address, device buffer, bytes)
         self.events: set[int] = set()
         self.graphs: set[int] = set()
         self.execs: set[int] = set()
@@ -156,19 +161,45 @@ class FakeDriver:
             return NO_CTX, None
         p = self._handle()
         self.allocated.add(p)
+        self.device_mem[p] = bytearray(int(size))
         return OK, p
 
     def cuMemFree(self, ptr):
         if not self._enter("cuMemFree"):
             return (NO_CTX,)
         self.allocated.discard(int(ptr))
+        self.device_mem.pop(int(ptr), None)
+        return (OK,)
+
+    def cuMemHostAlloc(self, size, flags):
+        if not self._enter("cuMemHostAlloc"):
+            return NO_CTX, None
+        buf = ctypes.create_string_buffer(int(size))
+        self.pinned[ctypes.addressof(buf)] = buf
+        return OK, ctypes.addressof(buf)
+
+    def cuMemFreeHost(self, ptr):
+        if not self._enter("cuMemFreeHost"):
+            return (NO_CTX,)
+        buf = self.pinned.pop(int(ptr), None)
+        if buf is None:
+            return (CUresult.CUDA_ERROR_INVALID_VALUE,)
+        self.freed_host.append(buf)  # kept: a new buffer never reuses a freed address (the test tells them apart)
         return (OK,)
 
     def cuMemcpyHtoDAsync(self, dst, src, nbytes, stream):
-        return (self._stream_op("cuMemcpyHtoDAsync", stream, capturable=True) or OK,)
+        err = self._stream_op("cuMemcpyHtoDAsync", stream, capturable=True)
+        if err is None:
+            self.copies.append(("h2d", int(src), int(dst), int(nbytes)))
+            self.device_mem[int(dst)][:nbytes] = ctypes.string_at(int(src), nbytes)
+        return (err or OK,)
 
     def cuMemcpyDtoHAsync(self, dst, src, nbytes, stream):
-        return (self._stream_op("cuMemcpyDtoHAsync", stream, capturable=True) or OK,)
+        err = self._stream_op("cuMemcpyDtoHAsync", stream, capturable=True)
+        if err is None:
+            self.copies.append(("d2h", int(dst), int(src), int(nbytes)))
+            ctypes.memmove(int(dst), bytes(self.device_mem[int(src)][:nbytes]), nbytes)
+        return (err or OK,)
 
     def cuStreamSynchronize(self, stream):
         return (self._stream_op("cuStreamSynchronize", stream, capturable=False) or OK,)
@@ -251,6 +282,11 @@ class FakeContext:
             return False  # TensorRT without a current context: enqueue fails
         capturing = int(stream) in self.drv.capturing
         self.executions.append(capturing)
+        # the "engine": every output byte = 1 + the first label id (so outputs follow the inputs)
+        first = self.drv.device_mem[self.addresses["labels"]][0]
+        for name in (IMAGE, IMAGE_FLOAT):
+            mem = self.drv.device_mem[self.addresses[name]]
+            mem[:] = bytes([(first + 1) % 256]) * len(mem)
         return not (capturing and self.fail_in_capture)
 
 
@@ -444,3 +480,36 @@ def test_check_names_the_fake_error():
     fake = FakeDriver()
     with pytest.raises(KernelError, match="cuMemAlloc failed: CUDA_ERROR_INVALID_CONTEXT"):
         cuda_driver.check(fake, fake.cuMemAlloc(16), "cuMemAlloc")
+
+
+
+# ---- issue 15, defect 8: pinned host buffers, reused per shape and freed; what each figure spans ----
+def test_transfers_use_pinned_host_buffers_reused_per_shape_and_freed(drv):
+    e = make_engine(drv)
+    outs = []
+    for first in (3, 7, 7):
+        lab = labels()
+        lab[0, 0, 0] = first
+        outs.append(e._generate(lab, None))
+    assert drv.names().count("cuMemHostAlloc") == 3  # labels, image, image_float: once for the shape
+    assert drv.copies and all(host in drv.pinned for _, host, _, _ in drv.copies), "a copy used pageable memory"
+    assert [d for d, *_ in drv.copies] == ["h2d", "d2h", "d2h"] * 3
+    # outputs are copies of the pinned buffers: a later call does not change an earlier result
+    assert int(outs[0][IMAGE][0, 0, 0, 0]) == 4 and int(outs[1][IMAGE][0, 0, 0, 0]) == 8
+    assert not np.shares_memory(outs[1][IMAGE], outs[2][IMAGE])
+    pinned_before = set(drv.pinned)
+    e._generate(labels(16, 16), None)  # a new shape: the old pinned buffers are freed, new ones made
+    assert drv.names().count("cuMemFreeHost") == 3 and not pinned_before & set(drv.pinned) and len(drv.pinned) == 3
+    in_thread(e.close, name="closer")
+    assert not drv.pinned and not drv.allocated  # everything freed, from another thread too
+    assert drv.names("closer").count("cuMemFreeHost") == 3
+
+
+def test_phases_say_what_they_span(drv):
+    e = make_engine(drv)
+    e._generate(labels(), None)
+    phases = e.last_phases()
+    assert set(phases) == {"h2d_ms", "gpu_compute_ms", "d2h_ms", "enqueue_ms"}
+    assert set(phases) == set(trt_engine.PHASE_SPANS)
+    assert "pinned" in trt_engine.PHASE_SPANS["h2d_ms"] and "enqueue" in trt_engine.PHASE_SPANS["gpu_compute_ms"]
+    assert phases["h2d_ms"] == 0.5 and phases["enqueue_ms"] >= 0  # the fake events say 0.5 ms
