@@ -592,6 +592,130 @@ def validate(
 
 
 
+@app.command()
+@cli_errors
+def quantize(
+    bundle_dir: Path = typer.Argument(..., help="Bundle folder written by `asap export` (the int8 graphs are added to it)."),
+    more_maps: Optional[list[str]] = typer.Argument(None, metavar="MAPS", help="More calibration maps (files, "
+                                                    "folders, globs): a shell-expanded --calib maps/*.png lands here."),
+    calib: list[str] = typer.Option([], "--calib", help="Calibration label maps: PNG files, folders of PNGs or globs, "
+                                    "read as `asap infer` reads them (ids or palette colours; sizes padded to "
+                                    "multiples of S). Repeatable."),
+    method: str = typer.Option("ort", "--method", help="ort (= ort-minmax), ort-entropy, ort-percentile: ONNX "
+                               "Runtime's QDQ quantizer with that calibration; nncf: OpenVINO's NNCF (the openvino "
+                               "extra; its graphs run int8 in OpenVINO, ONNX Runtime runs their Convs in fp32)."),
+    samples: int = typer.Option(8, "--samples", help="Calibration maps (1..256): a deterministic subset (--seed) of "
+                                "the maps given."),
+    holdout: int = typer.Option(4, "--holdout", help="Further maps the fidelity gate runs on (0..64; with none left "
+                                "over, it runs on the calibration maps and says so)."),
+    layers: str = typer.Option("heavy", "--layers", help="heavy: the largest Convs holding >= 90% of the predictor's "
+                               "work (the narrow early ones stay fp32); all: every Conv."),
+    keep_float: list[str] = typer.Option([], "--keep-float", help="A Conv node of the predictor (or 'pixelwise') to "
+                                         "keep in fp32, e.g. one the sensitivity scan names. Repeatable."),
+    pixelwise: str = typer.Option("auto", "--pixelwise", help="The pixelwise MLP's MatMuls: int8, fp32, or auto (int8 "
+                                  "unless that stage alone fails the gate)."),
+    instances: Optional[Path] = typer.Option(None, "--instances", help="Folder of instance maps (models with instance "
+                                             "edges), matched by name as `asap infer` does."),
+    palette: Optional[str] = typer.Option(None, "--palette", help="Palette of colour label maps (default: the "
+                                          "bundle's)."),
+    sensitivity: bool = typer.Option(False, "--sensitivity", help="Run the per-layer sensitivity scan even when the "
+                                     "gate passes (it always runs when the gate fails)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the int8 graphs of a bundle quantized before "
+                                   "(every other file is kept byte-identical)."),
+    force: bool = typer.Option(False, "--force", help="Write the int8 graphs even when they fail the fidelity gate "
+                               "(the manifest records the failure)."),
+    seed: int = seed_option("Seed of the calibration subset"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Calibrate on your label maps, write int8 (QDQ) graphs into the bundle, gated on fidelity vs fp32."""
+    import time
+
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from asap_deploy.app.infer import interrupt_on_sigterm
+    from asap_deploy.app.quantize import QuantizeRequest, run_quantize
+    from asap_deploy.errors import ValidationFailed
+
+    t0 = time.perf_counter()
+    req = QuantizeRequest(calib=[*calib, *(more_maps or [])], method=method, samples=samples, holdout=holdout,
+                          layers=layers, keep_float=tuple(keep_float), pixelwise=pixelwise, overwrite=overwrite,
+                          force=force, seed=seed, palette=palette, instances=instances,
+                          sensitivity="always" if sensitivity else "on-failure")
+    req.check()
+    interrupt_on_sigterm()
+    # bound to the stream now: the quantizers' own chatter is silenced while they run
+    bar_console = Console(file=sys.stderr if as_json else sys.stdout, width=console.width if not as_json else None)
+    bar = Progress(TextColumn("[bold]quantize[/]"), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=bar_console, transient=True)
+    state: dict = {}
+
+    def on_step(step: str, done: int, total: int) -> None:
+        if state.get("step") != step:
+            state["step"] = step
+            if "task" in state:
+                bar.remove_task(state["task"])
+            state["task"] = bar.add_task(step, total=total or None)
+        bar.update(state["task"], completed=done, total=total or None)
+
+    with bar:
+        summary = run_quantize(bundle_dir, req, progress=on_step)
+    res, g = summary.result, summary.result.gate
+    if as_json:
+        console.print_json(json.dumps(summary.to_dict()))
+    else:
+        d = res.description
+        for note in summary.notes:
+            console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
+        console.print(f"calibrated on {len(summary.calibration)} map(s), gate on {len(summary.evaluation) or len(summary.calibration)} "
+                      f"({escape(d['evaluated_on'])}); method {d['method']} ({d['tool']['name']} {d['tool']['version']})",
+                      highlight=False)
+        console.print(f"int8: {len(res.int8_convs)} Conv(s) ({d['int8_conv_work_share']:.0%} of the predictor's work); "
+                      f"fp32: {', '.join(res.float_convs) or 'none'}; pixelwise {escape(res.pixelwise)}", highlight=False)
+        t = g.thresholds
+        table = Table(title=f"{bundle_dir}: int8 vs the bundle's fp32 graphs (ONNX Runtime), worst of {g.maps} map(s)")
+        for col in ("stage", "PSNR dB", "mean abs", "> 8 levels", "max levels", "cosine", "ok"):
+            table.add_column(col)
+        lim = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        table.add_row("[dim]threshold[/]", f">= {t['psnr_db']:g}", f"<= {lim(t['mean_abs'], 'g')}",
+                      f"<= {lim(t.get('share_over_8_levels'), '.0%')}", "", f">= {t['params_cosine']}", "")
+        for stage, m in g.stages.items():
+            ok = "[green]ok[/]" if not m["failures"] else "[red]FAIL[/]"
+            if stage == "predictor":
+                table.add_row(stage, "", f"{m['mean_abs']:.2e}", "", "", f"{m['cosine']:.5f}", ok)
+            else:
+                table.add_row(stage, f"{m['psnr_db']:.1f}", f"{m['mean_abs']:.2e}", f"{m['share_over_8_levels']:.2%}",
+                              str(m["max_levels"]), "", ok)
+        console.print(table)
+        for f in g.failures:
+            err_console.print(f"[red]{escape(f)}[/]", highlight=False)
+        if res.sensitivity is not None:
+            s = res.sensitivity
+            st = Table(title=f"kept in fp32, one at a time: end-to-end PSNR (quantized as is: {s.base_psnr_db:.1f} dB, "
+                             f"mean of {s.maps} map(s))")
+            for col in ("layer", "op", "PSNR dB", "recovers dB"):
+                st.add_column(col)
+            for r in s.rows[:req.top]:
+                st.add_row(r.keep_float, r.op_type, f"{r.psnr_db:.1f}", f"{r.gain_db:+.1f}")
+            console.print(st)
+            if s.top and s.top_together_psnr_db is not None:
+                flags = " ".join(f"--keep-float {n}" for n in s.top)
+                console.print(f"the top {len(s.top)} together in fp32: {s.top_together_psnr_db:.1f} dB "
+                              f"(asap quantize ... {escape(flags)})", highlight=False)
+    if summary.written:
+        verdict = "PASSED" if g.passed else "FORCED"
+        colour = "green" if g.passed else "yellow"
+        console.print(f"[bold {colour}]{verdict}[/] | {time.perf_counter() - t0:.1f} s | wrote predictor.int8.onnx, "
+                      f"pixelwise.int8.onnx, asap.int8.onnx into {bundle_dir} | run them: asap infer ... --bundle "
+                      f"{bundle_dir} --precision int8", highlight=False)
+    else:
+        console.print(f"[bold red]FAILED[/] | {time.perf_counter() - t0:.1f} s | asap quantize {bundle_dir} "
+                      f"--method {method}: nothing written", highlight=False)
+        raise ValidationFailed(f"the int8 graphs fail the int8 fidelity thresholds ({'; '.join(res.gate.failures)}); "
+                               f"{bundle_dir} is unchanged. Keep the layers above in fp32 (--keep-float), calibrate on "
+                               "more or other maps, or pass --force to write them anyway")
+
+
 @app.command("compile-kernels")
 @cli_errors
 def compile_kernels(

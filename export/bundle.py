@@ -4,6 +4,8 @@ Layout of a bundle folder:
   manifest.json                 schema, config, labels + palette, I/O, S, precision, sha256 per file
   predictor.onnx  pixelwise.onnx  asap.onnx            fp32
   predictor.fp16.onnx  pixelwise.fp16.onnx  asap.fp16.onnx   fp16 (unless --no-fp16)
+  predictor.int8.onnx  pixelwise.int8.onnx  asap.int8.onnx   int8 QDQ (added by `asap quantize`,
+                                                             described by the manifest's `quantization`)
 
 Export is deterministic: the same checkpoint gives byte-identical files (no timestamps, no
 absolute paths, fixed node names), so the hashes identify the model. Loading (`load_bundle`)
@@ -14,6 +16,11 @@ A bundle is a closed world: every byte read comes from a regular file inside the
 refused before reading), graphs keep no external data (`check_no_external_data`), every manifest
 value is checked for type, range and finiteness (`strict_json`, `_check_manifest_shape`), and
 engines load the checked bytes (`Bundle.graph_bytes` / `graph_model`), never a path.
+
+A precision's files are added to an existing bundle (`add_precision`, used by `asap quantize`) by
+building the whole new bundle next to it (every file copied, hash-checked, plus the new files and
+the updated manifest) and swapping the folders: an interrupt at any point leaves the old bundle as
+it was. Schema version 1 is unchanged: a manifest without int8 files reads as before.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 import warnings
 from dataclasses import dataclass, field
@@ -35,10 +43,12 @@ from onnx import helper
 
 from asap_deploy.config import DONTCARE_ID, ModelConfig
 from asap_deploy.errors import BundleError, ConfigError, OutputError
-from asap_deploy.io import check_replaceable, staged_dir
+from asap_deploy.io import check_replaceable, folder_files, staged_dir
 from asap_deploy.plugins import spec as plugin_spec
+from asap_deploy.precisions import FILE_PRECISIONS, QUANTIZED
 
 from . import graphs
+from .stages import Stage
 from asap_deploy.palette import DONTCARE_COLOUR, label_palette
 
 SCHEMA = "asap-deploy/bundle"
@@ -46,7 +56,7 @@ SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 MANIFEST = "manifest.json"
 BUNDLE_KIND = "bundle"  # the ownership marker kind of a bundle folder (io.staged_dir)
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = FILE_PRECISIONS  # fp32, fp16, int8: the precisions a bundle holds graph files of
 
 
 def file_name(graph: str, precision: str) -> str:
@@ -317,6 +327,106 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                         inputs=[checkpoint])
 
 
+# ---- adding a precision's files to a bundle --------------------------------------------------
+def _copy_checked(src: Path, dst: Path, sha256: str | None, size: int | None) -> None:
+    """Copy the regular file `src` to `dst` (a new file: never a hard link, so nothing written later
+    in either bundle reaches the other), checking the copy's size and sha256 against the manifest's
+    when given: a file changed since the bundle was loaded is refused, not carried over."""
+    h = hashlib.sha256()
+    fd = _open_regular(src, "bundle file", MAX_FILE_BYTES, BundleError, follow=False)
+    seen = 0
+    with os.fdopen(fd, "rb") as fin, open(dst, "xb") as fout:
+        for chunk in iter(lambda: fin.read(1 << 22), b""):
+            seen += len(chunk)
+            if seen > MAX_FILE_BYTES:
+                raise BundleError(f"{src}: grew past {MAX_FILE_BYTES} bytes while it was copied")
+            h.update(chunk)
+            fout.write(chunk)
+    if (size is not None and seen != size) or (sha256 is not None and h.hexdigest() != sha256):
+        raise BundleError(f"{src}: changed while the bundle was being updated (its size or sha256 no longer matches "
+                          "the manifest); nothing was written")
+    shutil.copystat(src, dst)  # times and mode as they were: the copy is the same file to every tool
+
+
+def add_precision(bundle_dir: str | os.PathLike, precision: str, graph_files: Mapping[str, bytes],
+                  description: Mapping[str, Any], *, overwrite: bool = False, inputs=(),
+                  progress: Callable[[str], None] | None = None) -> Bundle:
+    """Add `precision`'s graph files ({graph name: serialized ONNX} for every graph) to the bundle in
+    `bundle_dir`, atomically; returns the updated bundle, loaded and verified.
+
+    The bundle must load (every hash checked) and be ours in full (io.check_replaceable: its marker
+    lists every file in the folder). The new bundle is built in a hidden folder next to it: every
+    file of the old one copied (bytes checked against the manifest as they are copied; engines and
+    other files asap wrote there too), the new graph files, and the manifest with their sha256,
+    sizes and `description` (the `quantization` object for int8); then the folders are swapped
+    (io.staged_dir). A failure or Ctrl-C at any point leaves the old bundle byte-identical and no
+    temporary folder. A bundle that already holds `precision` is refused unless `overwrite` (its
+    files of that precision are then replaced; every other file is kept byte-identical)."""
+    import copy
+
+    bundle_dir = Path(bundle_dir)
+    if precision not in PRECISIONS or precision == "fp32":
+        raise BundleError(f"cannot add {precision!r} graphs to a bundle (choose from: "
+                          f"{', '.join(p for p in PRECISIONS if p != 'fp32')})")
+    if set(graph_files) != set(graphs.GRAPH_NAMES):
+        raise BundleError(f"{precision} graphs must be given for {', '.join(graphs.GRAPH_NAMES)} "
+                          f"(got {', '.join(sorted(graph_files)) or 'none'})")
+    bundle = load_bundle(bundle_dir)
+    if precision in bundle.precisions and not overwrite:
+        raise OutputError(f"{bundle_dir}: already holds {precision} graphs; pass --overwrite to replace them")
+    check_replaceable(bundle_dir, BUNDLE_KIND, "bundle", inputs)  # ours, every file listed; no input inside
+    new_names = {g: file_name(g, precision) for g in graphs.GRAPH_NAMES}
+    entries: dict[str, dict[str, Any]] = {}
+    for g, name in new_names.items():  # the new graphs pass the checks load_bundle applies
+        data = graph_files[g]
+        if len(data) > MAX_FILE_BYTES:
+            raise BundleError(f"{name}: {len(data)} bytes, more than a graph may hold ({MAX_FILE_BYTES})")
+        model = parse_graph(data, bundle_dir / name)
+        check_no_external_data(model, bundle_dir / name)
+        if g != Stage.PREDICTOR.graph:
+            check_graph_matches_config(bundle_dir / name, bundle.config, model)
+        del model
+        entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "precision": precision,
+                         "graph": g}
+    manifest = copy.deepcopy(bundle.manifest)
+    manifest["precisions"] = [p for p in PRECISIONS if p in set(manifest["precisions"]) | {precision}]
+    manifest["files"] = {**{k: v for k, v in manifest["files"].items() if k not in entries}, **entries}
+    for g, name in new_names.items():
+        manifest["graphs"][g].setdefault("files", {})[precision] = name
+    if precision == QUANTIZED:
+        manifest["quantization"] = copy.deepcopy(dict(description))
+    elif description:
+        manifest[precision] = copy.deepcopy(dict(description))
+    _check_manifest_shape(manifest, bundle_dir / MANIFEST)  # what we write must load
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    if len(text.encode()) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{bundle_dir / MANIFEST}: the updated manifest would pass {MAX_MANIFEST_BYTES} bytes")
+    try:
+        present = folder_files(bundle_dir)
+    except OSError as exc:
+        raise OutputError(f"{bundle_dir}: cannot read the bundle folder ({exc.strerror or exc})") from exc
+    listed = bundle.manifest["files"]
+    with staged_dir(bundle_dir, "bundle", BUNDLE_KIND, inputs) as tmp:
+        for rel in sorted(present):
+            if rel == MANIFEST or rel in entries:
+                continue
+            src, dst = bundle_dir / rel, tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if os.path.islink(src):  # a link asap listed (export writes none): kept as the same link
+                os.symlink(os.readlink(src), dst)
+                continue
+            if progress:
+                progress(f"copying {rel}")
+            entry = listed.get(rel)
+            _copy_checked(src, dst, entry["sha256"] if entry else None, entry["bytes"] if entry else None)
+        for g, name in new_names.items():
+            if progress:
+                progress(f"writing {name}")
+            (tmp / name).write_bytes(graph_files[g])
+        (tmp / MANIFEST).write_text(text, encoding="utf-8")
+    return load_bundle(bundle_dir)
+
+
 # ---- loading and verification -----------------------------------------------------------------
 @dataclass
 class Bundle:
@@ -461,6 +571,90 @@ def _check_manifest_values(manifest: dict, mpath: Path) -> None:
             from_json_obj(palette, "labels.palette") if palette else None
         except UsageError as exc:
             raise BundleError(f"{mpath}: {exc.message}") from exc
+    if QUANTIZED in manifest["precisions"] or "quantization" in manifest:
+        if QUANTIZED not in manifest["precisions"]:
+            raise BundleError(f"{mpath}: 'quantization' describes {QUANTIZED} graphs the manifest does not list")
+        check_quantization(manifest.get("quantization"), mpath)
+
+
+# ---- the manifest's `quantization` object (written by `asap quantize`) ---------------------------
+# Bounds: a manifest is untrusted input; nothing read from it may be large or deep.
+MAX_QUANT_ITEMS = 4096  # entries of one list (nodes, maps, sensitivity rows)
+MAX_QUANT_TEXT = 1024  # characters of one string
+MAX_QUANT_DEPTH = 6
+MAX_QUANT_VALUES = 100_000  # values in the whole object
+_NODE_KEYS = ("graph", "name", "op_type")
+
+
+def _bounded_json(value, where: str, mpath: Path, depth: int = 0, count: list | None = None) -> None:
+    """BundleError unless `value` is plain JSON within the bounds above (strict_json has already
+    refused NaN, Infinity and duplicate keys)."""
+    count = count if count is not None else [0]
+    count[0] += 1
+    if count[0] > MAX_QUANT_VALUES:
+        raise BundleError(f"{mpath}: {where.split('.')[0]} holds more than {MAX_QUANT_VALUES} values")
+    if depth > MAX_QUANT_DEPTH:
+        raise BundleError(f"{mpath}: {where} is nested deeper than {MAX_QUANT_DEPTH} levels")
+    if isinstance(value, str):
+        if len(value) > MAX_QUANT_TEXT:
+            raise BundleError(f"{mpath}: {where} is a string of {len(value)} characters (at most {MAX_QUANT_TEXT})")
+    elif isinstance(value, dict):
+        if len(value) > MAX_QUANT_ITEMS:
+            raise BundleError(f"{mpath}: {where} has {len(value)} keys (at most {MAX_QUANT_ITEMS})")
+        for k, v in value.items():
+            if len(k) > MAX_QUANT_TEXT:
+                raise BundleError(f"{mpath}: {where} has a key of {len(k)} characters")
+            _bounded_json(v, f"{where}.{k}", mpath, depth + 1, count)
+    elif isinstance(value, list):
+        if len(value) > MAX_QUANT_ITEMS:
+            raise BundleError(f"{mpath}: {where} lists {len(value)} entries (at most {MAX_QUANT_ITEMS})")
+        for i, v in enumerate(value):
+            _bounded_json(v, f"{where}[{i}]", mpath, depth + 1, count)
+    elif value is not None and not isinstance(value, (bool, int, float)):
+        raise BundleError(f"{mpath}: {where} is not a JSON value")
+
+
+def check_quantization(q, mpath: Path) -> None:
+    """BundleError unless `q` is the `quantization` object `asap quantize` writes: method and tool
+    (name, version) as strings, the sample count, each calibration (and evaluation) map's name,
+    sha256 and size, the int8 and float nodes ({graph, name, op_type}), the fidelity gate's result
+    (`passed` a boolean); every other value plain, bounded JSON."""
+    if not isinstance(q, dict):
+        raise BundleError(f"{mpath}: the manifest lists {QUANTIZED} graphs but no 'quantization' object describing "
+                          "how they were made (write them with `asap quantize`)")
+    _bounded_json(q, "quantization", mpath)
+    for key in ("method", "tool", "samples", "calibration_maps", "int8_nodes", "float_nodes", "fidelity"):
+        if key not in q:
+            raise BundleError(f"{mpath}: quantization lacks the field {key!r}")
+    if not isinstance(q["method"], str) or not q["method"]:
+        raise BundleError(f"{mpath}: quantization.method must be a non-empty string, got {str(q['method'])[:40]!r}")
+    tool = q["tool"]
+    if not isinstance(tool, dict) or not all(isinstance(tool.get(k), str) and tool.get(k) for k in ("name", "version")):
+        raise BundleError(f"{mpath}: quantization.tool must name the tool and its version (strings), "
+                          f"got {str(tool)[:80]!r}")
+    if not _is_int(q["samples"]) or not 1 <= q["samples"] <= MAX_QUANT_ITEMS:
+        raise BundleError(f"{mpath}: quantization.samples must be a whole number 1..{MAX_QUANT_ITEMS}, "
+                          f"got {str(q['samples'])[:40]!r}")
+    for key in ("calibration_maps", "evaluation_maps"):
+        maps = q.get(key, [])
+        if not isinstance(maps, list) or (key == "calibration_maps" and len(maps) != q["samples"]):
+            raise BundleError(f"{mpath}: quantization.{key} must list "
+                              + (f"the {q['samples']} calibration maps" if key == "calibration_maps" else "maps"))
+        for i, m in enumerate(maps):
+            size = m.get("size") if isinstance(m, dict) else None
+            if (not isinstance(m, dict) or not isinstance(m.get("name"), str)
+                    or not (isinstance(m.get("sha256"), str) and _SHA256.fullmatch(m["sha256"]))
+                    or not (isinstance(size, list) and len(size) == 2
+                            and all(_is_int(v) and 0 < v <= 1 << 20 for v in size))):
+                raise BundleError(f"{mpath}: quantization.{key}[{i}] must hold a name, a sha256 (64 lowercase hex "
+                                  f"digits) and a size [H, W], got {str(m)[:120]!r}")
+    for key in ("int8_nodes", "float_nodes"):
+        nodes = q[key]
+        if not isinstance(nodes, list) or not all(
+                isinstance(n, dict) and all(isinstance(n.get(k), str) for k in _NODE_KEYS) for n in nodes):
+            raise BundleError(f"{mpath}: quantization.{key} must list nodes as {{graph, name, op_type}} strings")
+    if not isinstance(q["fidelity"], dict) or not isinstance(q["fidelity"].get("passed"), bool):
+        raise BundleError(f"{mpath}: quantization.fidelity must be an object with 'passed' true or false")
 
 
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
