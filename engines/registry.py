@@ -5,8 +5,8 @@ open it. Every command reads it: `auto` (choose_backend), infer/serve (open_engi
 
     name              engine        providers   precisions        --scale  GPU            auto tries it
     torch             torch         -           fp32              yes      where present  6th
-    onnxruntime       onnxruntime   CPU         fp32, fp16        yes      no             4th
-    onnxruntime-cuda  onnxruntime   CUDA, CPU   fp32, fp16        yes      yes            3rd
+    onnxruntime       onnxruntime   CPU         fp32, fp16, int8  yes      no             4th
+    onnxruntime-cuda  onnxruntime   CUDA, CPU   fp32, fp16, int8  yes      yes            3rd
     tensorrt          tensorrt      -           fp32, fp16        no       yes            1st (fastest)
     openvino          openvino      -           fp32, bf16, int8  yes      no             5th; int8: before
                                                                                           onnxruntime (CPU)
@@ -155,14 +155,22 @@ def _check_torch_cuda(bundle_dir: Path | None, precision: str) -> tuple[bool, st
     return torch_cuda_runtime()
 
 
+def _ort_int8(bundle_dir: Path | None, precision: str, ok: bool, why: str) -> tuple[bool, str]:
+    """int8 runs the bundle's int8 graphs (asap quantize): usable only where the bundle holds them."""
+    if ok and precision == "int8" and bundle_dir is not None:
+        return bundle_holds(bundle_dir, precision)
+    return ok, why
+
+
 def _check_ort(bundle_dir: Path | None, precision: str) -> tuple[bool, str]:
     ok = CPU_PROVIDER in _ort_providers()
-    return ok, f"{CPU_PROVIDER} available" if ok else "not installed"
+    return _ort_int8(bundle_dir, precision, ok, f"{CPU_PROVIDER} available" if ok else "not installed")
 
 
 def _check_ort_cuda(bundle_dir: Path | None, precision: str) -> tuple[bool, str]:
     ok = CUDA_PROVIDER in _ort_providers()
-    return ok, f"{CUDA_PROVIDER} available" if ok else f"{CUDA_PROVIDER} not available (pip install onnxruntime-gpu)"
+    return _ort_int8(bundle_dir, precision, ok, f"{CUDA_PROVIDER} available" if ok
+                     else f"{CUDA_PROVIDER} not available (pip install onnxruntime-gpu)")
 
 
 def _check_tensorrt(bundle_dir: Path | None, precision: str) -> tuple[bool, str]:
@@ -242,9 +250,9 @@ class Backend:
 BACKENDS: tuple[Backend, ...] = (
     Backend("torch", "torch", "torch", (), ("fp32",), True, 50, "PyTorch (no ONNX Runtime here)",
             _check_torch, _open_torch, gpu=None),
-    Backend("onnxruntime", "onnxruntime", "onnxruntime", (CPU_PROVIDER,), ("fp32", "fp16"), True, 30,
+    Backend("onnxruntime", "onnxruntime", "onnxruntime", (CPU_PROVIDER,), ("fp32", "fp16", "int8"), True, 30,
             "ONNX Runtime on the CPU (no TensorRT engine / GPU here)", _check_ort, _open_ort),
-    Backend("onnxruntime-cuda", "onnxruntime", "onnxruntime CUDA", (CUDA_PROVIDER, CPU_PROVIDER), ("fp32", "fp16"),
+    Backend("onnxruntime-cuda", "onnxruntime", "onnxruntime CUDA", (CUDA_PROVIDER, CPU_PROVIDER), ("fp32", "fp16", "int8"),
             True, 20, "ONNX Runtime with the CUDA provider is available", _check_ort_cuda, _open_ort, gpu=True),
     Backend("tensorrt", "tensorrt", "tensorrt", (), ("fp32", "fp16"), False, 10, "TensorRT is fastest and usable: {why}",
             _check_tensorrt, _open_tensorrt, gpu=True),
