@@ -157,6 +157,67 @@ def test_int8_without_quantized_graphs_says_to_run_quantize(bundle):
         OpenVinoEngine(bundle, "fp16")
 
 
+# ---- int8: the graphs `asap quantize` writes ------------------------------------------------------------
+Q_CFG = ModelConfig(label_nc=7, crop_size=256, lr_width=16, lr_max_width=32, lr_depth=2, reflection_pad=True)  # S=16
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory):
+    """A small bundle quantized by `asap quantize`'s library call (4 calibration maps, 2 held out;
+    written whatever its random weights score at the gate)."""
+    from asap_deploy.app.quantize import QuantizeRequest, run_quantize
+    from asap_deploy.io import write_png
+
+    root = tmp_path_factory.mktemp("ov8")
+    export_model(random_generator(Q_CFG, 7), root / "b", fp16=False)
+    (root / "maps").mkdir()
+    for i in range(6):
+        write_png(root / "maps" / f"m{i}.png", random_label_maps(Q_CFG, 1, 96, 128, seed=300 + i)[0][0])
+    s = run_quantize(root / "b", QuantizeRequest(calib=[root / "maps"], samples=4, holdout=2, force=True,
+                                                 sensitivity="never"))
+    assert s.written
+    return load_bundle(root / "b")
+
+
+def _runtime_precisions(compiled, layer_type: str) -> list[str]:
+    """The precision OpenVINO's CPU plugin runs each layer of `layer_type` in (u8/i8: int8 kernels)."""
+    out = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and info["layerType"].astype(str) == layer_type:
+            out.append(info["runtimePrecision"].astype(str))
+    return out
+
+
+def test_int8_runs_the_quantized_graphs_like_onnxruntime(int8_bundle):
+    """Against ONNX Runtime on the same int8 graphs (a second backend): near identical; OpenVINO's
+    fp32 run of the fp32 graphs is not (the bound tells the two apart); Convs run in int8 kernels."""
+    b = int8_bundle
+    o8, r8, o32 = create_engine("openvino", b, "int8"), create_engine("onnxruntime", b, "int8"), OpenVinoEngine(b)
+    labels, _ = random_label_maps(Q_CFG, 2, 64, 96, seed=3)
+    ref_img, ref_p = r8.generate(labels), r8.predict_params(labels)
+    for eng, close in ((o8, True), (o32, False)):
+        img, p = eng.generate(labels), eng.predict_params(labels)
+        assert img[IMAGE].dtype == np.uint8 and img[IMAGE_FLOAT].dtype == np.float32 and p.dtype == np.float32
+        ok = image_metrics(ref_img, img)["psnr_db"] >= 38.0 and params_metrics(ref_p, p)["cosine"] >= 0.9995
+        assert ok is close, (eng.precision, image_metrics(ref_img, img), params_metrics(ref_p, p))
+    assert o8.describe()["graphs"] == "int8" and o8.describe()["inference_precision_hint"] == "f32"
+    assert "u8" in _runtime_precisions(o8._compiled["asap"], "Convolution")
+    assert set(_runtime_precisions(o32._compiled["asap"], "Convolution")) == {"f32"}
+    # above the pixel budget: predictor.int8 + pixelwise.int8 in blocks, the bytes of asap.int8 in one run
+    tiled = OpenVinoEngine(b, "int8", pixels_per_run=16 * 16).generate(labels)
+    np.testing.assert_allclose(tiled[IMAGE_FLOAT], o8.generate(labels)[IMAGE_FLOAT], atol=1e-5)
+
+
+def test_auto_picks_openvino_for_an_int8_bundle(int8_bundle, bundle):
+    c = choose_backend("auto", Source(bundle=int8_bundle.path), "int8")
+    if not any(registry.BY_NAME[n].available()[0] for n in ("tensorrt", "onnxruntime-cuda") if n in registry.BY_NAME):
+        assert c.backend == "openvino" and c.reason == f"OpenVINO on the CPU: int8 graphs in {int8_bundle.path}"
+    with pytest.raises(UsageError, match=rf"openvino: no int8 graphs in {bundle.path} \(it holds fp32\); write "
+                                         rf"them with: asap quantize {bundle.path} --calib MAPS"):
+        choose_backend("auto", Source(bundle=bundle.path), "int8")
+
+
 def test_threads_and_describe(bundle):
     e = create_engine("openvino", bundle, intra_op_threads=1)
     labels, inst = random_label_maps(CFG, 1, 32, 32, seed=1)
