@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from asap_deploy.errors import BundleError, InputError, MissingDependencyError, UsageError
+from asap_deploy.precisions import QUANTIZED
 
 from .base import IMAGE, IMAGE_FLOAT, Engine
 from .scaled import SCALED_GRAPH
@@ -50,7 +51,13 @@ class OnnxRuntimeEngine(Engine):
         self.pixels_per_run = pixels_per_run
         ort = _ort()
         self.bundle = bundle
-        bundle.file("asap", precision)  # BundleError now if the precision was not exported
+        try:
+            bundle.file("asap", precision)  # BundleError now if the precision was not exported
+        except BundleError as exc:
+            if precision != QUANTIZED:
+                raise
+            raise BundleError(f"{exc.message}; write int8 graphs with: asap quantize {bundle.path} --calib MAPS") \
+                from None
         available = ort.get_available_providers()
         self.providers = providers or ["CPUExecutionProvider"]
         missing = [p for p in self.providers if p not in available]

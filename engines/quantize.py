@@ -422,9 +422,9 @@ def move_dq_after_pads(model: onnx.ModelProto) -> int:
 
 
 def keep_conv_in_float(q_model: onnx.ModelProto, fp32_model: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    """A copy of the QDQ model `q_model` in which Conv `name` runs in fp32: the Dequantize of its
-    input is bypassed (its Quantize/Dequantize pair removed when nothing else reads it) and its
-    weight and bias are the fp32 model's initializers."""
+    """A copy of the QDQ model `q_model` in which Conv `name` runs in fp32, as if the quantizer had
+    left it out: the Quantize/Dequantize pairs of its input and output bypassed (removed when
+    nothing else reads them) and its weight and bias the fp32 model's initializers."""
     out = onnx.ModelProto()
     out.CopyFrom(q_model)
     g = out.graph
@@ -438,6 +438,17 @@ def keep_conv_in_float(q_model: onnx.ModelProto, fp32_model: onnx.ModelProto, na
         q = producer.get(dq.input[0])
         if q is not None and q.op_type == "QuantizeLinear":
             conv.input[0] = q.input[0]
+    # its output's Quantize/Dequantize pair (ONNX Runtime's QDQ quantizes the outputs of the nodes it
+    # quantizes: the pair is the Conv's): its readers read the fp32 output instead
+    graph_outputs = {o.name for o in g.output}
+    cons = _consumers(g.node)
+    for q in [c for c in cons.get(conv.output[0], []) if c.op_type == "QuantizeLinear"]:
+        dqs = cons.get(q.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in graph_outputs for d in dqs):
+            continue
+        for d in dqs:
+            for reader in cons.get(d.output[0], []):
+                reader.input[:] = [conv.output[0] if i == d.output[0] else i for i in reader.input]
     fp_inits = {t.name: t for t in fp32_model.graph.initializer}
     have = {t.name for t in g.initializer}
     for k in range(1, len(ref.input)):
