@@ -8,15 +8,13 @@ open it. Every command reads it: `auto` (choose_backend), infer/serve (open_engi
     onnxruntime       onnxruntime   CPU         fp32, fp16, int8  yes      no             4th
     onnxruntime-cuda  onnxruntime   CUDA, CPU   fp32, fp16, int8  yes      yes            3rd
     tensorrt          tensorrt      -           fp32, fp16        no       yes            1st (fastest)
-    openvino          openvino      -           fp32, bf16, int8  yes      no             5th; int8: before
-                                                                                          onnxruntime (CPU)
+    openvino          openvino      -           fp32, bf16, int8  yes      no             5th
     torch-cuda        torch-cuda    -           fp32, fp16        no       yes            2nd
 
-`auto` tries only the backends whose row lists the precision asked for (bf16: openvino alone), in
-the order of their rank at that precision (Backend.rank). A backend whose name is its engine's is
-one a user names with --backend (infer, serve, validate); onnxruntime-cuda is a variant that `auto`
-picks and bench measures. Nothing here imports a runtime at import time: availability checks
-import lazily and never raise.
+`auto` tries only the backends whose row lists the precision asked for (bf16: openvino alone), by
+auto_rank. A backend whose name is its engine's is one a user names with --backend (infer, serve,
+validate); onnxruntime-cuda is a variant that `auto` picks and bench measures. Nothing here imports
+a runtime at import time: availability checks import lazily and never raise.
 """
 
 from __future__ import annotations
@@ -226,11 +224,6 @@ class Backend:
     opener: Callable[..., object] = field(repr=False)
     stages: tuple[Stage, ...] = tuple(Stage)
     gpu: bool | None = False  # runs on a GPU: always, never, or (None) where one is here
-    auto_ranks: tuple[tuple[str, int], ...] = ()  # (precision, rank) where its rank differs from auto_rank
-
-    def rank(self, precision: str = "fp32") -> int:
-        """Its place in `auto`'s order at `precision` (lower: tried first)."""
-        return dict(self.auto_ranks).get(precision, self.auto_rank)
 
     @property
     def selectable(self) -> bool:
@@ -256,12 +249,14 @@ BACKENDS: tuple[Backend, ...] = (
             True, 20, "ONNX Runtime with the CUDA provider is available", _check_ort_cuda, _open_ort, gpu=True),
     Backend("tensorrt", "tensorrt", "tensorrt", (), ("fp32", "fp16"), False, 10, "TensorRT is fastest and usable: {why}",
             _check_tensorrt, _open_tensorrt, gpu=True),
-    # OpenVINO after ONNX Runtime in fp32 (2-core Xeon, AVX-512 + avx512_bf16, no AMX, facades
-    # 1024x1024 end to end: ONNX Runtime's tiled engine ~563 ms, OpenVINO f32 ~586 ms); the only
-    # bf16 backend; in int8 ahead of ONNX Runtime (same machine, predictor.onnx's 15 Conv nodes as
-    # QDQ int8, interleaved runs at load ~5: OpenVINO 377 ms median vs ONNX Runtime 508 ms).
+    # OpenVINO after ONNX Runtime (2-core Xeon, AVX-512 + avx512_bf16, no AMX, facades 1024x1024
+    # end to end): fp32 ~563 ms ONNX Runtime's tiled engine vs ~586 ms OpenVINO on a quiet machine;
+    # int8 (asap quantize's default graphs, interleaved runs at load ~6) 2.9 s ONNX Runtime vs 4.0 s
+    # OpenVINO median: OpenVINO's int8 predictor is faster (0.50 vs 0.66 s) but it runs the
+    # SpatialMLP's QDQ MatMuls (weights from the grid, not constants) in f32 with FakeQuantize ops,
+    # 3.8 s vs its fp32 1.7 s. The only bf16 backend.
     Backend("openvino", "openvino", "openvino", (), ("fp32", "bf16", "int8"), True, 40,
-            "OpenVINO on the CPU: {why}", _check_openvino, _open_openvino, auto_ranks=(("int8", 25),)),
+            "OpenVINO on the CPU: {why}", _check_openvino, _open_openvino),
     # torch-cuda after TensorRT and before ONNX Runtime CUDA, reasoned, not measured (no GPU has run
     # either yet): it runs the pixelwise stage as ONE fused kernel with no full-resolution tensor,
     # where ONNX Runtime CUDA runs the SpatialMLP node's standard-op body (full-resolution one-hot,
@@ -276,8 +271,10 @@ ENGINE_NAMES = tuple(b.name for b in BACKENDS if b.selectable)  # torch, onnxrun
 
 
 def auto_order(precision: str = "fp32") -> tuple[Backend, ...]:
-    """Every backend in the order `auto` tries them at `precision` (fastest first)."""
-    return tuple(sorted(BACKENDS, key=lambda b: b.rank(precision)))
+    """Every backend in the order `auto` tries them at `precision` (fastest first; the same order
+    at every precision today, measured: the openvino row's comment; `auto` skips the backends whose
+    row does not list the precision)."""
+    return tuple(sorted(BACKENDS, key=lambda b: b.auto_rank))
 
 
 AUTO_ORDER = auto_order()  # at fp32
@@ -356,9 +353,9 @@ class Choice:
 
 
 def choose_backend(requested: str, source: Source, precision: str = "fp32", scale: float | None = None) -> Choice:
-    """auto: the registry's backends that run `precision`, by their rank at it (fp32: TensorRT >
-    torch-cuda > ONNX Runtime CUDA > ONNX Runtime CPU > OpenVINO > torch; int8: OpenVINO before ONNX Runtime CPU;
-    bf16: OpenVINO), the first usable one, with the reason and what was skipped and why."""
+    """auto: the registry's backends that run `precision`, by auto_rank (TensorRT > torch-cuda >
+    ONNX Runtime CUDA > ONNX Runtime CPU > OpenVINO > torch; bf16: OpenVINO alone), the first usable
+    one, with the reason and what was skipped and why."""
     if requested not in CHOICES:
         raise UsageError(f"unknown backend {requested!r}{did_you_mean(requested, CHOICES)} "
                          f"(choose from: {', '.join(CHOICES)})")
