@@ -5,8 +5,8 @@ One program computes the whole pixelwise stage for PIX = BLOCK_P * ITERS pixels 
 * it loads that tile's MLP parameters once (any strides: the public grid (N, P, h, w) as the
   predictor writes it, or the channels-last re-pack (N, h, w, P) that `repack_params` makes, which
   turns every weight row into one contiguous read); fp16 or fp32, converted to fp16 for the dots;
-* computes the positional encoding in registers from the pixel's coordinates in the tile
-  (tiles are S-aligned, so x mod f = tile-local x mod f);
+* takes the positional encoding from tables built once per program and per block (it is the
+  same in every tile; tiles are S-aligned, so x mod f = tile-local x mod f): no sin/cos per pixel;
 * does layer 1 for the one-hot label input as a row gather W1[label] (no one-hot, no zero
   multiplies), the PE part as a small fp16 dot, plus EXTRA dense input channels (the general,
   non-one-hot first layer) as rank-1 updates;
@@ -116,14 +116,38 @@ def asap_spatial_mlp(
     wo = tl.load(pbase + (oo + OUT + hrow[:, None] * OUT + ocol[None, :]) * p_sc,
                  mask=ocol[None, :] < OUT, other=0.0).to(tl.float16)
 
-    # PE channel c: frequency index k = c // 4 (f = S >> k), kind = c % 4:
-    # cos(x), sin(x), cos(y), sin(y) of 2*pi*(v mod f)/f.
+    # Positional encoding. PE channel c: frequency index k = c // 4 (f = S >> k), kind = c % 4:
+    # cos(x), sin(x), cos(y), sin(y) of 2*pi*(v mod f)/f, (x, y) in-tile (tiles are S-aligned).
+    # It is the same in every tile, so it is not evaluated per pixel but taken from tables:
+    # * S <= 32: two tables built once per program, row r = the x (pe_tx) or y (pe_ty) half of the
+    #   PE of in-tile column / row r (max(S, 16) rows: a dot's K >= 16); per pixel two one-hot dots
+    #   copy its rows (exact: one 1 per row, the x and y columns disjoint). No sin/cos in the loop.
+    # * S >= 64 (a one-hot of S columns would cost more registers than it saves), BLOCK_P >= S:
+    #   every block spans whole tile rows (tx = i % S for its i-th pixel), so the x half is one
+    #   table per program (pe_x, BLOCK_P x PE_PAD); the y half of the block's BLOCK_P / S rows is a
+    #   small table per block (max(BLOCK_P / S, 16) rows) copied to the pixels by a one-hot dot:
+    #   sin/cos 8x fewer in the loop than per pixel at the default BLOCK_P = 128.
+    # * S >= 64 with BLOCK_P < S (only when asked for): per pixel, as the formula reads.
     pe_k = pe_row // 4
     pe_kind = pe_row % 4
     pe_div = tl.maximum((pe_k * 0 + S) >> pe_k, 1)  # f = S >> k (padding columns: 1)
     pe_f = pe_div.to(tl.float32)
     pe_mask = pe_div - 1
+    pe_on = pe_row < 4 * LOG2S  # columns >= 4*LOG2S are padding: zero (they meet zero weights)
     two_pi = 6.283185307179586
+    blk = tl.arange(0, BLOCK_P)
+    if S <= 32:
+        t_row = tl.arange(0, 16 * ((S + 15) // 16))
+        t_ang = (t_row[:, None] & pe_mask[None, :]).to(tl.float32) * two_pi / pe_f[None, :]
+        t_val = tl.where((t_row[:, None] < S) & pe_on[None, :],
+                         tl.where((pe_kind[None, :] % 2) == 0, tl.cos(t_ang), tl.sin(t_ang)), 0.0)
+        pe_tx = tl.where(pe_kind[None, :] < 2, t_val, 0.0).to(tl.float16)
+        pe_ty = tl.where(pe_kind[None, :] >= 2, t_val, 0.0).to(tl.float16)
+    elif BLOCK_P >= S:
+        ang_x = ((blk % S)[:, None] & pe_mask[None, :]).to(tl.float32) * two_pi / pe_f[None, :]
+        pe_x = tl.where((pe_kind[None, :] < 2) & pe_on[None, :],
+                        tl.where((pe_kind[None, :] % 2) == 0, tl.cos(ang_x), tl.sin(ang_x)), 0.0).to(tl.float16)
+        ry = tl.arange(0, 16 * ((BLOCK_P // S + 15) // 16))  # y-table rows: max(BLOCK_P / S, 16) (a dot's K >= 16)
 
     # ---- the pixels ------------------------------------------------------------------------
     for it in range(ITERS):  # a real loop: unrolling it only raises register pressure
@@ -137,11 +161,24 @@ def asap_spatial_mlp(
         lab = tl.where((lab == 255) & (dontcare_ch >= 0), dontcare_ch, lab)
         lab = tl.minimum(tl.maximum(lab, 0), n_lab - 1)
 
-        # positional encoding in registers (PE_PAD columns; those >= 4*LOG2S meet zero weights)
-        v = tl.where(pe_kind[None, :] < 2, tx[:, None], ty[:, None])
-        ang = (v & pe_mask[None, :]).to(tl.float32) * two_pi / pe_f[None, :]
-        pe = tl.where((pe_kind[None, :] % 2) == 0, tl.cos(ang), tl.sin(ang))
-        pe = tl.where(pe_row[None, :] < 4 * LOG2S, pe, 0.0)
+        # positional encoding (PE_PAD columns, fp16 values as the dot takes them)
+        if S <= 32:
+            pe = tl.dot((tx[:, None] == t_row[None, :]).to(tl.float16), pe_tx)
+            pe = tl.dot((ty[:, None] == t_row[None, :]).to(tl.float16), pe_ty, pe)
+        elif BLOCK_P >= S:
+            ty0 = (part * (BLOCK_P * ITERS) + it * BLOCK_P) // S  # the block's first tile row
+            ang_y = ((ty0 + ry)[:, None] & pe_mask[None, :]).to(tl.float32) * two_pi / pe_f[None, :]
+            tab_y = tl.where((pe_kind[None, :] >= 2) & pe_on[None, :] & (ry[:, None] < BLOCK_P // S),
+                             tl.where((pe_kind[None, :] % 2) == 0, tl.cos(ang_y), tl.sin(ang_y)), 0.0)
+            # (ty - ty0 = blk // S, written with this block's ty so that the one-hot stays a per-block
+            # register value: hoisted out of the loop, Triton would hold it in shared memory)
+            pe = tl.dot(((ty - ty0)[:, None] == ry[None, :]).to(tl.float16), tab_y.to(tl.float16))
+            pe += pe_x.to(tl.float32)  # x and y columns are disjoint: the sum is exact
+        else:
+            v = tl.where(pe_kind[None, :] < 2, tx[:, None], ty[:, None])
+            ang = (v & pe_mask[None, :]).to(tl.float32) * two_pi / pe_f[None, :]
+            pe = tl.where((pe_kind[None, :] % 2) == 0, tl.cos(ang), tl.sin(ang))
+            pe = tl.where(pe_on[None, :], pe, 0.0)
 
         # layer 1: bias + row gather by label + extra dense channels + PE dot
         h = tl.load(pbase + (w1 + lab[:, None] * HID + hcol[None, :]) * p_sc).to(tl.float32)

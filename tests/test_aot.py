@@ -179,3 +179,30 @@ def test_hr_width_128_fits_sm86_by_reloading_and_sm90_as_is(tmp_path, depth):
     assert m86["constexprs"]["RELOAD"] == 1 and m86["shared"] <= 101376
     m90 = aot.compile_variant(v, 90, tmp_path)
     assert m90["constexprs"]["RELOAD"] == 0 and 101376 < m90["shared"] <= 232448
+
+
+# ---- issue 15, defect 9: registers / spills / shared memory / occupancy without a GPU ----------------
+def test_occupancy_follows_the_calculator_rules():
+    # sm_80, 255 registers x 128 threads: 8192 registers per warp (256-unit rounding) -> 8 warps = 2 blocks
+    o = aot.occupancy(80, 255, 45056, 128)
+    assert (o["blocks_per_sm"], o["warps_per_sm"], o["limited_by"]) == (2, 8, "registers")
+    assert o["occupancy"] == 8 / 64
+    # shared memory decides: 163 KiB + 1 KiB reserved per block leaves one block of an sm_80's 164 KiB
+    assert aot.occupancy(80, 64, 163 * 1024, 128)["blocks_per_sm"] == 1
+    assert aot.occupancy(86, 64, 30 * 1024, 128) == {"blocks_per_sm": 3, "warps_per_sm": 12, "max_warps_per_sm": 48,
+                                                     "occupancy": 0.25, "limited_by": "shared memory"}
+    assert aot.occupancy(80, 24, 0, 128)["limited_by"] == "threads"  # 16 blocks of 4 warps fill 64 warps
+    assert aot.occupancy(61, 32, 0, 128) == {}
+
+
+def test_kernel_resources_read_from_the_compiled_kernel(compiled):
+    out, index = compiled
+    e = next(e for e in index["kernels"] if e["kind"] == "spatial_mlp" and e["arch"] == "sm_90")
+    meta, cubin, ptx = aot.load_kernel(out, e)
+    r = aot.kernel_resources(meta, cubin, ptx)
+    assert r["same_cubin"], "ptxas -v with Triton's options must reproduce the shipped cubin"
+    assert r["registers"] == aot.ptxas_report(ptx.decode(), meta["ptx_target"], 90)["registers"]
+    assert 16 <= r["registers"] <= 255 and r["shared_bytes"] == meta["shared"] and r["ptx_target"] == "sm_90a"
+    assert r["blocks_per_sm"] == aot.occupancy(90, r["registers"], meta["shared"], 128)["blocks_per_sm"] >= 1
+    assert aot.cubin_info(b"not an elf", "k") == {}
+    assert aot.cubin_info(cubin, meta["kernel_name"])["registers"] == r["registers"]

@@ -227,3 +227,42 @@ def test_spec_grid_rule():
     assert spec.PE_PAD == 32 and spec.OUT_PAD == 16
     small = kernel_spec(cfg_for(4, label_nc=3, learned_ds_factor=4))
     assert small.BLOCK_P == 16 and small.ITERS == 1 and small.PE_PAD == 16
+
+
+@pytest.mark.parametrize("S,block_p", [(32, 16), (64, 64), (64, 32)])
+def test_every_positional_encoding_path_matches_the_oracle(S, block_p):  # noqa: N803
+    """The kernel's three PE paths (plugins/kernel.py): tables for S <= 32 (any block), a per-block
+    y table for S >= 64 with BLOCK_P >= S (here one tile row per block), per pixel for BLOCK_P < S."""
+    cfg = cfg_for(S, label_nc=6)
+    labels = torch.randint(0, 6, (1, S, 64), generator=torch.Generator().manual_seed(S + block_p), dtype=torch.int32)
+    params = make_params(cfg.mlp_channels, 1, 1, 64 // S, seed=block_p)
+    ref = pixelwise_oracle(labels.numpy(), params.numpy(), cfg.mlp_channels, S)
+    check_close(spatial_mlp(labels, params, cfg, block_p=block_p, iters=2), ref, f"S={S} BLOCK_P={block_p}")
+
+
+@pytest.mark.parametrize("S", [16, 64])
+def test_positional_encoding_is_not_evaluated_per_pixel(S):  # noqa: N803
+    """Issue 15, defect 9: the PE is the same in every tile, so the compiled per-block loop never
+    evaluates sin/cos for each of its BLOCK_P pixels: with S <= 32 not at all (tables built once
+    per program, before the loop), with S = 64 only for the block's small table of tile rows
+    (16 x PE_PAD). Read from the kernel compiled for sm_80 (Triton's TTIR; no GPU needed)."""
+    import re
+
+    from asap_deploy.plugins import aot
+    from asap_deploy.plugins.kernel import spatial_mlp as jit_kernel
+
+    cfg = cfg_for(S, label_nc=5, hr_width=16, hr_depth=3)
+    spec = kernel_spec(cfg, block_p=128, iters=2)
+    v = aot.Variant(spec, "fp16", "fp32")
+    ttir = aot._compile(jit_kernel, v.signature(), v.constexprs(), 80, spec.num_warps, 1).asm["ttir"]
+    start = ttir.index("scf.for")
+    body = ttir[start:ttir.index("scf.yield", start)] if "scf.yield" in ttir[start:] else ttir[start:]
+    trig = r"math\.(?:sin|cos) .*?: tensor<(\d+)x(\d+)xf32>"
+    in_loop = [(int(r), int(c)) for r, c in re.findall(trig, body)]
+    before = [(int(r), int(c)) for r, c in re.findall(trig, ttir[:start])]
+    if S <= 32:
+        assert not in_loop, f"sin/cos in the per-block loop: {in_loop}"
+        assert before and all(r == 16 for r, _ in before)  # the tables: one row per in-tile position
+    else:
+        assert in_loop and all(r == 16 < spec.BLOCK_P for r, _ in in_loop), f"per-pixel sin/cos in the loop: {in_loop}"
+        assert (spec.BLOCK_P, spec.PE_PAD) in before  # the x half, once per program
