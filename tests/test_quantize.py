@@ -93,7 +93,7 @@ def quantized(fp32_bundle, maps_dir, tmp_path_factory):
     before = snapshot(d)
     mp = pytest.MonkeyPatch()
     try:
-        r = quantize_cli(d, maps_dir, monkeypatch=mp)
+        r = quantize_cli(d, maps_dir, "--pixelwise", "int8", monkeypatch=mp)
     finally:
         mp.undo()
     assert r.exit_code == 0, r.output
@@ -406,11 +406,13 @@ def test_few_maps_gate_on_the_calibration_maps(fp32_bundle, maps_dir, tmp_path, 
     one.mkdir()
     shutil.copy(maps_dir / "map0.png", one / "map0.png")
     monkeypatch.setitem(val.THRESHOLDS, "int8", LAX)
-    r = runner.invoke(app, ["quantize", str(d), "--calib", str(one), "--pixelwise", "fp32"])
+    r = runner.invoke(app, ["quantize", str(d), "--calib", str(one)])  # default: pixelwise kept fp32
     assert r.exit_code == 0, r.output
     qz = load_bundle(d).manifest["quantization"]
     assert qz["evaluated_on"].startswith("the calibration maps") and qz["fidelity"]["held_out"] is False
-    assert qz["samples"] == 1 and qz["pixelwise"].startswith("fp32")
+    assert qz["samples"] == 1 and qz["pixelwise"].startswith("fp32 (pixelwise kept fp32: ")
+    assert {n["op_type"] for n in qz["int8_nodes"]} == {"Conv"}
+    assert {"graph": "pixelwise", "name": "SpatialMLP", "op_type": "SpatialMLP"} in qz["float_nodes"]
     assert "fewer than --samples" in r.output
     # pixelwise kept fp32: its int8 file is the fp32 graph
     assert onnx.load(str(d / "pixelwise.int8.onnx")).functions[0] == onnx.load(str(d / "pixelwise.onnx")).functions[0]
@@ -537,3 +539,13 @@ def test_nncf_method(fp32_bundle):
     pred = onnx.load_model_from_string(res.graphs["predictor"])
     convs = {n["name"] for n in res.description["int8_nodes"] if n["op_type"] == "Conv"}
     assert convs and convs <= {n.name for n in pred.graph.node if n.op_type == "Conv"}
+
+
+def test_pixelwise_auto_keeps_fp32_when_its_int8_stage_fails(fp32_bundle, monkeypatch):
+    b = load_bundle(fp32_bundle)
+    monkeypatch.setitem(val.THRESHOLDS, "int8", STRICT)
+    res = q.quantize_bundle(b, maps_for(CFG, 2, 64, 64, 80), maps_for(CFG, 1, 64, 64, 90),
+                            q.QuantizeOptions(pixelwise="auto", sensitivity="never"))
+    assert res.pixelwise.startswith("fp32: its int8 MatMuls failed the gate on their own (psnr_db")
+    assert res.graphs["pixelwise"] == b.graph_bytes("pixelwise")  # the fp32 graph, as it is
+    assert res.gate.stages["pixelwise"]["psnr_db"] == 100.0  # fp32 vs fp32

@@ -45,7 +45,7 @@ class QuantizeRequest:
     holdout: int = DEFAULT_HOLDOUT
     layers: str = "heavy"
     keep_float: tuple[str, ...] = ()
-    pixelwise: str = "auto"
+    pixelwise: str = "fp32"
     overwrite: bool = False
     force: bool = False
     seed: int = 0
