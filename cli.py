@@ -614,6 +614,9 @@ def quantize(
                                          "keep in fp32, e.g. one the sensitivity scan names. Repeatable."),
     pixelwise: str = typer.Option("fp32", "--pixelwise", help="The pixelwise MLP's MatMuls: fp32 (measured no slower "
                                   "than int8 on CPU), int8, or auto (int8 unless that stage alone fails the gate)."),
+    activations: str = typer.Option("uint8", "--activations", help="ONNX Runtime methods: uint8 (asymmetric, the "
+                                    "best fidelity) or int8 (symmetric: the graphs TensorRT builds, asap build-engine "
+                                    "--int8)."),
     instances: Optional[Path] = typer.Option(None, "--instances", help="Folder of instance maps (models with instance "
                                              "edges), matched by name as `asap infer` does."),
     palette: Optional[str] = typer.Option(None, "--palette", help="Palette of colour label maps (default: the "
@@ -639,7 +642,8 @@ def quantize(
 
     t0 = time.perf_counter()
     req = QuantizeRequest(calib=[*calib, *(more_maps or [])], method=method, samples=samples, holdout=holdout,
-                          layers=layers, keep_float=tuple(keep_float), pixelwise=pixelwise, overwrite=overwrite,
+                          layers=layers, keep_float=tuple(keep_float), pixelwise=pixelwise, activations=activations,
+                          overwrite=overwrite,
                           force=force, seed=seed, palette=palette, instances=instances,
                           sensitivity="always" if sensitivity else "on-failure")
     req.check()
@@ -754,6 +758,8 @@ def build_engine(
     bundle_dir: Path = typer.Argument(..., help="Bundle folder written by `asap export`."),
     fp16: bool = typer.Option(False, "--fp16", help="FP16 engine (from the bundle's fp16 ONNX; TensorRT 10 without "
                               "fp16 graphs: the FP16 builder flag)."),
+    int8: bool = typer.Option(False, "--int8", help="INT8 engine from the bundle's int8 QDQ graphs (asap quantize "
+                              "--activations int8: TensorRT takes symmetric int8 only)."),
     flavor: Optional[str] = typer.Option(None, "--flavor", help="tensorrt (full TensorRT, needs a GPU) or rtx "
                                          "(TensorRT-RTX, builds ahead of time without a GPU). Default: tensorrt if "
                                          "installed, else rtx."),
@@ -777,14 +783,14 @@ def build_engine(
     from asap_deploy.app.build import ENGINE_COLUMNS, build_engine as run_build, check_build_args, with_rtx_restart
 
     check_build_args(bundle_dir, flavor=flavor, fp16=fp16, arch=arch, stage=stage, min_shape=min_shape,
-                     opt_shape=opt_shape, max_shape=max_shape, timing_cache=timing_cache)
+                     opt_shape=opt_shape, max_shape=max_shape, timing_cache=timing_cache, int8=int8)
     t0 = time.perf_counter()
 
     def build():
         with console.status("building") as status:
             return run_build(bundle_dir, flavor=flavor, stage=stage, fp16=fp16, arch=arch, min_shape=min_shape,
                              opt_shape=opt_shape, max_shape=max_shape, out=out, timing_cache=timing_cache,
-                             overwrite=overwrite, progress=lambda msg: status.update(msg))
+                             overwrite=overwrite, progress=lambda msg: status.update(msg), int8=int8)
 
     # TensorRT-RTX's parser needs libtensorrt_rtx.so on LD_LIBRARY_PATH at process start: restart once
     res = with_rtx_restart(build, _restart_note)
@@ -792,7 +798,7 @@ def build_engine(
     if as_json:
         console.print_json(json.dumps(res.sidecars()))
     else:
-        table = Table(title=f"{built[0].path.parent}: {flavor} engines ({'fp16' if fp16 else 'fp32'})")
+        table = Table(title=f"{built[0].path.parent}: {flavor} engines ({'int8' if int8 else 'fp16' if fp16 else 'fp32'})")
         for col in ENGINE_COLUMNS:
             table.add_column(col)
         for row in res.rows():
@@ -801,7 +807,8 @@ def build_engine(
         if fp16:
             console.print(f"fp16: {built[0].sidecar['fp16_method']}")
     console.print(f"[bold green]PASSED[/] | {len(built)} engine(s) | {time.perf_counter() - t0:.1f} s | asap build-engine "
-                  f"{bundle_dir} --flavor {flavor} --stage {stage}{' --fp16' if fp16 else ''}", highlight=False)
+                  f"{bundle_dir} --flavor {flavor} --stage {stage}{' --fp16' if fp16 else ''}{' --int8' if int8 else ''}",
+                  highlight=False)
 
 
 @app.command("make-data")

@@ -13,6 +13,13 @@ fp16: TensorRT 11 and TensorRT-RTX are strongly typed only: the engine is built 
 `*.fp16.onnx` as is. TensorRT 10.x does the same when the bundle has fp16 graphs, and falls back
 to the FP16 builder flag on the fp32 graph (weakly typed) when it has not; the sidecar records
 which (`fp16_method`).
+
+int8 (`--int8`): built from the bundle's `*.int8.onnx` (written by `asap quantize`) as is, strongly
+typed: the QDQ nodes say what runs in int8. TensorRT quantizes symmetrically to int8 only, so the
+graphs must come from `asap quantize --activations int8` (every zero point 0, int8, biases fp32);
+ONNX Runtime's default recipe (uint8 asymmetric activations) and NNCF's graphs are refused before
+the parser sees them (`quantize.tensorrt_qdq_problems`), naming the node and the fix. The
+SpatialMLP node stays the plugin in fp32 (the parser maps the node, not its function).
 """
 
 from __future__ import annotations
@@ -254,7 +261,7 @@ def rebuild_command(sc: dict) -> str:
     graph = sc.get("graph")
     stage = Stage.from_graph(graph).cli if graph in GRAPHS else graph
     bundle = sc.get("bundle", {}).get("path", "BUNDLE_DIR")
-    fp16 = " --fp16" if sc.get("precision") == "fp16" else ""
+    fp16 = {"fp16": " --fp16", "int8": " --int8"}.get(sc.get("precision"), "")
     return (f"asap build-engine {bundle} --stage {stage} --flavor {sc.get('tensorrt', {}).get('flavor')}{fp16} "
             "--overwrite")
 
@@ -365,6 +372,7 @@ class BuildOptions:
     flavor: str = "rtx"
     stage: str = "all"
     fp16: bool = False
+    int8: bool = False  # from the bundle's int8 (QDQ) graphs, `asap quantize --activations int8`
     profile: Profile | None = None
     archs: Sequence[int] | None = None  # None: rtx -> RTX_ARCHS; tensorrt -> this GPU
     out_dir: Path | None = None  # default: the bundle folder
@@ -475,7 +483,9 @@ def _plan(bundle, options: BuildOptions) -> _Plan:
     graphs = stage_graphs(options.stage)
     S = bundle.config.S  # noqa: N806
     profile = (options.profile or default_profile(S)).check(S)
-    precision = "fp16" if options.fp16 else "fp32"
+    if options.fp16 and options.int8:
+        raise UsageError("--fp16 and --int8 build different engines: give one of them")
+    precision = "int8" if options.int8 else "fp16" if options.fp16 else "fp32"
     out_dir = Path(options.out_dir) if options.out_dir else bundle.path
     inputs = _bundle_inputs(bundle)
     for g in graphs:  # before any TensorRT work: what exists is replaced only with --overwrite, and only if ours
@@ -500,7 +510,14 @@ def _prepare(plan: _Plan, progress: Callable[[str], None] | None) -> _Job:
 
     trt_plugin.register(trt)  # explicit: importing the plugin module registers nothing
     strong_only = trt_compat.strongly_typed_only(trt)
-    if options.fp16 and "fp16" not in bundle.precisions:
+    if options.int8:
+        from asap_deploy.precisions import QUANTIZED
+
+        if QUANTIZED not in bundle.precisions:
+            raise EngineError(f"{bundle.path}: no int8 graphs in this bundle; write them with: asap quantize "
+                              f"{bundle.path} --calib MAPS --activations int8")
+        src_precision, fp16_method = QUANTIZED, None
+    elif options.fp16 and "fp16" not in bundle.precisions:
         if strong_only:
             raise EngineError(f"{bundle.path}: no fp16 graphs in this bundle, and {trt.__name__} "
                               f"{trt_compat.trt_version(trt)} builds fp16 only from an fp16 ONNX (strongly typed): "
@@ -512,7 +529,10 @@ def _prepare(plan: _Plan, progress: Callable[[str], None] | None) -> _Job:
         src_precision, fp16_method = "fp32", None
     strongly_typed = not (options.fp16 and src_precision == "fp32")
     precision = plan.precision
-    pairs = [(precision, precision)] if strongly_typed else [("fp32", "fp32"), ("fp16", "fp16")]
+    if precision == "int8":  # the plugin runs fp32: the grid leaves the int8 predictor dequantized
+        pairs = [("fp32", "fp32")]
+    else:
+        pairs = [(precision, precision)] if strongly_typed else [("fp32", "fp32"), ("fp16", "fp16")]
 
     pack = None
     if any(g in PLUGIN_GRAPHS for g in plan.graphs):
@@ -528,6 +548,16 @@ def _read_source(job: _Job, graph: str) -> tuple[Path, bytes, str]:
     src_sha = sha256_bytes(data)
     if src_sha != bundle.manifest["files"][src.name]["sha256"]:
         raise EngineError(f"{src}: changed since the bundle was loaded (sha256 differs from the manifest)")
+    if job.src_precision == "int8":  # TensorRT's parser would refuse it node by node: say why and the fix, once
+        import onnx
+
+        from .quantize import tensorrt_qdq_problems
+
+        problems = tensorrt_qdq_problems(onnx.load_model_from_string(data))
+        if problems:
+            raise EngineError(f"{src.name}: TensorRT builds symmetric int8 QDQ graphs only (zero points 0, int8, fp32 "
+                              f"biases); this one has {len(problems)} node(s) it refuses ({problems[0]}). Re-quantize: "
+                              f"asap quantize {bundle.path} --calib MAPS --activations int8 --overwrite")
     return src, data, src_sha
 
 

@@ -75,6 +75,9 @@ DEFAULT_METHOD = "ort"
 LAYER_POLICIES = ("heavy", "all")
 HEAVY_SHARE = 0.9  # "heavy": the largest Convs until they hold this share of the multiply-adds
 PIXELWISE_CHOICES = ("auto", "int8", "fp32")
+# ONNX Runtime recipes' activations: uint8 asymmetric (default: the best fidelity, ~1.5-2 dB over int8
+# on facades, same speed), or int8 symmetric (zero point 0), the only kind TensorRT builds
+ACTIVATIONS = ("uint8", "int8")
 PIXELWISE = "pixelwise"  # the --keep-float name of the whole pixelwise stage
 PIXELWISE_FP32_NOTE = ("fp32 (pixelwise kept fp32: its int8 MatMuls measured no faster than fp32 in ONNX Runtime "
                        "1.32 and slower in OpenVINO, for ~1 dB of PSNR; --pixelwise int8 quantizes them)")
@@ -114,6 +117,7 @@ class QuantizeOptions:
     layers: str = "heavy"
     keep_float: tuple[str, ...] = ()  # Conv node names (and/or "pixelwise") kept in fp32
     pixelwise: str = "fp32"  # measured no faster in int8 (module docstring)
+    activations: str = "uint8"  # ONNX Runtime methods: uint8 asymmetric, or int8 symmetric (TensorRT)
     sensitivity: str = "on-failure"  # "on-failure", "always", "never"
     top: int = DEFAULT_TOP
     seed: int = 0
@@ -130,6 +134,10 @@ class QuantizeOptions:
         if self.pixelwise not in PIXELWISE_CHOICES:
             raise UsageError(f"unknown --pixelwise {self.pixelwise!r}{did_you_mean(self.pixelwise, PIXELWISE_CHOICES)} "
                              f"(choose from: {', '.join(PIXELWISE_CHOICES)})")
+        if self.activations not in ACTIVATIONS:
+            raise UsageError(f"unknown --activations {self.activations!r} (choose from: {', '.join(ACTIVATIONS)})")
+        if self.activations == "int8" and METHODS[self.method][0] == "nncf":
+            raise UsageError("--activations applies to the ONNX Runtime methods (NNCF chooses its own)")
         if self.sensitivity not in ("on-failure", "always", "never"):
             raise UsageError(f"unknown sensitivity mode {self.sensitivity!r}")
         check_range("--top", self.top, 1, 64)
@@ -548,10 +556,12 @@ def _quiet() -> Iterator[None]:
 
 
 def ort_quantize(model: onnx.ModelProto, reader: CalibrationReader, calibration: str, *, op_types: list[str],
-                 exclude: Sequence[str] = (), per_channel: bool = True) -> onnx.ModelProto:
-    """onnxruntime.quantization.quantize_static on `model` (QDQ; int8 weights, symmetric; uint8
-    activations; `calibration` minmax/entropy/percentile); the quantized model. `model` is not
-    changed (quantize_static rewrites a ModelProto it is given: it gets a copy)."""
+                 exclude: Sequence[str] = (), per_channel: bool = True, activations: str = "uint8") -> onnx.ModelProto:
+    """onnxruntime.quantization.quantize_static on `model`: QDQ; int8 weights, symmetric; activations
+    uint8 asymmetric or int8 symmetric (`activations`); `calibration` minmax/entropy/percentile;
+    biases left fp32 (TensorRT refuses an int32 bias DequantizeLinear; ONNX Runtime fuses either
+    way, measured same speed and output). `model` is not changed (quantize_static rewrites a
+    ModelProto it is given: it gets a copy)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -564,12 +574,36 @@ def ort_quantize(model: onnx.ModelProto, reader: CalibrationReader, calibration:
             with _quiet():
                 quantize_static(work, str(out), _ort_reader(reader), quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=False,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                nodes_to_exclude=list(exclude), calibrate_method=method,
-                                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                                activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude), calibrate_method=method,
+                                extra_options={"WeightSymmetric": True, "ActivationSymmetric": activations == "int8",
+                                               "QuantizeBias": False})
         except (ValueError, RuntimeError, KeyError, TypeError, onnx.checker.ValidationError) as exc:
             raise ExportError(f"ONNX Runtime's quantizer failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
         return onnx.load_model(str(out), load_external_data=False)
+
+
+def tensorrt_qdq_problems(model: onnx.ModelProto) -> list[str]:
+    """Why TensorRT would refuse the QDQ graph `model` (empty: none found): TensorRT quantizes
+    symmetrically to int8 (every zero point 0, the quantized type int8) and takes biases in float
+    (no DequantizeLinear of int32). Checked in the graph and its functions."""
+    out = []
+    for nodes, inits in [(model.graph.node, model.graph.initializer)] + [(f.node, ()) for f in model.functions]:
+        tensors = {t.name: t for t in inits}
+        tensors.update({n.output[0]: a.t for n in nodes if n.op_type == "Constant" for a in n.attribute
+                        if a.name == "value"})
+        for n in nodes:
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            zp = tensors.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            x = tensors.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+            if x is not None and x.data_type == onnx.TensorProto.INT32:
+                out.append(f"{n.name}: an int32 (bias) DequantizeLinear")
+            elif zp is not None and zp.data_type != onnx.TensorProto.INT8:
+                out.append(f"{n.name}: quantizes to {onnx.TensorProto.DataType.Name(zp.data_type).lower()}, not int8")
+            elif zp is not None and np.any(onnx.numpy_helper.to_array(zp) != 0):
+                out.append(f"{n.name}: a non-zero zero point (asymmetric quantization)")
+    return out
 
 
 def nncf_quantize(model: onnx.ModelProto, reader: CalibrationReader, *, ignore: Sequence[str]) -> onnx.ModelProto:
@@ -840,14 +874,15 @@ class QuantizeResult:
     pixelwise: str = "int8"  # or "fp32: <why>"
 
 
-def _describe_method(method: str) -> dict[str, str]:
-    tool, calibration = METHODS[method]
+def _describe_method(options: QuantizeOptions) -> dict[str, str]:
+    tool, calibration = METHODS[options.method]
     if tool == "nncf":
         return {"weights": "int8, per output channel, symmetric (NNCF)",
-                "activations": "int8, per tensor, symmetric (NNCF; fast bias correction); Quantize/Dequantize "
-                               "moved after reflection pads"}
+                "activations": "8-bit per tensor as NNCF chooses (fast bias correction); Quantize/Dequantize moved "
+                               "after reflection pads", "biases": "fp32"}
+    kind = "int8, per tensor, symmetric" if options.activations == "int8" else "uint8, per tensor, asymmetric"
     return {"weights": "int8, per output channel, symmetric",
-            "activations": f"uint8, per tensor, asymmetric ({calibration} calibration)"}
+            "activations": f"{kind} ({calibration} calibration)", "biases": "fp32"}
 
 
 def quantize_bundle(bundle, calib: Sequence[CalibrationMap], held_out: Sequence[CalibrationMap],
@@ -882,7 +917,8 @@ def quantize_bundle(bundle, calib: Sequence[CalibrationMap], held_out: Sequence[
             float_convs = [c.name for c in convs if c.name not in int8_convs]
         predictor_q = nncf_quantize(predictor, reader, ignore=float_convs)
     else:
-        predictor_q = ort_quantize(predictor, reader, calibration, op_types=["Conv"], exclude=float_convs)
+        predictor_q = ort_quantize(predictor, reader, calibration, op_types=["Conv"], exclude=float_convs,
+                                   activations=options.activations)
 
     # 2. the fp32 references on the evaluation maps (and the grids the pixelwise calibration reads)
     refs = references(bundle, evaluation, progress)
@@ -892,7 +928,7 @@ def quantize_bundle(bundle, calib: Sequence[CalibrationMap], held_out: Sequence[
         feeds = pixelwise_feeds(bundle, calib, progress)
         expanded = expand_spatial_mlp(pixelwise)
         pix_q = ort_quantize(expanded, CalibrationReader(feeds, "calibrating the pixelwise MLP", progress), "minmax",
-                             op_types=["MatMul"], per_channel=False)
+                             op_types=["MatMul"], per_channel=False, activations=options.activations)
         pixel_fn = fold_spatial_mlp(pixelwise, pix_q)
         pix_bytes = with_function(pixelwise, pixel_fn).SerializeToString()
         pixel_stage = evaluate_pixelwise(bundle, {Stage.PIXELWISE.graph: pix_bytes}, refs)
@@ -931,7 +967,7 @@ def quantize_bundle(bundle, calib: Sequence[CalibrationMap], held_out: Sequence[
         "method": options.method if options.method != "ort" else "ort-minmax",
         "tool": {"name": "nncf" if tool == "nncf" else "onnxruntime.quantization", "version": tool_version(tool)},
         "format": "QDQ",
-        **_describe_method(options.method),
+        **_describe_method(options),
         "layers": options.layers,
         "keep_float": list(options.keep_float),
         "int8_conv_work_share": round(sum(work[n] for n in int8_convs) / total, 4),
@@ -948,6 +984,11 @@ def quantize_bundle(bundle, calib: Sequence[CalibrationMap], held_out: Sequence[
                          else "the calibration maps (no other maps were given)"),
         "fidelity": {**gate.to_dict(), "forced": False},
     }
+    trt_problems = [p for g in (Stage.PREDICTOR.graph, Stage.END_TO_END.graph)
+                    for p in tensorrt_qdq_problems(onnx.load_model_from_string(graphs[g]))]
+    description["tensorrt"] = ("buildable: symmetric int8 QDQ (asap build-engine --int8)" if not trt_problems else
+                               f"not buildable ({trt_problems[0]}; TensorRT takes symmetric int8 only: "
+                               "--method ort --activations int8)")
     if sens is not None:
         description["sensitivity"] = sens.to_dict(options.top)
     return QuantizeResult(graphs, gate, json_safe(description), sens, int8_convs, float_convs, pixel_note)

@@ -549,3 +549,62 @@ def test_pixelwise_auto_keeps_fp32_when_its_int8_stage_fails(fp32_bundle, monkey
     assert res.pixelwise.startswith("fp32: its int8 MatMuls failed the gate on their own (psnr_db")
     assert res.graphs["pixelwise"] == b.graph_bytes("pixelwise")  # the fp32 graph, as it is
     assert res.gate.stages["pixelwise"]["psnr_db"] == 100.0  # fp32 vs fp32
+
+
+# ---- TensorRT-RTX: --int8 builds from symmetric int8 QDQ graphs, refuses the others -------------------
+def test_tensorrt_takes_symmetric_int8_only(quantized, fp32_bundle, maps_dir, tmp_path, monkeypatch):
+    """`--activations int8` graphs pass the TensorRT check (and the manifest says so); the default
+    uint8 asymmetric recipe is refused with the node and the fix."""
+    d = copy_bundle(fp32_bundle, tmp_path)
+    r = quantize_cli(d, maps_dir, "--activations", "int8", monkeypatch=monkeypatch)
+    assert r.exit_code == 0, r.output
+    qz = load_bundle(d).manifest["quantization"]
+    assert qz["tensorrt"].startswith("buildable") and "int8, per tensor, symmetric" in qz["activations"]
+    for g in ("predictor", "asap"):
+        assert q.tensorrt_qdq_problems(onnx.load(str(d / f"{g}.int8.onnx"))) == []
+    problems = q.tensorrt_qdq_problems(onnx.load(str(quantized[0] / "predictor.int8.onnx")))
+    assert problems and all("uint8, not int8" in p for p in problems)
+    assert load_bundle(quantized[0]).manifest["quantization"]["tensorrt"].startswith("not buildable")
+
+
+def test_build_engine_int8_with_tensorrt_rtx(quantized, fp32_bundle, maps_dir, tmp_path, monkeypatch):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed (pip install 'asap-deploy[rtx]')")
+    shapes = ["--min", "1x16x16", "--opt", "1x64x64", "--max", "2x128x128", "--flavor", "rtx", "--arch", "sm_86"]
+    d = copy_bundle(fp32_bundle, tmp_path)
+    assert quantize_cli(d, maps_dir, "--activations", "int8", monkeypatch=monkeypatch).exit_code == 0
+    r = runner.invoke(app, ["build-engine", str(d), "--int8", "--stage", "predictor", *shapes])
+    assert r.exit_code == 0, r.output
+    sc = json.loads((d / "predictor.int8.rtx.engine.json").read_text())
+    assert sc["precision"] == "int8" and sc["source_onnx"] == {"file": "predictor.int8.onnx",
+                                                                "sha256": sha(d / "predictor.int8.onnx")}
+    assert "--int8" in __import__("asap_deploy.engines.build", fromlist=["x"]).rebuild_command(sc)
+    r = runner.invoke(app, ["build-engine", str(quantized[0]), "--int8", "--stage", "predictor", *shapes,
+                            "-o", str(tmp_path / "eng")])
+    assert r.exit_code == 11 and "symmetric int8" in r.output and "--activations int8" in r.output
+    r = runner.invoke(app, ["build-engine", str(fp32_bundle), "--int8", "--stage", "predictor", *shapes,
+                            "-o", str(tmp_path / "eng2")])
+    assert r.exit_code == 11 and "no int8 graphs in this bundle" in r.output
+    r = runner.invoke(app, ["build-engine", str(d), "--int8", "--fp16", "--stage", "predictor", *shapes])
+    assert r.exit_code == 2 and "--fp16 and --int8" in r.output
+    # re-quantizing a bundle that holds engines keeps them (byte-identical), and the stale int8 engine is refused
+    before = sha(d / "predictor.int8.rtx.engine")
+    assert quantize_cli(d, maps_dir, "--activations", "int8", "--overwrite", "--seed", "3",
+                        monkeypatch=monkeypatch).exit_code == 0
+    assert sha(d / "predictor.int8.rtx.engine") == before
+    from asap_deploy.engines.build import check_sidecar, read_sidecar
+    from asap_deploy.errors import EngineError
+
+    with pytest.raises(EngineError, match="re-exported since"):
+        check_sidecar(read_sidecar(d / "predictor.int8.rtx.engine"), bundle=load_bundle(d))
+
+
+def test_build_engine_int8_all_stages_with_the_plugin(fp32_bundle, maps_dir, tmp_path, monkeypatch, kernel_cache):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed (pip install 'asap-deploy[rtx]')")
+    d = copy_bundle(fp32_bundle, tmp_path)
+    assert quantize_cli(d, maps_dir, "--activations", "int8", monkeypatch=monkeypatch).exit_code == 0
+    r = runner.invoke(app, ["build-engine", str(d), "--int8", "--stage", "all", "--flavor", "rtx", "--arch", "sm_86",
+                            "--min", "1x16x16", "--opt", "1x64x64", "--max", "2x128x128"])
+    assert r.exit_code == 0, r.output
+    for g in ("predictor", "pixelwise", "asap"):
+        sc = json.loads((d / f"{g}.int8.rtx.engine.json").read_text())
+        assert sc["precision"] == "int8" and (sc["plugin"] is not None) == (g != "predictor")

@@ -29,8 +29,12 @@ def with_rtx_restart(run: Callable[[], T], note: Callable[[str], None]) -> T:
 
 def check_build_args(bundle_dir: Path, *, flavor: str | None, fp16: bool, arch: str | None, stage: str,
                      min_shape: str | None, opt_shape: str | None, max_shape: str | None,
-                     timing_cache: Path | None) -> None:
+                     timing_cache: Path | None, int8: bool = False) -> None:
     """Every argument, before any work."""
+    from ..errors import UsageError
+
+    if fp16 and int8:
+        raise UsageError("--fp16 and --int8 build different engines: give one of them")
     # a checkpoint where the bundle goes: say which one command exports, builds and validates it
     checkpoint_for_bundle(bundle_dir, flavor=flavor or trt_compat.default_flavor(), fp16=fp16, arch=arch, stage=stage)
     for option, text in (("--min", min_shape), ("--opt", opt_shape), ("--max", max_shape)):
@@ -63,7 +67,7 @@ class BuildResult:
 def build_engine(bundle_dir: Path, *, flavor: str | None, stage: str, fp16: bool, arch: str | None,
                  min_shape: str | None, opt_shape: str | None, max_shape: str | None, out: Path | None,
                  timing_cache: Path | None, overwrite: bool,
-                 progress: Callable[[str], None] | None = None) -> BuildResult:
+                 progress: Callable[[str], None] | None = None, int8: bool = False) -> BuildResult:
     """Build the engines of `stage` from the bundle (default flavor: tensorrt if installed, else rtx)."""
     from ..engines.build import BuildOptions, build_engines, make_profile, stage_graphs
     from ..export.bundle import load_bundle
@@ -72,7 +76,7 @@ def build_engine(bundle_dir: Path, *, flavor: str | None, stage: str, fp16: bool
     flavor = trt_compat.check_flavor(flavor or trt_compat.default_flavor())
     stage_graphs(stage)
     bundle = load_bundle(bundle_dir)
-    opts = BuildOptions(flavor=flavor, stage=stage, fp16=fp16, archs=parse_archs(arch) if arch else None,
+    opts = BuildOptions(flavor=flavor, stage=stage, fp16=fp16, int8=int8, archs=parse_archs(arch) if arch else None,
                         profile=make_profile(bundle.config.S, min_shape, opt_shape, max_shape), out_dir=out,
                         timing_cache=timing_cache, overwrite=overwrite)
     return BuildResult(flavor, build_engines(bundle, opts, progress=progress))

@@ -27,7 +27,7 @@ from ..io import DEFAULT_MAX_PIXELS, read_instance_map, read_regular_file
 from ..precisions import QUANTIZED
 
 # the engines' quantizer and the bundle writer (re-exported: the CLI reads them from here)
-from ..engines.quantize import (DEFAULT_METHOD, LAYER_POLICIES, MAX_HOLDOUT, MAX_SAMPLES, METHODS,  # noqa: F401
+from ..engines.quantize import (ACTIVATIONS, DEFAULT_METHOD, LAYER_POLICIES, MAX_HOLDOUT, MAX_SAMPLES, METHODS,  # noqa: F401
                                 PIXELWISE_CHOICES, CalibrationMap, QuantizeOptions, QuantizeResult,
                                 check_method_available, quantize_bundle)
 
@@ -46,6 +46,7 @@ class QuantizeRequest:
     layers: str = "heavy"
     keep_float: tuple[str, ...] = ()
     pixelwise: str = "fp32"
+    activations: str = "uint8"  # int8: symmetric, what TensorRT builds (asap build-engine --int8)
     overwrite: bool = False
     force: bool = False
     seed: int = 0
@@ -57,7 +58,8 @@ class QuantizeRequest:
 
     def options(self) -> QuantizeOptions:
         return QuantizeOptions(method=self.method, layers=self.layers, keep_float=tuple(self.keep_float),
-                               pixelwise=self.pixelwise, sensitivity=self.sensitivity, top=self.top, seed=self.seed)
+                               pixelwise=self.pixelwise, activations=self.activations, sensitivity=self.sensitivity,
+                               top=self.top, seed=self.seed)
 
     def check(self) -> None:
         """UsageError for a bad option, before anything is read."""
