@@ -53,11 +53,19 @@ OFF_LEVELS = 8  # share_over_8_levels counts the pixels with any channel more th
 
 # The pass limits per precision: one table. Every precision of asap_deploy/precisions.py has a row.
 #   fp32, fp16: element-level limits (fp32: summation order only; fp16: image quality).
-#   bf16, int8: judged by image quality only, against the fp32 PyTorch reference. PROVISIONAL: the
-#   numbers below are a first guess (PSNR >= 35 dB is issue 16's target); they will be set from
-#   measurements on trained models (the demo model and a facades-preset model), and the README
-#   states the measured values. PSNR 35 dB is an RMS error of 4.5 levels; mean abs 0.025 on the
-#   [-1, 1] scale is 3.2 levels; at most 5% of the pixels more than 8 levels off.
+#   bf16, int8: judged by image quality against the fp32 PyTorch reference: PSNR >= 35 dB (issue 16's
+#   target; an RMS error of 4.5 levels), mean abs <= 0.02 on the [-1, 1] scale (2.6 levels), at most 4%
+#   of the pixels more than 8 levels off, and the parameter grid's cosine. Set from the trained models
+#   measured on 2026-12-01 (2-core Xeon with avx512_bf16; README, "Fidelity gate"): `asap validate` on
+#   held-out maps, worst map:
+#     demo model (2 min)      bf16 54.9 dB, mean abs 0.0010, 0.06% > 8 levels, cosine 0.9999981
+#                             int8 39.4 dB, mean abs 0.0107, 2.38% > 8 levels, cosine 0.99916
+#     facades preset (140     bf16 44.8 dB, mean abs 0.0005, 0.12% > 8 levels, cosine 0.9999981
+#     steps, 40 min)          int8 39.7 dB, mean abs 0.0028, 0.41% > 8 levels, cosine 0.99999, with the
+#                             two layers the sensitivity scan names kept in fp32 (all heavy Convs in
+#                             int8: 14.9 dB, refused by `asap quantize`)
+#   The cosine limit (0.995) stays below what random-weight models give in bf16 (0.996-0.999, whose
+#   images still pass at 41-44 dB): the images decide; a grid that drifts more is refused outright.
 THRESHOLDS = {
     # fp32: near exact (ONNX Runtime vs PyTorch differ by summation order only).
     "fp32": Thresholds(max_abs=1e-3, mean_abs=1e-4, psnr_db=60.0, differing_share=0.01, max_levels=1,
@@ -65,11 +73,11 @@ THRESHOLDS = {
     # fp16: judged by image quality, not element tolerances.
     "fp16": Thresholds(max_abs=None, mean_abs=1e-2, psnr_db=40.0, differing_share=None, max_levels=None,
                        params_cosine=0.999),
-    # bf16 (runtime hint on the fp32 graphs) and int8 (quantized graphs): provisional, see above.
-    "bf16": Thresholds(max_abs=None, mean_abs=0.025, psnr_db=35.0, differing_share=None, max_levels=None,
-                       params_cosine=0.995, share_over_8_levels=0.05),
-    "int8": Thresholds(max_abs=None, mean_abs=0.025, psnr_db=35.0, differing_share=None, max_levels=None,
-                       params_cosine=0.99, share_over_8_levels=0.05),
+    # bf16 (runtime hint on the fp32 graphs) and int8 (quantized graphs): measured, see above.
+    "bf16": Thresholds(max_abs=None, mean_abs=0.02, psnr_db=35.0, differing_share=None, max_levels=None,
+                       params_cosine=0.995, share_over_8_levels=0.04),
+    "int8": Thresholds(max_abs=None, mean_abs=0.02, psnr_db=35.0, differing_share=None, max_levels=None,
+                       params_cosine=0.995, share_over_8_levels=0.04),
 }
 assert set(THRESHOLDS) == set(PRECISIONS), "every precision has thresholds"
 
