@@ -27,12 +27,16 @@ What becomes int8 (measured on a random facades-preset model, 2-core Xeon; READM
              pixelwise.int8.onnx: one graph computing what the two stage graphs compute.
 
 Methods: "ort" (= "ort-minmax"), "ort-entropy", "ort-percentile": onnxruntime.quantization's
-quantize_static with that calibration; "nncf": OpenVINO's NNCF (`nncf.quantize` on the ONNX
-predictor: symmetric int8 activations and its fast bias correction), whose activation
-Quantize/Dequantize pairs sit before the reflection Pads; they are moved after them (exact: a
-reflection pad copies values) so that ONNX Runtime fuses them with the Convs. The pixelwise MatMuls
-are always quantized by ONNX Runtime's tool with MinMax ranges (histogram methods would hold every
-full-resolution MLP activation in memory).
+quantize_static with that calibration (biases stay fp32; `activations` "uint8" asymmetric, or "int8"
+symmetric, the only kind TensorRT builds). "nncf": OpenVINO's NNCF (`nncf.quantize` on the ONNX
+predictor, its own activation scheme and fast bias correction), whose activation Quantize/Dequantize
+pairs sit before the reflection Pads; they are moved after them (exact: a reflection pad copies
+values) so that each Conv reads a DequantizeLinear. Its graphs are for OpenVINO, which runs them in
+int8: ONNX Runtime runs their Convs in fp32 (NNCF quantizes no Conv output, and ONNX Runtime's
+QLinearConv needs one), i.e. slower than fp32. NNCF imports torch when it is installed (optional:
+`contextlib.suppress(ImportError)` in nncf.tensor), not for the ONNX backend. The pixelwise
+MatMuls are always quantized by ONNX Runtime's tool with MinMax ranges (histogram methods would
+hold every full-resolution MLP activation in memory).
 
 Sensitivity: for a quantized model, each int8 Conv in turn (and the pixelwise stage) is put back to
 fp32 in the quantized graph itself (its Quantize/Dequantize pairs removed, its fp32 weights
@@ -44,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +65,7 @@ from asap_deploy.export.stages import Stage
 from asap_deploy.plugins import spec as plugin_spec
 from asap_deploy.precisions import QUANTIZED
 
-from .base import IMAGE, IMAGE_FLOAT
+from .base import IMAGE
 
 METHODS = {  # --method -> (tool, calibration)
     "ort": ("onnxruntime", "minmax"),
@@ -418,7 +421,7 @@ def move_dq_after_pads(model: onnx.ModelProto) -> int:
         dq.output[0] = padded
         moved += 1
     if moved:  # restore topological order: each moved Q/DQ pair now follows its Pad
-        order, seen, made = [], set(), {i.name for i in g.input} | {t.name for t in g.initializer}
+        order, made = [], {i.name for i in g.input} | {t.name for t in g.initializer}
         pending = list(g.node)
         while pending:
             rest = []
@@ -879,7 +882,9 @@ def _describe_method(options: QuantizeOptions) -> dict[str, str]:
     if tool == "nncf":
         return {"weights": "int8, per output channel, symmetric (NNCF)",
                 "activations": "8-bit per tensor as NNCF chooses (fast bias correction); Quantize/Dequantize moved "
-                               "after reflection pads", "biases": "fp32"}
+                               "after reflection pads", "biases": "fp32",
+                "runtime": "OpenVINO runs these graphs in int8; ONNX Runtime runs their Convs in fp32 (no Quantize "
+                           "after a Conv for QLinearConv)"}
     kind = "int8, per tensor, symmetric" if options.activations == "int8" else "uint8, per tensor, asymmetric"
     return {"weights": "int8, per output channel, symmetric",
             "activations": f"{kind} ({calibration} calibration)", "biases": "fp32"}
