@@ -706,15 +706,16 @@ def quantize(
                 flags = " ".join(f"--keep-float {n}" for n in s.top)
                 console.print(f"the top {len(s.top)} together in fp32: {s.top_together_psnr_db:.1f} dB "
                               f"(asap quantize ... {escape(flags)})", highlight=False)
+    out = err_console if as_json else console  # --json: stdout holds the JSON alone
     if summary.written:
         verdict = "PASSED" if g.passed else "FORCED"
         colour = "green" if g.passed else "yellow"
-        console.print(f"[bold {colour}]{verdict}[/] | {time.perf_counter() - t0:.1f} s | wrote predictor.int8.onnx, "
-                      f"pixelwise.int8.onnx, asap.int8.onnx into {bundle_dir} | run them: asap infer ... --bundle "
-                      f"{bundle_dir} --precision int8", highlight=False)
+        out.print(f"[bold {colour}]{verdict}[/] | {time.perf_counter() - t0:.1f} s | wrote predictor.int8.onnx, "
+                  f"pixelwise.int8.onnx, asap.int8.onnx into {bundle_dir} | run them: asap infer ... --bundle "
+                  f"{bundle_dir} --precision int8", highlight=False)
     else:
-        console.print(f"[bold red]FAILED[/] | {time.perf_counter() - t0:.1f} s | asap quantize {bundle_dir} "
-                      f"--method {method}: nothing written", highlight=False)
+        out.print(f"[bold red]FAILED[/] | {time.perf_counter() - t0:.1f} s | asap quantize {bundle_dir} "
+                  f"--method {method}: nothing written", highlight=False)
         raise ValidationFailed(f"the int8 graphs fail the int8 fidelity thresholds ({'; '.join(res.gate.failures)}); "
                                f"{bundle_dir} is unchanged. Keep the layers above in fp32 (--keep-float), calibrate on "
                                "more or other maps, or pass --force to write them anyway")

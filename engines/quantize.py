@@ -86,6 +86,7 @@ PIXELWISE_FP32_NOTE = ("fp32 (pixelwise kept fp32: its int8 MatMuls measured no 
                        "1.32 and slower in OpenVINO, for ~1 dB of PSNR; --pixelwise int8 quantizes them)")
 MAX_SAMPLES = 256  # calibration maps (--samples)
 MAX_HOLDOUT = 64  # held-out evaluation maps
+MAX_CALIBRATION_PIXELS = 1 << 28  # all maps read (calibration + held out), padded: 256 maps of 1024x1024
 SENSITIVITY_MAPS = 2  # evaluation maps the sensitivity scan runs on (it runs once per layer)
 DEFAULT_TOP = 3
 CHECK_CROP = 512  # side of the crop on which the end-to-end int8 graph is checked against the stages

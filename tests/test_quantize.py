@@ -245,8 +245,10 @@ def test_requantize_needs_overwrite_and_keeps_the_rest(quantized, maps_dir, tmp_
     r = quantize_cli(d, maps_dir, monkeypatch=monkeypatch)
     assert r.exit_code == 12 and "already holds int8 graphs" in r.output and "--overwrite" in r.output
     assert snapshot(d) == before
-    r = quantize_cli(d, maps_dir, "--overwrite", "--seed", "5", monkeypatch=monkeypatch)
+    r = quantize_cli(d, maps_dir, "--overwrite", "--seed", "5", "--json", monkeypatch=monkeypatch)
     assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)  # --json: stdout is the JSON alone
+    assert report["written"] and report["quantization"]["seed"] == 5
     after = snapshot(d)
     for name in ("predictor.onnx", "pixelwise.onnx", "asap.onnx"):
         assert after[name] == before[name]
@@ -608,3 +610,11 @@ def test_build_engine_int8_all_stages_with_the_plugin(fp32_bundle, maps_dir, tmp
     for g in ("predictor", "pixelwise", "asap"):
         sc = json.loads((d / f"{g}.int8.rtx.engine.json").read_text())
         assert sc["precision"] == "int8" and (sc["plugin"] is not None) == (g != "predictor")
+
+
+def test_calibration_pixels_are_bounded(fp32_bundle, maps_dir, monkeypatch):
+    from asap_deploy.app import quantize as app_q
+
+    monkeypatch.setattr(app_q, "MAX_CALIBRATION_PIXELS", 3 * 128 * 128)
+    r = runner.invoke(app, ["quantize", str(fp32_bundle), "--calib", str(maps_dir)])
+    assert r.exit_code == 5 and "pixels (the limit" in " ".join(r.output.split())

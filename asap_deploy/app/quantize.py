@@ -27,9 +27,9 @@ from ..io import DEFAULT_MAX_PIXELS, read_instance_map, read_regular_file
 from ..precisions import QUANTIZED
 
 # the engines' quantizer and the bundle writer (re-exported: the CLI reads them from here)
-from ..engines.quantize import (ACTIVATIONS, DEFAULT_METHOD, LAYER_POLICIES, MAX_HOLDOUT, MAX_SAMPLES, METHODS,  # noqa: F401
-                                PIXELWISE_CHOICES, CalibrationMap, QuantizeOptions, QuantizeResult,
-                                check_method_available, quantize_bundle)
+from ..engines.quantize import (ACTIVATIONS, DEFAULT_METHOD, LAYER_POLICIES, MAX_CALIBRATION_PIXELS,  # noqa: F401
+                                MAX_HOLDOUT, MAX_SAMPLES, METHODS, PIXELWISE_CHOICES, CalibrationMap, QuantizeOptions,
+                                QuantizeResult, check_method_available, quantize_bundle)
 
 DEFAULT_SAMPLES = 8
 DEFAULT_HOLDOUT = 4
@@ -146,6 +146,23 @@ def read_map(path: Path, cfg, palette, req: QuantizeRequest) -> CalibrationMap:
     return CalibrationMap(path.name, digest, np.ascontiguousarray(cfg.pad_to_tiles(lab)), inst, tuple(lab.shape))
 
 
+def check_total_pixels(paths: Sequence[Path], cfg, max_pixels: int) -> None:
+    """InputError (before any map is decoded: headers only) when the maps, padded to whole tiles,
+    hold more than MAX_CALIBRATION_PIXELS: they are all held in memory and run through the model."""
+    from ..io import open_image
+
+    total = 0
+    for p in paths:
+        im = open_image(p, max_pixels)
+        w, h = im.size
+        im.close()
+        ph, pw = cfg.padded_size(h, w)
+        total += ph * pw
+        if total > MAX_CALIBRATION_PIXELS:
+            raise InputError(f"--calib: the {len(paths)} maps chosen hold more than {MAX_CALIBRATION_PIXELS:,} pixels "
+                             f"(the limit, reached at {p}); pass fewer --samples / --holdout or smaller maps")
+
+
 def run_quantize(bundle_dir: str | os.PathLike, req: QuantizeRequest, progress: Progress | None = None) -> QuantizeSummary:
     """Run `asap quantize`: checks, reading, quantization, gate, and (passed or --force) the write."""
     from ..export.bundle import BUNDLE_KIND, add_precision, load_bundle
@@ -171,8 +188,9 @@ def run_quantize(bundle_dir: str | os.PathLike, req: QuantizeRequest, progress: 
     if not eval_paths:
         notes.append("no maps left for a held-out check: the fidelity gate runs on the calibration maps")
     palette = load_palette(req.palette, bundle.config, bundle.manifest)
-    maps: list[CalibrationMap] = []
     wanted = [*calib_paths, *eval_paths]
+    check_total_pixels(wanted, bundle.config, req.max_pixels)
+    maps: list[CalibrationMap] = []
     for k, p in enumerate(wanted):
         maps.append(read_map(p, bundle.config, palette, req))
         if progress:
