@@ -18,7 +18,7 @@ int8 (`--int8`): built from the bundle's `*.int8.onnx` (written by `asap quantiz
 typed: the QDQ nodes say what runs in int8. TensorRT quantizes symmetrically to int8 only, so the
 graphs must come from `asap quantize --activations int8` (every zero point 0, int8, biases fp32);
 ONNX Runtime's default recipe (uint8 asymmetric activations) and NNCF's graphs are refused before
-the parser sees them (`quantize.tensorrt_qdq_problems`), naming the node and the fix. The
+the parser sees them (`tensorrt_qdq_problems`), naming the node and the fix. The
 SpatialMLP node stays the plugin in fp32 (the parser maps the node, not its function).
 """
 
@@ -344,6 +344,33 @@ def check_sidecar(sc: dict, engine_bytes: bytes | None = None, *, trt_version: s
                               f"bundle {bundle.path} has {str(listed.get('sha256'))[:16]}... (re-exported since); {fix}")
 
 
+# ---- int8 graphs TensorRT takes -----------------------------------------------------------------
+def tensorrt_qdq_problems(model) -> list[str]:
+    """Why TensorRT would refuse the QDQ graph `model` (an onnx.ModelProto; empty: none found):
+    TensorRT quantizes symmetrically to int8 (every zero point 0, the quantized type int8) and
+    takes biases in float (no DequantizeLinear of int32). Checked in the graph and its functions."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = []
+    for nodes, inits in [(model.graph.node, model.graph.initializer)] + [(f.node, ()) for f in model.functions]:
+        tensors = {t.name: t for t in inits}
+        tensors.update({n.output[0]: a.t for n in nodes if n.op_type == "Constant" for a in n.attribute
+                        if a.name == "value"})
+        for n in nodes:
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            zp = tensors.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            x = tensors.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+            if x is not None and x.data_type == onnx.TensorProto.INT32:
+                out.append(f"{n.name}: an int32 (bias) DequantizeLinear")
+            elif zp is not None and zp.data_type != onnx.TensorProto.INT8:
+                out.append(f"{n.name}: quantizes to {onnx.TensorProto.DataType.Name(zp.data_type).lower()}, not int8")
+            elif zp is not None and bool((numpy_helper.to_array(zp) != 0).any()):
+                out.append(f"{n.name}: a non-zero zero point (asymmetric quantization)")
+    return out
+
+
 # ---- building -------------------------------------------------------------------------------------
 def _bundle_inputs(bundle) -> list[Path]:
     """The bundle's files (manifest and graphs): an engine, sidecar or timing cache never replaces one."""
@@ -550,8 +577,6 @@ def _read_source(job: _Job, graph: str) -> tuple[Path, bytes, str]:
         raise EngineError(f"{src}: changed since the bundle was loaded (sha256 differs from the manifest)")
     if job.src_precision == "int8":  # TensorRT's parser would refuse it node by node: say why and the fix, once
         import onnx
-
-        from .quantize import tensorrt_qdq_problems
 
         problems = tensorrt_qdq_problems(onnx.load_model_from_string(data))
         if problems:

@@ -587,29 +587,6 @@ def ort_quantize(model: onnx.ModelProto, reader: CalibrationReader, calibration:
         return onnx.load_model(str(out), load_external_data=False)
 
 
-def tensorrt_qdq_problems(model: onnx.ModelProto) -> list[str]:
-    """Why TensorRT would refuse the QDQ graph `model` (empty: none found): TensorRT quantizes
-    symmetrically to int8 (every zero point 0, the quantized type int8) and takes biases in float
-    (no DequantizeLinear of int32). Checked in the graph and its functions."""
-    out = []
-    for nodes, inits in [(model.graph.node, model.graph.initializer)] + [(f.node, ()) for f in model.functions]:
-        tensors = {t.name: t for t in inits}
-        tensors.update({n.output[0]: a.t for n in nodes if n.op_type == "Constant" for a in n.attribute
-                        if a.name == "value"})
-        for n in nodes:
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-                continue
-            zp = tensors.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-            x = tensors.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
-            if x is not None and x.data_type == onnx.TensorProto.INT32:
-                out.append(f"{n.name}: an int32 (bias) DequantizeLinear")
-            elif zp is not None and zp.data_type != onnx.TensorProto.INT8:
-                out.append(f"{n.name}: quantizes to {onnx.TensorProto.DataType.Name(zp.data_type).lower()}, not int8")
-            elif zp is not None and np.any(onnx.numpy_helper.to_array(zp) != 0):
-                out.append(f"{n.name}: a non-zero zero point (asymmetric quantization)")
-    return out
-
-
 def nncf_quantize(model: onnx.ModelProto, reader: CalibrationReader, *, ignore: Sequence[str]) -> onnx.ModelProto:
     """nncf.quantize on `model` (ONNX backend) with the Convs `ignore` left fp32 (and every other op
     type ignored); activation Quantize/Dequantize pairs then moved past reflection Pads
@@ -990,6 +967,8 @@ def quantize_bundle(bundle, calib: Sequence[CalibrationMap], held_out: Sequence[
                          else "the calibration maps (no other maps were given)"),
         "fidelity": {**gate.to_dict(), "forced": False},
     }
+    from .build import tensorrt_qdq_problems
+
     trt_problems = [p for g in (Stage.PREDICTOR.graph, Stage.END_TO_END.graph)
                     for p in tensorrt_qdq_problems(onnx.load_model_from_string(graphs[g]))]
     description["tensorrt"] = ("buildable: symmetric int8 QDQ (asap build-engine --int8)" if not trt_problems else

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from asap_deploy.cli import app
 from asap_deploy.config import ModelConfig
+from asap_deploy.engines import build as eb
 from asap_deploy.engines import quantize as q
 from asap_deploy.engines import registry
 from asap_deploy.engines import validate as val
@@ -563,8 +564,8 @@ def test_tensorrt_takes_symmetric_int8_only(quantized, fp32_bundle, maps_dir, tm
     qz = load_bundle(d).manifest["quantization"]
     assert qz["tensorrt"].startswith("buildable") and "int8, per tensor, symmetric" in qz["activations"]
     for g in ("predictor", "asap"):
-        assert q.tensorrt_qdq_problems(onnx.load(str(d / f"{g}.int8.onnx"))) == []
-    problems = q.tensorrt_qdq_problems(onnx.load(str(quantized[0] / "predictor.int8.onnx")))
+        assert eb.tensorrt_qdq_problems(onnx.load(str(d / f"{g}.int8.onnx"))) == []
+    problems = eb.tensorrt_qdq_problems(onnx.load(str(quantized[0] / "predictor.int8.onnx")))
     assert problems and all("uint8, not int8" in p for p in problems)
     assert load_bundle(quantized[0]).manifest["quantization"]["tensorrt"].startswith("not buildable")
 
