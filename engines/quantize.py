@@ -606,8 +606,8 @@ def nncf_quantize(model: onnx.ModelProto, reader: CalibrationReader, *, ignore: 
 
 # ---- in-memory graphs for the engines ------------------------------------------------------------
 class StagedGraphs:
-    """Graphs not yet in a bundle, served to an Engine as a bundle's would be (OnnxRuntimeEngine
-    reads `config`, `path`, `file()` and `graph_bytes()`)."""
+    """Graphs not yet in a bundle, served to an Engine as a bundle's would be (the engines read
+    `config`, `path`, `precisions`, `file()`, `graph_bytes()` and `graph_model()`)."""
 
     def __init__(self, bundle, graphs: dict[str, bytes], precision: str = QUANTIZED):
         self.config: ModelConfig = bundle.config
@@ -624,6 +624,9 @@ class StagedGraphs:
 
     def graph_bytes(self, graph: str, precision: str = QUANTIZED) -> bytes:
         return self._graphs[graph]
+
+    def graph_model(self, graph: str, precision: str = QUANTIZED) -> onnx.ModelProto:
+        return onnx.load_model_from_string(self._graphs[graph])
 
 
 def _engine(source, precision: str, pixels_per_run: int | None = None):
