@@ -10,8 +10,8 @@ import numpy as np
 from asap_deploy.errors import BundleError, InputError, MissingDependencyError, UsageError
 from asap_deploy.precisions import QUANTIZED
 
-from .base import IMAGE, IMAGE_FLOAT, Engine
 from .scaled import SCALED_GRAPH
+from .tiled import TiledGraphEngine, tile_blocks  # noqa: F401 - tile_blocks: also imported from here
 
 # Pixels (batch x H x W) per run of the pixelwise graph. ONNX Runtime keeps every MLP layer's
 # activation for a whole run (64 channels fp32: 0.9 GiB at 1024x1024, 3.5 GiB at 2048x2048), so
@@ -40,7 +40,7 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
                                                                                                  ValueError)
 
 
-class OnnxRuntimeEngine(Engine):
+class OnnxRuntimeEngine(TiledGraphEngine):
     name = "onnxruntime"
 
     def __init__(self, bundle, precision: str = "fp32", providers: list[str] | None = None,
@@ -121,42 +121,3 @@ class OnnxRuntimeEngine(Engine):
             shape = "x".join(map(str, arrays["labels"].shape))
             raise InputError(f"ONNX Runtime could not run {graph} on label maps of shape {shape} (N x H x W): "
                              f"{first}") from exc
-
-    def _generate(self, labels, instances):
-        n, h, w = labels.shape
-        if n * h * w <= self.pixels_per_run:  # one run of the end-to-end graph
-            img, f = self._run("asap", [IMAGE, IMAGE_FLOAT], labels=labels, instances=instances)
-            return {IMAGE: img, IMAGE_FLOAT: f}
-        return self._pixelwise(labels, self._predict_params(labels, instances))
-
-    def _predict_params(self, labels, instances):
-        return self._run("predictor", ["params"], labels=labels, instances=instances)[0]
-
-    def _pixelwise(self, labels, params):
-        S = self.config.S  # noqa: N806
-        out: dict[str, np.ndarray] = {}
-        for i, rows, cols in tile_blocks(labels.shape, S, self.pixels_per_run):
-            img, f = self._run("pixelwise", [IMAGE, IMAGE_FLOAT], labels=np.ascontiguousarray(labels[i, rows, cols]),
-                               params=np.ascontiguousarray(params[i, :, rows.start // S:rows.stop // S,
-                                                                  cols.start // S:cols.stop // S]))
-            for key, part in ((IMAGE, img), (IMAGE_FLOAT, f)):
-                if key not in out:
-                    out[key] = np.empty(labels.shape + part.shape[3:], part.dtype)
-                out[key][i, rows, cols] = part
-        return out
-
-
-def tile_blocks(shape: tuple[int, int, int], S: int, max_pixels: int) -> list[tuple[slice, slice, slice]]:  # noqa: N803
-    """Split an (N, H, W) batch into (images, rows, columns) slices of whole S x S tiles, each at
-    most `max_pixels` (or one tile, if that is larger): several whole images per block when they
-    fit, else bands of tile rows, else runs of tiles within one tile row."""
-    n, h, w = shape
-    if h * w <= max_pixels:
-        k = max(1, max_pixels // (h * w))
-        return [(slice(i, i + k), slice(0, h), slice(0, w)) for i in range(0, n, k)]
-    if w * S <= max_pixels:
-        step = (max_pixels // (w * S)) * S
-        return [(slice(i, i + 1), slice(y, min(y + step, h)), slice(0, w)) for i in range(n) for y in range(0, h, step)]
-    step = max(1, max_pixels // (S * S)) * S
-    return [(slice(i, i + 1), slice(y, y + S), slice(x, min(x + step, w)))
-            for i in range(n) for y in range(0, h, S) for x in range(0, w, step)]

@@ -23,9 +23,8 @@ import numpy as np
 from asap_deploy.errors import BundleError, InputError, UsageError, require_module
 from asap_deploy.precisions import QUANTIZED, graph_precision
 
-from .base import IMAGE, IMAGE_FLOAT, Engine
-from .onnxruntime_engine import tile_blocks
 from .scaled import SCALED_GRAPH
+from .tiled import TiledGraphEngine
 
 # INFERENCE_PRECISION_HINT per precision this engine runs (its registry row lists the same)
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
@@ -72,7 +71,7 @@ def ov_message(exc: BaseException) -> str:
     return f"{text} (node {node})" if node and node not in text else text
 
 
-class OpenVinoEngine(Engine):
+class OpenVinoEngine(TiledGraphEngine):
     name = "openvino"
 
     def __init__(self, bundle, precision: str = "fp32", intra_op_threads: int | None = None,
@@ -183,26 +182,3 @@ class OpenVinoEngine(Engine):
                 shape = "x".join(map(str, arrays["labels"].shape))
                 raise InputError(f"OpenVINO could not run {graph} on label maps of shape {shape} (N x H x W): "
                                  f"{ov_message(exc)}") from exc
-
-    def _generate(self, labels, instances):
-        n, h, w = labels.shape
-        if n * h * w <= self.pixels_per_run:  # one run of the end-to-end graph
-            img, f = self._run("asap", [IMAGE, IMAGE_FLOAT], labels=labels, instances=instances)
-            return {IMAGE: img, IMAGE_FLOAT: f}
-        return self._pixelwise(labels, self._predict_params(labels, instances))
-
-    def _predict_params(self, labels, instances):
-        return self._run("predictor", ["params"], labels=labels, instances=instances)[0]
-
-    def _pixelwise(self, labels, params):
-        S = self.config.S  # noqa: N806
-        out: dict[str, np.ndarray] = {}
-        for i, rows, cols in tile_blocks(labels.shape, S, self.pixels_per_run):
-            img, f = self._run("pixelwise", [IMAGE, IMAGE_FLOAT], labels=np.ascontiguousarray(labels[i, rows, cols]),
-                               params=np.ascontiguousarray(params[i, :, rows.start // S:rows.stop // S,
-                                                                  cols.start // S:cols.stop // S]))
-            for key, part in ((IMAGE, img), (IMAGE_FLOAT, f)):
-                if key not in out:
-                    out[key] = np.empty(labels.shape + part.shape[3:], part.dtype)
-                out[key][i, rows, cols] = part
-        return out

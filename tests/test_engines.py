@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from asap_deploy.config import ModelConfig
 from asap_deploy.engines import IMAGE, IMAGE_FLOAT, check_backend, create_engine
-from asap_deploy.engines.onnxruntime_engine import tile_blocks
+from asap_deploy.engines.tiled import tile_blocks
 from asap_deploy.errors import InputError, UsageError
 from asap_deploy.export.bundle import export_model, load_bundle
 from asap_deploy.random_model import random_generator, random_label_maps
