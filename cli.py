@@ -610,8 +610,11 @@ def quantize(
                                 "over, it runs on the calibration maps and says so)."),
     layers: str = typer.Option("heavy", "--layers", help="heavy: the largest Convs holding >= 90% of the predictor's "
                                "work (the narrow early ones stay fp32); all: every Conv."),
-    keep_float: list[str] = typer.Option([], "--keep-float", help="A Conv node of the predictor (or 'pixelwise') to "
-                                         "keep in fp32, e.g. one the sensitivity scan names. Repeatable."),
+    keep_float: list[str] = typer.Option(["auto"], "--keep-float", help="A Conv node of the predictor (or 'pixelwise') "
+                                         "to keep in fp32, e.g. one the sensitivity scan names. Repeatable. auto (the "
+                                         "default): when the gate fails, keep in fp32 the layer the scan finds recovers "
+                                         "most, check again, up to 4 layers (each >= 0.5 dB); names alone turn auto "
+                                         "off, 'auto' with names adds it; none: keep nothing."),
     pixelwise: str = typer.Option("fp32", "--pixelwise", help="The pixelwise MLP's MatMuls: fp32 (measured no slower "
                                   "than int8 on CPU), int8, or auto (int8 unless that stage alone fails the gate)."),
     activations: str = typer.Option("uint8", "--activations", help="ONNX Runtime methods: uint8 (asymmetric, the "
@@ -676,6 +679,10 @@ def quantize(
                       highlight=False)
         console.print(f"int8: {len(res.int8_convs)} Conv(s) ({d['int8_conv_work_share']:.0%} of the predictor's work); "
                       f"fp32: {', '.join(res.float_convs) or 'none'}; pixelwise {escape(res.pixelwise)}", highlight=False)
+        for k in d.get("kept_in_fp32", []):
+            console.print(f"kept in fp32: {escape(k['name'])} ({escape(k['reason'])})", highlight=False)
+        if d.get("keep_float_auto") and not res.kept_auto and g.passed:
+            console.print("auto keep-float: nothing kept (the gate passed as quantized)", highlight=False)
         t = g.thresholds
         table = Table(title=f"{bundle_dir}: int8 vs the bundle's fp32 graphs (ONNX Runtime), worst of {g.maps} map(s)")
         for col in ("stage", "PSNR dB", "mean abs", "> 8 levels", "max levels", "cosine", "ok"):

@@ -41,6 +41,20 @@ hold every full-resolution MLP activation in memory).
 Sensitivity: for a quantized model, each int8 Conv in turn (and the pixelwise stage) is put back to
 fp32 in the quantized graph itself (its Quantize/Dequantize pairs removed, its fp32 weights
 restored: exactly "this layer in fp32, all else as quantized") and the end-to-end PSNR measured.
+For the ONNX Runtime methods that equals quantizing afresh with the layer excluded (the other
+tensors' ranges come from the fp32 model either way: test_keep_conv_in_float_equals_quantizing_without_it),
+so no re-calibration is needed; for NNCF it keeps the other layers' bias correction as made.
+
+Auto keep-float (`auto_keep`, the default of `asap quantize`): when the gate fails, the scan runs,
+the layer that recovers most PSNR is put back to fp32 in the graphs (that surgery), the gate runs
+again, and so on, greedily, up to `auto_keep` layers, stopping early when the best one recovers
+less than AUTO_MIN_GAIN_DB; the last int8 Conv always stays int8 (graphs without one are not int8,
+and the gate then fails as it should). Measured on a trained facades-preset model (1024x1024, 8 calibration
+maps): the default graphs 14.9 dB end to end; the scan named the output Conv (the parameter grid)
++21.5 dB, then lowres_stream.model.21's Conv +4 dB; with both fp32, 40.0 dB (passes). The output
+Conv is NOT kept fp32 by default: it is the predictor's single largest Conv (17.7% of its
+multiply-adds on facades: 1024 -> 15107 channels, 1x1), and the demo model passes the gate with it
+int8 (42 dB); auto keeps it where it costs fidelity.
 """
 
 from __future__ import annotations
@@ -88,6 +102,9 @@ MAX_SAMPLES = 256  # calibration maps (--samples)
 MAX_HOLDOUT = 64  # held-out evaluation maps
 MAX_CALIBRATION_PIXELS = 1 << 28  # all maps read (calibration + held out), padded: 256 maps of 1024x1024
 SENSITIVITY_MAPS = 2  # evaluation maps the sensitivity scan runs on (it runs once per layer)
+AUTO_KEEP_MAX = 4  # auto keep-float: at most this many layers put back to fp32 (each costs one scan)
+AUTO_MIN_GAIN_DB = 0.5  # ... and only a layer whose fp32 recovers at least this much end-to-end PSNR
+AUTO, NONE = "auto", "none"  # --keep-float words: find layers when the gate fails / keep nothing
 DEFAULT_TOP = 3
 CHECK_CROP = 512  # side of the crop on which the end-to-end int8 graph is checked against the stages
 
@@ -120,6 +137,7 @@ class QuantizeOptions:
     method: str = DEFAULT_METHOD
     layers: str = "heavy"
     keep_float: tuple[str, ...] = ()  # Conv node names (and/or "pixelwise") kept in fp32
+    auto_keep: int = 0  # gate failed: put back to fp32 up to this many layers the scan names (0: off)
     pixelwise: str = "fp32"  # measured no faster in int8 (module docstring)
     activations: str = "uint8"  # ONNX Runtime methods: uint8 asymmetric, or int8 symmetric (TensorRT)
     sensitivity: str = "on-failure"  # "on-failure", "always", "never"
@@ -145,9 +163,27 @@ class QuantizeOptions:
         if self.sensitivity not in ("on-failure", "always", "never"):
             raise UsageError(f"unknown sensitivity mode {self.sensitivity!r}")
         check_range("--top", self.top, 1, 64)
+        check_range("auto keep-float layers", self.auto_keep, 0, 64)
+        words = [k for k in self.keep_float if k in (AUTO, NONE)]
+        if words:
+            raise UsageError(f"--keep-float {words[0]!r} reached the quantizer as a layer name "
+                             "(parse_keep_float turns the words into options)")
         check_seed("--seed", self.seed)
         if PIXELWISE in self.keep_float and self.pixelwise == "int8":
             raise UsageError("--keep-float pixelwise and --pixelwise int8 contradict each other")
+
+
+def parse_keep_float(values: Sequence[str]) -> tuple[tuple[str, ...], int]:
+    """(layer names, auto_keep) of --keep-float's values: none given or 'auto' among them: auto on
+    (AUTO_KEEP_MAX), on top of any names; explicit names alone: those, auto off; 'none' alone:
+    nothing kept, auto off (UsageError for 'none' with anything else)."""
+    values = tuple(dict.fromkeys(values))
+    if NONE in values:
+        if len(values) > 1:
+            raise UsageError(f"--keep-float {NONE} keeps nothing in fp32: it takes no other value")
+        return (), 0
+    names = tuple(v for v in values if v != AUTO)
+    return names, AUTO_KEEP_MAX if (not values or AUTO in values) else 0
 
 
 def tool_version(tool: str) -> str:
@@ -856,6 +892,7 @@ class QuantizeResult:
     int8_convs: list[str] = field(default_factory=list)
     float_convs: list[str] = field(default_factory=list)
     pixelwise: str = "int8"  # or "fp32: <why>"
+    kept_auto: list[tuple[str, float]] = field(default_factory=list)  # (layer, dB it recovered), in order
 
 
 def _describe_method(options: QuantizeOptions) -> dict[str, str]:
@@ -924,22 +961,49 @@ def quantize_bundle(bundle, calib: Sequence[CalibrationMap], held_out: Sequence[
             pixel_fn, pixel_stage = None, None
     else:
         pixel_note = "fp32: --keep-float pixelwise" if PIXELWISE in options.keep_float else PIXELWISE_FP32_NOTE
-    pixelwise_graph = with_function(pixelwise, pixel_fn) if pixel_fn is not None else pixelwise
-    graphs = {Stage.PREDICTOR.graph: predictor_q.SerializeToString(),
-              Stage.PIXELWISE.graph: pixelwise_graph.SerializeToString(),
-              Stage.END_TO_END.graph: merge_end_to_end(asap, predictor, predictor_q, pixel_fn).SerializeToString()}
-    for g, data in graphs.items():  # what the bundle will hold passes the checker
-        try:
-            onnx.checker.check_model(onnx.load_model_from_string(data), full_check=False)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"the int8 {g} graph fails the ONNX checker: {str(exc)[:300]}") from exc
+
+    def assemble() -> dict[str, bytes]:
+        pixelwise_graph = with_function(pixelwise, pixel_fn) if pixel_fn is not None else pixelwise
+        graphs = {Stage.PREDICTOR.graph: predictor_q.SerializeToString(),
+                  Stage.PIXELWISE.graph: pixelwise_graph.SerializeToString(),
+                  Stage.END_TO_END.graph: merge_end_to_end(asap, predictor, predictor_q, pixel_fn).SerializeToString()}
+        for g, data in graphs.items():  # what the bundle will hold passes the checker
+            try:
+                onnx.checker.check_model(onnx.load_model_from_string(data), full_check=False)
+            except onnx.checker.ValidationError as exc:
+                raise ExportError(f"the int8 {g} graph fails the ONNX checker: {str(exc)[:300]}") from exc
+        return graphs
+
+    def scan() -> Sensitivity:
+        return sensitivity(bundle, predictor, predictor_q, graphs[Stage.PIXELWISE.graph], refs[:SENSITIVITY_MAPS],
+                           options.top, pixelwise_int8=pixel_fn is not None, progress=progress)
 
     # 3. the gate (+ sensitivity when it fails, or always if asked)
+    graphs = assemble()
     gate = evaluate(bundle, graphs, refs, eval_held_out, pixel_stage, progress)
     sens = None
     if options.sensitivity == "always" or (options.sensitivity == "on-failure" and not gate.passed):
-        sens = sensitivity(bundle, predictor, predictor_q, graphs[Stage.PIXELWISE.graph], refs[:SENSITIVITY_MAPS],
-                           options.top, pixelwise_int8=pixel_fn is not None, progress=progress)
+        sens = scan()
+    # 4. auto keep-float: the layer that recovers most back to fp32 (QDQ surgery, no re-calibration), the
+    # gate again, greedily (module docstring); the scan of the graphs as they end is what is reported
+    kept_auto: list[tuple[str, float]] = []
+
+    def next_layer() -> SensitivityRow | None:  # never the last int8 Conv: graphs without one are not int8
+        rows = [r for r in (sens.rows if sens is not None else []) if r.keep_float == PIXELWISE or len(int8_convs) > 1]
+        return rows[0] if rows and rows[0].gain_db >= AUTO_MIN_GAIN_DB else None
+
+    while not gate.passed and len(kept_auto) < options.auto_keep and (best := next_layer()) is not None:
+        if best.keep_float == PIXELWISE:
+            pixel_fn, pixel_stage = None, None
+            pixel_note = f"fp32: kept by auto keep-float (recovered {best.gain_db:.1f} dB)"
+        else:
+            predictor_q = keep_conv_in_float(predictor_q, predictor, best.keep_float)
+            int8_convs = [n for n in int8_convs if n != best.keep_float]
+            float_convs = [c.name for c in convs if c.name not in int8_convs]
+        kept_auto.append((best.keep_float, best.gain_db))
+        graphs = assemble()
+        gate = evaluate(bundle, graphs, refs, eval_held_out, pixel_stage, progress)
+        sens = scan() if not gate.passed or options.sensitivity == "always" else None
 
     work = {c.name: c.macs for c in convs}
     total = sum(work.values()) or 1
@@ -956,6 +1020,11 @@ def quantize_bundle(bundle, calib: Sequence[CalibrationMap], held_out: Sequence[
         **_describe_method(options),
         "layers": options.layers,
         "keep_float": list(options.keep_float),
+        "keep_float_auto": ({"max_layers": options.auto_keep, "min_gain_db": AUTO_MIN_GAIN_DB,
+                             "maps": min(len(refs), SENSITIVITY_MAPS)} if options.auto_keep else False),
+        "kept_in_fp32": [{"name": n, "reason": "--keep-float"} for n in options.keep_float]
+        + [{"name": n, "reason": f"auto: recovered {g:.1f} dB (end-to-end PSNR vs fp32 on "
+                                 f"{min(len(refs), SENSITIVITY_MAPS)} map(s))"} for n, g in kept_auto],
         "int8_conv_work_share": round(sum(work[n] for n in int8_convs) / total, 4),
         "int8_nodes": nodes,
         "float_nodes": floats,
@@ -979,4 +1048,4 @@ def quantize_bundle(bundle, calib: Sequence[CalibrationMap], held_out: Sequence[
                                "--method ort --activations int8)")
     if sens is not None:
         description["sensitivity"] = sens.to_dict(options.top)
-    return QuantizeResult(graphs, gate, json_safe(description), sens, int8_convs, float_convs, pixel_note)
+    return QuantizeResult(graphs, gate, json_safe(description), sens, int8_convs, float_convs, pixel_note, kept_auto)

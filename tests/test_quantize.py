@@ -26,7 +26,7 @@ from asap_deploy.engines import build as eb
 from asap_deploy.engines import quantize as q
 from asap_deploy.engines import registry
 from asap_deploy.engines import validate as val
-from asap_deploy.engines.base import IMAGE
+from asap_deploy.engines.base import IMAGE, IMAGE_FLOAT
 from asap_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
 from asap_deploy.engines.validate import cosine, psnr_u8
 from asap_deploy.errors import BundleError
@@ -619,3 +619,85 @@ def test_calibration_pixels_are_bounded(fp32_bundle, maps_dir, monkeypatch):
     monkeypatch.setattr(app_q, "MAX_CALIBRATION_PIXELS", 3 * 128 * 128)
     r = runner.invoke(app, ["quantize", str(fp32_bundle), "--calib", str(maps_dir)])
     assert r.exit_code == 5 and "pixels (the limit" in " ".join(r.output.split())
+
+
+# ---- auto keep-float: the default finds the layers to keep in fp32 when the gate fails --------------------
+def _scan(fp32_bundle, keep=("none",)):
+    """The gate's end-to-end PSNR and the sensitivity rows of the default graphs (one held-out map:
+    the gate's worst-of-maps equals the scan's mean)."""
+    b = load_bundle(fp32_bundle)
+    names, auto = q.parse_keep_float(keep)
+    return q.quantize_bundle(b, maps_for(CFG, 3, 64, 64, 40), maps_for(CFG, 1, 64, 64, 50),
+                             q.QuantizeOptions(keep_float=names, auto_keep=auto, sensitivity="always"))
+
+
+def test_parse_keep_float():
+    assert q.parse_keep_float(()) == ((), q.AUTO_KEEP_MAX) == q.parse_keep_float(("auto",))
+    assert q.parse_keep_float(("none",)) == ((), 0)
+    assert q.parse_keep_float(("a", "b")) == (("a", "b"), 0)
+    assert q.parse_keep_float(("a", "auto", "a")) == (("a",), q.AUTO_KEEP_MAX)
+    with pytest.raises(q.UsageError, match="takes no other value"):
+        q.parse_keep_float(("none", "a"))
+    with pytest.raises(q.UsageError, match="reached the quantizer"):
+        q.QuantizeOptions(keep_float=("auto",)).check()
+
+
+def test_auto_keeps_the_layer_that_recovers_most_until_the_gate_passes(fp32_bundle, monkeypatch):
+    """A PSNR threshold between the default graphs' PSNR and that with the scan's best layer in fp32:
+    the default fails, auto keeps exactly that layer and passes; the result computes what a fresh
+    quantization with that layer named in --keep-float computes (the surgery needs no re-calibration)."""
+    plain = _scan(fp32_bundle)
+    base, best = plain.gate.stages["end_to_end"]["psnr_db"], plain.sensitivity.rows[0]
+    assert best.gain_db > 2 * q.AUTO_MIN_GAIN_DB and abs(plain.sensitivity.base_psnr_db - base) < 0.05
+    monkeypatch.setitem(val.THRESHOLDS, "int8", dataclasses.replace(LAX, psnr_db=base + best.gain_db / 2))
+    none = _scan(fp32_bundle)
+    assert not none.gate.passed and none.kept_auto == []  # --keep-float none: auto off
+    auto = _scan(fp32_bundle, ("auto",))
+    assert auto.gate.passed and [n for n, _ in auto.kept_auto] == [best.keep_float]
+    assert best.keep_float in auto.float_convs and best.keep_float not in auto.int8_convs
+    assert auto.kept_auto[0][1] == pytest.approx(best.gain_db)
+    d = auto.description
+    assert d["kept_in_fp32"] == [{"name": best.keep_float,
+                                  "reason": f"auto: recovered {best.gain_db:.1f} dB (end-to-end PSNR vs fp32 on 1 map(s))"}]
+    assert best.keep_float in {n["name"] for n in d["float_nodes"]}
+    assert best.keep_float not in {n["name"] for n in d["int8_nodes"]}
+    named = _scan(fp32_bundle, (best.keep_float,))  # explicit: auto off, the same graphs
+    assert named.kept_auto == [] and named.description["kept_in_fp32"][0]["reason"] == "--keep-float"
+    assert named.description["keep_float_auto"] is False
+    labels = random_label_maps(CFG, 1, 96, 64, seed=77)[0]
+    outs = []
+    for res in (auto, named):
+        with q._engine(q.StagedGraphs(load_bundle(fp32_bundle), res.graphs), "int8") as e:
+            outs.append(e.generate(labels)[IMAGE_FLOAT])
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-4
+
+
+def test_auto_keeps_nothing_when_the_gate_passes_and_stops_at_its_bound(fp32_bundle, monkeypatch):
+    monkeypatch.setitem(val.THRESHOLDS, "int8", LAX)
+    res = _scan(fp32_bundle, ("auto",))
+    assert res.gate.passed and res.kept_auto == [] and res.description["kept_in_fp32"] == []
+    monkeypatch.setitem(val.THRESHOLDS, "int8", STRICT)  # unreachable: auto stops at its bound or a small gain
+    res = _scan(fp32_bundle, ("auto",))
+    assert not res.gate.passed and 1 <= len(res.kept_auto) <= q.AUTO_KEEP_MAX
+    assert all(g >= q.AUTO_MIN_GAIN_DB for _, g in res.kept_auto)
+    kept = {n for n, _ in res.kept_auto}
+    assert res.sensitivity is not None and not kept & {r.keep_float for r in res.sensitivity.rows}  # scan of the end
+
+
+def test_cli_default_auto_records_the_kept_layers(fp32_bundle, maps_dir, tmp_path, monkeypatch):
+    """asap quantize with no --keep-float: a gate the default graphs fail (STRICT), --force writes them;
+    the manifest and the output name what auto kept, and an explicit name turns auto off."""
+    d = copy_bundle(fp32_bundle, tmp_path)
+    r = quantize_cli(d, maps_dir, "--force", thresholds=STRICT, monkeypatch=monkeypatch)
+    assert r.exit_code == 0, r.output
+    qz = load_bundle(d).manifest["quantization"]
+    kept = qz["kept_in_fp32"]
+    assert kept and all(k["reason"].startswith("auto: recovered ") for k in kept)
+    assert qz["keep_float_auto"]["max_layers"] == q.AUTO_KEEP_MAX
+    assert f"kept in fp32: {kept[0]['name']} (auto: recovered" in " ".join(r.output.split())
+    d2 = copy_bundle(fp32_bundle, tmp_path, "named")
+    r = quantize_cli(d2, maps_dir, "--force", "--keep-float", kept[0]["name"], thresholds=STRICT,
+                     monkeypatch=monkeypatch)
+    assert r.exit_code == 0, r.output
+    assert load_bundle(d2).manifest["quantization"]["kept_in_fp32"] == [{"name": kept[0]["name"],
+                                                                          "reason": "--keep-float"}]

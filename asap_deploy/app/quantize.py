@@ -27,9 +27,9 @@ from ..io import DEFAULT_MAX_PIXELS, read_instance_map, read_regular_file
 from ..precisions import QUANTIZED
 
 # the engines' quantizer and the bundle writer (re-exported: the CLI reads them from here)
-from ..engines.quantize import (ACTIVATIONS, DEFAULT_METHOD, LAYER_POLICIES, MAX_CALIBRATION_PIXELS,  # noqa: F401
+from ..engines.quantize import (ACTIVATIONS, AUTO, DEFAULT_METHOD, LAYER_POLICIES, MAX_CALIBRATION_PIXELS,  # noqa: F401
                                 MAX_HOLDOUT, MAX_SAMPLES, METHODS, PIXELWISE_CHOICES, CalibrationMap, QuantizeOptions,
-                                QuantizeResult, check_method_available, quantize_bundle)
+                                QuantizeResult, check_method_available, parse_keep_float, quantize_bundle)
 
 DEFAULT_SAMPLES = 8
 DEFAULT_HOLDOUT = 4
@@ -44,7 +44,9 @@ class QuantizeRequest:
     samples: int = DEFAULT_SAMPLES
     holdout: int = DEFAULT_HOLDOUT
     layers: str = "heavy"
-    keep_float: tuple[str, ...] = ()
+    # Conv names / 'pixelwise' kept fp32; 'auto' (the default: also when empty) finds layers when the gate
+    # fails, on top of any names; names alone disable it; 'none': nothing kept (engines.quantize.parse_keep_float)
+    keep_float: tuple[str, ...] = (AUTO,)
     pixelwise: str = "fp32"
     activations: str = "uint8"  # int8: symmetric, what TensorRT builds (asap build-engine --int8)
     overwrite: bool = False
@@ -57,7 +59,8 @@ class QuantizeRequest:
     top: int = 3
 
     def options(self) -> QuantizeOptions:
-        return QuantizeOptions(method=self.method, layers=self.layers, keep_float=tuple(self.keep_float),
+        names, auto_keep = parse_keep_float(self.keep_float)
+        return QuantizeOptions(method=self.method, layers=self.layers, keep_float=names, auto_keep=auto_keep,
                                pixelwise=self.pixelwise, activations=self.activations, sensitivity=self.sensitivity,
                                top=self.top, seed=self.seed)
 
