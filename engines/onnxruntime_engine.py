@@ -11,7 +11,7 @@ from asap_deploy.errors import BundleError, InputError, MissingDependencyError, 
 from asap_deploy.precisions import QUANTIZED
 
 from .scaled import SCALED_GRAPH
-from .tiled import TiledGraphEngine, tile_blocks  # noqa: F401 - tile_blocks: also imported from here
+from .tiled import TiledGraphEngine
 
 # Pixels (batch x H x W) per run of the pixelwise graph. ONNX Runtime keeps every MLP layer's
 # activation for a whole run (64 channels fp32: 0.9 GiB at 1024x1024, 3.5 GiB at 2048x2048), so

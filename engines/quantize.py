@@ -854,7 +854,8 @@ def pixelwise_feeds(bundle, maps: Sequence[CalibrationMap], progress: Progress |
     """Calibration feeds of the pixelwise graph: each map's labels with the fp32 grid, cut into
     blocks of whole tiles (at most the engine's pixels per run: the MLP's activations of a whole
     1024x1024 map would take ~1 GiB per run; MinMax ranges over the blocks are those of the map)."""
-    from .onnxruntime_engine import DEFAULT_PIXELS_PER_RUN, tile_blocks
+    from .onnxruntime_engine import DEFAULT_PIXELS_PER_RUN
+    from .tiled import tile_blocks
 
     S = bundle.config.S  # noqa: N806
     feeds = []
