@@ -5,10 +5,10 @@ open it. Every command reads it: `auto` (choose_backend), infer/serve (open_engi
 
     name              engine        providers   precisions        --scale  GPU            auto tries it
     torch             torch         -           fp32              yes      where present  6th
-    onnxruntime       onnxruntime   CPU         fp32, fp16, int8  yes      no             4th
+    onnxruntime       onnxruntime   CPU         fp32, fp16, int8  yes      no             4th (int8: 5th)
     onnxruntime-cuda  onnxruntime   CUDA, CPU   fp32, fp16, int8  yes      yes            3rd
     tensorrt          tensorrt      -           fp32, fp16        no       yes            1st (fastest)
-    openvino          openvino      -           fp32, bf16, int8  yes      no             5th
+    openvino          openvino      -           fp32, bf16, int8  yes      no             5th (int8: 4th)
     torch-cuda        torch-cuda    -           fp32, fp16        no       yes            2nd
 
 `auto` tries only the backends whose row lists the precision asked for (bf16: openvino alone), by
@@ -249,12 +249,12 @@ BACKENDS: tuple[Backend, ...] = (
             True, 20, "ONNX Runtime with the CUDA provider is available", _check_ort_cuda, _open_ort, gpu=True),
     Backend("tensorrt", "tensorrt", "tensorrt", (), ("fp32", "fp16"), False, 10, "TensorRT is fastest and usable: {why}",
             _check_tensorrt, _open_tensorrt, gpu=True),
-    # OpenVINO after ONNX Runtime (2-core Xeon, AVX-512 + avx512_bf16, no AMX, facades 1024x1024
-    # end to end): fp32 ~563 ms ONNX Runtime's tiled engine vs ~586 ms OpenVINO on a quiet machine;
-    # int8 (asap quantize's default graphs, interleaved runs at load ~6) 2.9 s ONNX Runtime vs 4.0 s
-    # OpenVINO median: OpenVINO's int8 predictor is faster (0.50 vs 0.66 s) but it runs the
-    # SpatialMLP's QDQ MatMuls (weights from the grid, not constants) in f32 with FakeQuantize ops,
-    # 3.8 s vs its fp32 1.7 s. The only bf16 backend.
+    # OpenVINO after ONNX Runtime in fp32, before it in int8 (AUTO_RANK_BY_PRECISION): `asap bench
+    # --precision all` on a trained facades-preset bundle at 1024x1024, 2-core Xeon (AVX-512, VNNI,
+    # avx512_bf16, no AMX), load 1.1-1.4, medians end to end: fp32 ONNX Runtime 606 ms, OpenVINO
+    # 550 ms (an earlier quiet run: 563 vs 586 ms, so no clear winner: ONNX Runtime, the base
+    # install, stays first); int8 ONNX Runtime 593 ms, OpenVINO 512 ms (OpenVINO's int8 predictor
+    # 126 ms vs 166 ms). bf16 550 -> 739 ms: slower than fp32 without AMX. The only bf16 backend.
     Backend("openvino", "openvino", "openvino", (), ("fp32", "bf16", "int8"), True, 40,
             "OpenVINO on the CPU: {why}", _check_openvino, _open_openvino),
     # torch-cuda after TensorRT and before ONNX Runtime CUDA, reasoned, not measured (no GPU has run
@@ -270,11 +270,16 @@ NAMES = tuple(BY_NAME)
 ENGINE_NAMES = tuple(b.name for b in BACKENDS if b.selectable)  # torch, onnxruntime, tensorrt, openvino, torch-cuda
 
 
+# Ranks that differ at one precision (measured: the openvino row's comment): in int8 OpenVINO runs
+# the quantized predictor faster than ONNX Runtime on the CPU.
+AUTO_RANK_BY_PRECISION: dict[str, dict[str, int]] = {"int8": {"openvino": 25}}
+
+
 def auto_order(precision: str = "fp32") -> tuple[Backend, ...]:
-    """Every backend in the order `auto` tries them at `precision` (fastest first; the same order
-    at every precision today, measured: the openvino row's comment; `auto` skips the backends whose
-    row does not list the precision)."""
-    return tuple(sorted(BACKENDS, key=lambda b: b.auto_rank))
+    """Every backend in the order `auto` tries them at `precision` (fastest first; `auto` skips the
+    backends whose row does not list the precision)."""
+    ranks = AUTO_RANK_BY_PRECISION.get(precision, {})
+    return tuple(sorted(BACKENDS, key=lambda b: ranks.get(b.name, b.auto_rank)))
 
 
 AUTO_ORDER = auto_order()  # at fp32

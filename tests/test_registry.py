@@ -35,8 +35,11 @@ def test_every_backend_has_every_field():
 def test_auto_order_is_fastest_first():
     assert [b.name for b in registry.AUTO_ORDER] == ["tensorrt", "torch-cuda", "onnxruntime-cuda", "onnxruntime", "openvino",
                                                     "torch"]
-    # the same order at every precision (int8: ONNX Runtime ahead of OpenVINO, measured; the registry's comment)
-    assert all(registry.auto_order(p) == registry.AUTO_ORDER for p in PRECISIONS)
+    # the same order at every precision but int8, where OpenVINO goes ahead of ONNX Runtime on the CPU
+    # (measured; the registry's comment)
+    assert all(registry.auto_order(p) == registry.AUTO_ORDER for p in PRECISIONS if p != "int8")
+    assert [b.name for b in registry.auto_order("int8")] == ["tensorrt", "torch-cuda", "onnxruntime-cuda", "openvino",
+                                                            "onnxruntime", "torch"]
     assert len({b.auto_rank for b in registry.BACKENDS}) == len(registry.BACKENDS)  # no ties
 
 
