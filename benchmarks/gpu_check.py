@@ -1085,25 +1085,10 @@ def sec_torch_cuda(ctx: Ctx, r: Result) -> None:
         r.guard(f"torch-cuda on the authors' fixture {name}", run_fixture)
 
 
-def authors_on_device(generator):
-    """The authors' forward (engines/authors.py) on the input's device: their per-call tent module
-    is created there (their code moves it to the input's device)."""
-    from asap_deploy.engines.authors import AuthorsForward
-    from asap_deploy.model import TentDownsample
-
-    class OnDevice(AuthorsForward):
-        def lowres(self, onehot):
-            s1 = self.cfg.pre_downsample
-            if s1 > 1:
-                onehot = TentDownsample(s1, onehot.shape[1]).to(onehot.device)(onehot)
-            return self.lowres_stream(onehot)
-
-    return OnDevice(generator)
-
-
 def sec_latency(ctx: Ctx, r: Result) -> None:
     import torch
 
+    from asap_deploy.engines.authors import AuthorsForward
     from asap_deploy.engines.torch_engine import TorchEngine
     from asap_deploy.plugins.torch_op import spatial_mlp
     from asap_deploy.random_model import random_generator
@@ -1138,7 +1123,7 @@ def sec_latency(ctx: Ctx, r: Result) -> None:
         add("torch fp32 (CPU)", "predictor", lambda: time_host(lambda: eng.predict_params(labels), **kw))
         add("torch fp32 (CPU)", "pixelwise", lambda: time_host(lambda: eng.pixelwise(labels, params), **kw))
         add("torch fp32 (CPU)", "end_to_end", lambda: time_host(lambda: eng.run(labels), **kw))
-        a = authors_on_device(model)
+        a = AuthorsForward(model)
         lt = torch.from_numpy(labels.astype(np.int64))
         with torch.inference_mode():
             onehot = a.encode(lt)
@@ -1191,7 +1176,7 @@ def sec_latency(ctx: Ctx, r: Result) -> None:
 
     def authors_rows():
         gen = model.to("cuda")
-        a = authors_on_device(gen)
+        a = AuthorsForward(gen)
         lt = torch.from_numpy(labels.astype(np.int64)).cuda()
         with torch.inference_mode():
             onehot = a.encode(lt)

@@ -74,7 +74,7 @@ class AuthorsForward:
     def lowres(self, onehot: torch.Tensor) -> torch.Tensor:
         s1 = self.cfg.pre_downsample
         if s1 > 1:  # a fresh module (and kernels) per call, as theirs
-            onehot = TentDownsample(s1, onehot.shape[1])(onehot)
+            onehot = TentDownsample(s1, onehot.shape[1]).to(onehot.device)(onehot)
         return self.lowres_stream(onehot)
 
     def pixelwise(self, onehot: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
