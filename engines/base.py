@@ -5,6 +5,7 @@ methods check inputs the same way for every backend (graphs cannot reject bad id
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -23,6 +24,18 @@ class Engine(ABC):
     def __init__(self, config: ModelConfig, precision: str = "fp32"):
         self.config = config
         self.precision = precision
+        self._noted: dict[str, str] = {}
+
+    @property
+    def notes(self) -> list[str]:
+        """What this engine changed on its own while running (e.g. CUDA graphs turned off), once each."""
+        return list(self._noted.values())
+
+    def _note_once(self, key: str, text: str) -> None:
+        """Keep `text` in `notes` and warn with it, the first time `key` comes up."""
+        if key not in self._noted:
+            self._noted[key] = text
+            warnings.warn(text, RuntimeWarning, stacklevel=2)
 
     # ---- public API -------------------------------------------------------------------------
     # `ids_checked=True`: the caller has already checked every id with

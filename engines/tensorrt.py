@@ -25,7 +25,6 @@ every method that calls the driver pushes the engine's context and pops it in a 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -336,17 +335,7 @@ class TensorRTEngine(Engine):
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._runners: dict[str, _GraphRunner] = {}
-        self._noted: dict[str, str] = {}
 
-    @property
-    def notes(self) -> list[str]:
-        """What this engine changed on its own while running (e.g. CUDA graphs turned off), once each."""
-        return list(self._noted.values())
-
-    def _note_once(self, key: str, text: str) -> None:
-        if key not in self._noted:
-            self._noted[key] = text
-            warnings.warn(text, RuntimeWarning, stacklevel=2)
 
     def runner(self, graph: str) -> _GraphRunner:
         if graph not in self._files:

@@ -290,11 +290,11 @@ class TorchCudaEngine(TorchEngine):
         self._interpret = interpret
         self._cuda = dev.type == "cuda"
         self._lock = threading.Lock()
-        self._noted: dict[str, str] = {}
         self._stream = torch.cuda.Stream(dev) if self._cuda else None
         if graph_ops is None and self._cuda:
             graph_ops = TorchGraphOps(torch, self._stream)
-        self.cache = GraphCache(graph_ops, max_graphs, cuda_graph, self._note_once)
+        self.cache = GraphCache(graph_ops, max_graphs, cuda_graph,
+                                lambda key, text: self._note_once(key, f"torch-cuda: {text}"))
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if self._cuda else []
         self._phases: dict[str, float] = {}
 
@@ -321,16 +321,6 @@ class TorchCudaEngine(TorchEngine):
     @property
     def cuda_graph(self) -> bool:
         return self.cache.enabled
-
-    @property
-    def notes(self) -> list[str]:
-        """What this engine changed on its own while running (CUDA graphs turned off), once each."""
-        return list(self._noted.values())
-
-    def _note_once(self, key: str, text: str) -> None:
-        if key not in self._noted:
-            self._noted[key] = text
-            warnings.warn(f"torch-cuda: {text}", RuntimeWarning, stacklevel=2)
 
     def describe(self) -> dict:
         torch = self._torch
