@@ -711,9 +711,9 @@ def references(bundle, maps: Sequence[CalibrationMap], progress: Progress | None
 
 
 def _stage_metrics(stage: str, per_map: list[dict[str, Any]]) -> dict[str, Any]:
-    from .validate import THRESHOLDS, _worst, failures
+    from .validate import THRESHOLDS, failures, worst_of
 
-    worst = _worst(stage, per_map)
+    worst = worst_of(stage, per_map)
     worst["failures"] = failures(stage, worst, THRESHOLDS[QUANTIZED])
     return worst
 
@@ -855,18 +855,15 @@ def pixelwise_feeds(bundle, maps: Sequence[CalibrationMap], progress: Progress |
     blocks of whole tiles (at most the engine's pixels per run: the MLP's activations of a whole
     1024x1024 map would take ~1 GiB per run; MinMax ranges over the blocks are those of the map)."""
     from .onnxruntime_engine import DEFAULT_PIXELS_PER_RUN
-    from .tiled import tile_blocks
+    from .tiled import pixelwise_blocks
 
-    S = bundle.config.S  # noqa: N806
     feeds = []
     with _engine(bundle, "fp32") as e32:
         for k, m in enumerate(maps):
             f = m.feeds()
             params = e32.predict_params(f["labels"], f.get("instances"), ids_checked=True)
-            for i, rows, cols in tile_blocks(f["labels"].shape, S, DEFAULT_PIXELS_PER_RUN):
-                feeds.append({"labels": np.ascontiguousarray(f["labels"][i, rows, cols]),
-                              "params": np.ascontiguousarray(params[i, :, rows.start // S:rows.stop // S,
-                                                                    cols.start // S:cols.stop // S])})
+            feeds.extend(block for _, block in pixelwise_blocks(f["labels"], params, bundle.config.S,
+                                                                DEFAULT_PIXELS_PER_RUN))
             if progress:
                 progress("fp32 grids for the pixelwise calibration", k + 1, len(maps))
     return feeds

@@ -34,12 +34,9 @@ class TiledGraphEngine(Engine):
         return self._run("predictor", ["params"], labels=labels, instances=instances)[0]
 
     def _pixelwise(self, labels, params):
-        S = self.config.S  # noqa: N806
         out: dict[str, np.ndarray] = {}
-        for i, rows, cols in tile_blocks(labels.shape, S, self.pixels_per_run):
-            img, f = self._run("pixelwise", [IMAGE, IMAGE_FLOAT], labels=np.ascontiguousarray(labels[i, rows, cols]),
-                               params=np.ascontiguousarray(params[i, :, rows.start // S:rows.stop // S,
-                                                                  cols.start // S:cols.stop // S]))
+        for (i, rows, cols), block in pixelwise_blocks(labels, params, self.config.S, self.pixels_per_run):
+            img, f = self._run("pixelwise", [IMAGE, IMAGE_FLOAT], **block)
             for key, part in ((IMAGE, img), (IMAGE_FLOAT, f)):
                 if key not in out:
                     out[key] = np.empty(labels.shape + part.shape[3:], part.dtype)
@@ -61,3 +58,12 @@ def tile_blocks(shape: tuple[int, int, int], S: int, max_pixels: int) -> list[tu
     step = max(1, max_pixels // (S * S)) * S
     return [(slice(i, i + 1), slice(y, y + S), slice(x, min(x + step, w)))
             for i in range(n) for y in range(0, h, S) for x in range(0, w, step)]
+
+
+def pixelwise_blocks(labels: np.ndarray, params: np.ndarray, S: int, max_pixels: int):  # noqa: N803
+    """The pixelwise graph's inputs block by block (tile_blocks): ((images, rows, columns), {"labels":
+    the block's ids, "params": its part of the grid}), each contiguous."""
+    for i, rows, cols in tile_blocks(labels.shape, S, max_pixels):
+        yield (i, rows, cols), {"labels": np.ascontiguousarray(labels[i, rows, cols]),
+                                "params": np.ascontiguousarray(params[i, :, rows.start // S:rows.stop // S,
+                                                                      cols.start // S:cols.stop // S])}

@@ -300,7 +300,9 @@ class ValidationReport:
         return asdict(self)
 
 
-def _worst(stage: str, ms: list[dict[str, Any]]) -> dict[str, Any]:
+def worst_of(stage: str, ms: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst of a stage's per-map metrics (lowest PSNR and cosine, largest differences): what the
+    thresholds judge, in asap validate and in asap quantize's gate."""
     if stage == Stage.PREDICTOR.key:
         return {"finite": all(m["finite"] for m in ms), "cosine": min(m["cosine"] for m in ms),
                 "max_abs": max(m["max_abs"] for m in ms), "mean_abs": max(m["mean_abs"] for m in ms)}
@@ -363,7 +365,7 @@ def validate(bundle, reference: Engine, engines: list[Engine], samples: list[Sam
         stages = {}
         fails = []
         for stage in STAGES:
-            w = _worst(stage, per_backend[e.name][stage])
+            w = worst_of(stage, per_backend[e.name][stage])
             w["failures"] = failures(stage, w, t)
             fails += [f"{stage}: {f}" for f in w["failures"]]
             stages[stage] = w
